@@ -1,0 +1,75 @@
+"""Every error bagelverify raises on bad input: one base class, one subclass per kind of fault.
+
+Each subclass also derives from the builtin that callers of the reference adapter catch
+(``KeyError`` for key problems, ``ValueError`` for bad values), so drop-in code keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+EXAMPLES_SHOWN = 5
+"""How many offending keys an error message lists before it says how many more there are."""
+
+
+def format_examples(items: Sequence[object], limit: int = EXAMPLES_SHOWN) -> str:
+    """``'a', 'b' (and 3 more)``: the first ``limit`` items, repr'd, and the count of the rest."""
+    shown = ", ".join(repr(item) for item in items[:limit])
+    rest = len(items) - limit
+    return f"{shown} (and {rest} more)" if rest > 0 else shown
+
+
+class BagelError(Exception):
+    """Base class of every bagelverify error."""
+
+    def __str__(self) -> str:
+        # KeyError would repr() its message; every subclass prints it as written.
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownKeysError(BagelError, KeyError):
+    """Keys that belong to no known family."""
+
+    def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.keys = list(keys)
+
+
+class KeyCollisionError(BagelError, ValueError):
+    """Two input keys that name the same tensor (``X`` and ``model.X``)."""
+
+    def __init__(self, message: str, pairs: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.pairs = list(pairs)
+
+
+class RootError(BagelError, KeyError):
+    """A native key outside the ``model.`` root."""
+
+    def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.keys = list(keys)
+
+
+class MissingKeysError(BagelError, KeyError):
+    """Expected keys that the input lacks (including a GEN key's absent UND twin)."""
+
+    def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.keys = list(keys)
+
+
+class ShapeMismatchError(BagelError, ValueError):
+    """Tensors whose shape or dtype differs from what the config implies."""
+
+
+class CorruptCheckpointError(BagelError, ValueError):
+    """A checkpoint file that cannot be trusted (bad header, offsets, sizes)."""
+
+
+class StageError(BagelError, ValueError):
+    """A stage value that is not one of the accepted spellings."""
+
+
+class StageTypeError(StageError, TypeError):
+    """A stage of a type that cannot name a stage (``bool``, ``float``, ``None``, ...)."""

@@ -1,0 +1,48 @@
+"""Classifying keys into buckets: ``classify`` for one key, ``partition`` for many."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar, overload
+
+from .buckets import Bucket
+from .matcher import NaiveMatcher
+
+V = TypeVar("V")
+
+_MATCHER = NaiveMatcher()
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it is a ``str``; raise ``TypeError`` naming it otherwise."""
+    if not isinstance(key, str):
+        raise TypeError(f"checkpoint keys must be str, got {type(key).__name__} {key!r}")
+    return key
+
+
+def classify(key: str) -> Bucket:
+    """The bucket of one HF-layout (unrooted) key. Non-``str`` keys raise ``TypeError``."""
+    return _MATCHER.classify(check_key(key))
+
+
+@overload
+def partition(keys: Mapping[str, V]) -> dict[Bucket, dict[str, V]]: ...  # type: ignore[overload-overlap]
+@overload
+def partition(keys: Iterable[str]) -> dict[Bucket, list[str]]: ...
+def partition(keys: Mapping[str, Any] | Iterable[str]) -> dict[Bucket, Any]:
+    """Split keys into all five buckets, keeping input order.
+
+    A mapping (a state dict) gives one sub-dict per bucket holding the same value objects;
+    any other iterable of keys gives one list per bucket. Every bucket is present, possibly empty.
+    """
+    if isinstance(keys, Mapping):
+        parts: dict[Bucket, dict[str, Any]] = {bucket: {} for bucket in Bucket}
+        for key, value in keys.items():
+            parts[classify(key)][key] = value
+        return parts
+    if isinstance(keys, (str, bytes)):
+        raise TypeError("partition() takes an iterable of keys or a mapping, not a single key")
+    lists: dict[Bucket, list[str]] = {bucket: [] for bucket in Bucket}
+    for key in keys:
+        lists[classify(key)].append(key)
+    return lists

@@ -1,0 +1,244 @@
+"""BagelStateDictAdapter and normalize_stage: behaviour on concrete inputs and every error path."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+
+import bagelverify as bv
+from bagelverify.buckets import Bucket
+from bagelverify.errors import (
+    KeyCollisionError,
+    MissingKeysError,
+    RootError,
+    StageError,
+    StageTypeError,
+    UnknownKeysError,
+)
+from bagelverify.manifest import load_manifest
+from bagelverify.strategies import STAGE_SPELLINGS, FakeTensor
+
+EMA = list(load_manifest()["ema.safetensors"])
+AE = list(load_manifest()["ae.safetensors"])
+Q = "language_model.model.layers.0.self_attn.q_proj.weight"
+Q_GEN = "language_model.model.layers.0.self_attn.q_proj_moe_gen.weight"
+
+
+def fake(keys: list[str]) -> dict[str, FakeTensor]:
+    return {k: FakeTensor(k) for k in keys}
+
+
+# -- normalize_stage -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("given", "expected"), list(STAGE_SPELLINGS.items()))
+def test_normalize_stage_accepts(given: object, expected: str) -> None:
+    assert bv.normalize_stage(given) == expected
+
+
+@pytest.mark.parametrize("given", [0, 3, -1, "3", "stage", "stage 1", "", "stage3", "one"])
+def test_normalize_stage_rejects_values_listing_accepted(given: object) -> None:
+    with pytest.raises(StageError, match=r"'stage1' or 'stage2'") as info:
+        bv.normalize_stage(given)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("given", [True, False, 1.0, 2.0, None, b"1", [1]])
+def test_normalize_stage_rejects_types(given: object) -> None:
+    with pytest.raises(StageTypeError, match="expected 1, 2") as info:
+        bv.normalize_stage(given)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+
+
+def test_adapter_rejects_bad_default_stage() -> None:
+    with pytest.raises(ValueError, match="unknown stage 'stage3'"):
+        bv.BagelStateDictAdapter(stage="stage3")
+
+
+# -- from_hf ---------------------------------------------------------------------------------
+
+
+def test_from_hf_stage1_and_stage2_on_the_real_key_set() -> None:
+    sd = fake(EMA)
+    adapter = bv.BagelStateDictAdapter()
+    stage1 = adapter.from_hf(sd)
+    stage2 = adapter.from_hf(sd, stage="stage2")
+    assert len(stage1) == 821 and len(stage2) == 1223
+    assert all(k.startswith("model.") for k in stage2)
+    assert all(stage2["model." + k] is sd[k] for k in sd)
+    assert list(stage2) == ["model." + k for k in EMA]  # input order kept
+
+
+def test_from_hf_accepts_rooted_keys_and_returns_same_objects() -> None:
+    sd = {"model." + Q: FakeTensor("a"), "language_model.lm_head.weight": FakeTensor("b")}
+    out = bv.BagelStateDictAdapter().from_hf(sd)
+    assert out == {
+        "model." + Q: sd["model." + Q],
+        "model.language_model.lm_head.weight": sd["language_model.lm_head.weight"],
+    }
+
+
+def test_from_hf_collision_is_an_error_even_when_not_strict() -> None:
+    sd = fake([Q, "model." + Q])
+    with pytest.raises(
+        KeyCollisionError,
+        match=re.escape(
+            repr(("language_model.model.layers.0.self_attn.q_proj.weight", "model." + Q))
+        ),
+    ):
+        bv.BagelStateDictAdapter().from_hf(sd, strict=False)
+
+
+def test_from_hf_strict_unknown_lists_count_and_five_examples() -> None:
+    bad = [f"bogus.{i}" for i in range(7)]
+    with pytest.raises(UnknownKeysError) as info:
+        bv.BagelStateDictAdapter().from_hf(fake([Q, *bad]))
+    message = str(info.value)
+    assert isinstance(info.value, KeyError)
+    assert message.startswith("7 keys match no BAGEL key family")
+    assert all(repr(k) in message for k in bad[:5]) and "bogus.5" not in message
+    assert "(and 2 more)" in message and "strict=False" in message
+    assert info.value.keys == bad
+
+
+def test_from_hf_non_strict_warns_once_and_drops(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="bagelverify"):
+        out = bv.BagelStateDictAdapter().from_hf(fake([Q, "bogus.a", "bogus.b"]), strict=False)
+    assert list(out) == ["model." + Q]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "2 keys" in warnings[0].getMessage() and "'bogus.a'" in warnings[0].getMessage()
+
+
+def test_from_hf_excludes_vae_and_extra_with_log(caplog: pytest.LogCaptureFixture) -> None:
+    extra = Q.replace("weight", "_extra_state")
+    with caplog.at_level(logging.INFO, logger="bagelverify"):
+        out = bv.BagelStateDictAdapter().from_hf(fake([Q, *AE, extra]))
+    assert list(out) == ["model." + Q]
+    text = caplog.text
+    assert "244 VAE keys" in text and "1 Transformer-Engine ._extra_state" in text
+
+
+def test_from_hf_stage2_gen_without_und_twin() -> None:
+    adapter = bv.BagelStateDictAdapter(stage=2)
+    with pytest.raises(MissingKeysError, match=re.escape(repr(Q))) as info:
+        adapter.from_hf(fake([Q_GEN]))
+    assert info.value.keys == [Q]
+    assert list(adapter.from_hf(fake([Q_GEN]), strict=False)) == ["model." + Q_GEN]
+    # stage 1 drops GEN keys, so the twin does not matter there
+    assert adapter.from_hf(fake([Q_GEN]), stage=1) == {}
+
+
+def test_from_hf_does_not_mutate_input() -> None:
+    sd = fake([*EMA[:50], *AE[:3], "bogus"])
+    before = dict(sd)
+    bv.BagelStateDictAdapter().from_hf(sd, stage=2, strict=False)
+    assert sd == before and list(sd) == list(before)
+
+
+@pytest.mark.parametrize("bad", [[("k", 1)], "language_model.lm_head.weight", None, 3])
+def test_from_hf_rejects_non_mappings(bad: object) -> None:
+    with pytest.raises(TypeError, match="must be a mapping"):
+        bv.BagelStateDictAdapter().from_hf(bad)  # type: ignore[arg-type]
+
+
+def test_from_hf_rejects_non_str_keys_naming_them() -> None:
+    with pytest.raises(TypeError, match=r"got int 7"):
+        bv.BagelStateDictAdapter().from_hf({Q: 1, 7: 2})  # type: ignore[dict-item]
+
+
+def test_from_hf_accepts_and_ignores_device_mesh_and_extra_kwargs() -> None:
+    sd = fake([Q])
+    out = bv.BagelStateDictAdapter().from_hf(sd, None, some_future_flag=True)
+    assert out["model." + Q] is sd[Q]
+
+
+# -- to_hf / convert_single_tensor_to_hf ------------------------------------------------------
+
+
+def test_to_hf_strips_root_and_drops_extra_state() -> None:
+    native = fake(["model." + Q, "model." + Q.replace("weight", "_extra_state")])
+    assert bv.BagelStateDictAdapter().to_hf(native) == {Q: native["model." + Q]}
+
+
+def test_to_hf_refuses_unrooted_keys_whatever_strict() -> None:
+    with pytest.raises(RootError, match=re.escape(repr(Q))):
+        bv.BagelStateDictAdapter().to_hf(fake([Q]), strict=False)
+
+
+def test_to_hf_strict_refuses_non_model_keys_non_strict_keeps_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    native = fake(["model." + Q, "model.encoder.conv_in.weight", "model.head.weight"])
+    with pytest.raises(UnknownKeysError, match="2 native keys"):
+        bv.BagelStateDictAdapter().to_hf(native)
+    with caplog.at_level(logging.WARNING, logger="bagelverify"):
+        out = bv.BagelStateDictAdapter().to_hf(native, strict=False)
+    assert list(out) == [Q, "encoder.conv_in.weight", "head.weight"]
+    assert "writing them unchanged" in caplog.text
+
+
+def test_to_hf_exclude_key_regex_uses_re_match_on_native_key() -> None:
+    native = fake(["model." + Q, "model.head.weight", "lonely"])
+    out = bv.BagelStateDictAdapter().to_hf(native, exclude_key_regex=r"model\.head|lonely")
+    assert list(out) == [Q]
+    # re.match anchors at the start only: this does not exclude "model.head.weight"
+    with pytest.raises(UnknownKeysError):
+        bv.BagelStateDictAdapter().to_hf(native, exclude_key_regex=r"head|lonely")
+
+
+def test_convert_single_tensor_to_hf() -> None:
+    adapter = bv.BagelStateDictAdapter()
+    tensor = FakeTensor("t")
+    assert adapter.convert_single_tensor_to_hf("model." + Q, tensor) == [(Q, tensor)]
+    assert adapter.convert_single_tensor_to_hf("model.x._extra_state", tensor) == []
+    with pytest.raises(RootError):
+        adapter.convert_single_tensor_to_hf(Q, tensor)
+    with pytest.raises(UnknownKeysError):
+        adapter.convert_single_tensor_to_hf("model.bogus", tensor)
+
+
+def test_reference_key_helpers() -> None:
+    adapter = bv.BagelStateDictAdapter()
+    assert adapter._hf_to_nemo_key(Q) == "model." + Q
+    assert adapter._nemo_to_hf_key("model." + Q) == Q
+    assert adapter._strip_nemo_root(Q) == Q
+
+
+# -- plan -------------------------------------------------------------------------------------
+
+
+def test_plan_reports_every_bucket_without_converting() -> None:
+    keys = [
+        Q,
+        Q_GEN,
+        "model.vae2llm.bias",
+        "encoder.conv_in.weight",
+        "x._extra_state",
+        "bogus",
+        "language_model.model.layers.1.mlp_moe_gen.up_proj.weight",
+    ]
+    report = bv.BagelStateDictAdapter().plan(keys, stage="2")
+    assert report.stage == "stage2"
+    assert report.kept == [
+        Q,
+        Q_GEN,
+        "model.vae2llm.bias",
+        "language_model.model.layers.1.mlp_moe_gen.up_proj.weight",
+    ]
+    assert report.native["model.vae2llm.bias"] == "model.vae2llm.bias"
+    assert report.dropped == {
+        Bucket.VAE: ["encoder.conv_in.weight"],
+        Bucket.EXTRA: ["x._extra_state"],
+        Bucket.UNKNOWN: ["bogus"],
+    }
+    assert report.twin_violations == [
+        (
+            "language_model.model.layers.1.mlp_moe_gen.up_proj.weight",
+            "language_model.model.layers.1.mlp.up_proj.weight",
+        )
+    ]
+    assert [type(p) for p in report.problems()] == [UnknownKeysError, MissingKeysError]
+    assert report.problems(strict=False) == []
