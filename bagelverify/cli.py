@@ -1,0 +1,102 @@
+"""Command line: ``bagelverify <command>`` and ``python -m bagelverify <command>``.
+
+Each command lives in its own module, imported only when it runs, which provides:
+
+``HELP``
+    one line for the command list;
+``EXAMPLE``
+    an example invocation, shown at the end of ``--help``;
+``configure(parser)``
+    adds the command's own arguments;
+``run(args) -> int``
+    does the work and returns the exit code (0 clean, 1 problems found).
+
+Conventions shared by every command: ``--json`` prints one JSON document on stdout, ``--quiet``
+prints nothing but errors, and any error is one line on stderr with exit code 2 (a traceback only
+with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+#: Command name -> module implementing it, in the order ``--help`` lists them.
+COMMANDS: dict[str, str] = {
+    "inspect": "bagelverify.commands.inspect",
+    "convert": "bagelverify.commands.convert",
+    "verify": "bagelverify.verify",
+    "bench": "bagelverify.bench",
+    "demo": "bagelverify.commands.demo",
+}
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A bad invocation: reported as one line on stderr with exit code 2."""
+
+
+def _command_module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(COMMANDS[name])
+    except ModuleNotFoundError as error:
+        if error.name and COMMANDS[name].startswith(error.name):
+            return None  # not built yet: the command is left out of the list
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with every available command."""
+    parser = argparse.ArgumentParser(
+        prog="bagelverify",
+        description="Check, convert and load BAGEL-7B-MoT checkpoints.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        module = _command_module(name)
+        if module is None:
+            continue
+        command = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            epilog=f"example:\n  {module.EXAMPLE}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_argument("--json", action="store_true", help="print one JSON document")
+        command.add_argument("--quiet", action="store_true", help="print nothing but errors")
+        command.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        module.configure(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print("bagelverify: interrupted", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as error:  # one line, unless --debug
+        if args.debug:
+            raise
+        print(f"bagelverify {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
