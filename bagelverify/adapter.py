@@ -51,6 +51,17 @@ def _require_mapping(state_dict: object, what: str) -> Mapping[Any, Any]:
     return state_dict
 
 
+def _compile_exclude(pattern: object) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str):
+        raise TypeError(f"exclude_key_regex must be a str, got {type(pattern).__name__}")
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"exclude_key_regex {pattern!r} is not a valid regex: {error}") from error
+
+
 @dataclass
 class Plan:
     """What :meth:`BagelStateDictAdapter.from_hf` does with a set of input keys, before doing it.
@@ -235,7 +246,7 @@ class BagelStateDictAdapter:
         it such keys are kept with a warning.
         """
         state_dict = _require_mapping(state_dict, "state_dict")
-        exclude = re.compile(exclude_key_regex) if exclude_key_regex is not None else None
+        exclude = _compile_exclude(exclude_key_regex)
         out: dict[str, V] = {}
         unrooted: list[str] = []
         unknown: list[str] = []
