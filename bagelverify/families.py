@@ -9,7 +9,7 @@ A template is literal text with slots:
     a layer number, ASCII digits only (``[0-9]+``);
 ``{param}``
     one of the family's parameter names;
-``{path}``
+``{path}``, ``{owner}``
     a dotted module path (VAE and extra-state families only, whose keys are not enumerated).
 
 A template written with ``{moe}`` declares a twinned pair: the UND family (``{moe}`` removed) and
@@ -29,15 +29,16 @@ from .config import BagelConfig
 MOE_SUFFIX = "_moe_gen"
 """Text that turns an UND parameter path into its GEN twin."""
 
-EXTRA_STATE_SUFFIX = "._extra_state"
-"""Suffix of Transformer-Engine extra-state entries."""
+EXTRA_STATE = "_extra_state"
+"""Name of a module's Transformer-Engine extra-state entry."""
 
 #: Regex of each slot other than ``{param}``. ``{path}`` is a dotted path whose last component
 #: starts with a letter or digit, so ``encoder.x._extra_state`` is extra state, not VAE.
+#: ``{owner}`` is the dotted module path owning an extra state, empty for the root module.
 SLOT_REGEX: dict[str, str] = {
     "layer": "[0-9]+",
     "path": "(?:[0-9A-Za-z_.]*\\.)?[0-9A-Za-z][0-9A-Za-z_]*",
-    "stem": "[0-9A-Za-z_.]+",
+    "owner": "(?:[0-9A-Za-z_.]+\\.)?",
 }
 
 _SLOT_SPLIT = re.compile(r"\{(\w+)\}")
@@ -327,7 +328,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("vae.encoder", "encoder.{path}", Bucket.VAE),
     Family("vae.decoder", "decoder.{path}", Bucket.VAE),
     # Transformer-Engine extra state under any module: dropped
-    Family("extra_state", "{stem}" + EXTRA_STATE_SUFFIX, Bucket.EXTRA),
+    Family("extra_state", "{owner}" + EXTRA_STATE, Bucket.EXTRA),
 )
 
 FAMILY_BY_NAME: dict[str, Family] = {family.name: family for family in FAMILIES}

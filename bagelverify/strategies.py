@@ -101,7 +101,7 @@ FIXED_NEAR_MISSES: tuple[str, ...] = (
     "decoder.conv_in.weight\n",
     "encoder.conv in.weight",
     "._extra_state",
-    "_extra_state",
+    "layers.0._extra_state.weight",
 )
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 import bagelverify as bv
 from bagelverify.buckets import Bucket
@@ -242,3 +244,37 @@ def test_plan_reports_every_bucket_without_converting() -> None:
     ]
     assert [type(p) for p in report.problems()] == [UnknownKeysError, MissingKeysError]
     assert report.problems(strict=False) == []
+
+
+# -- drop-in behaviour expected by code written against the reference adapter ----------------
+
+
+def test_stage2_roots_und_and_flow_matching_keys_without_shape_checks() -> None:
+    weight, bias = torch.ones(2, 2), torch.zeros(2)  # toy shapes: no config, no shape checks
+    out = bv.BagelStateDictAdapter(stage="stage2").from_hf(
+        {"language_model.model.embed_tokens.weight": weight, "time_embedder.mlp.0.bias": bias}
+    )
+    assert out == {
+        "model.language_model.model.embed_tokens.weight": weight,
+        "model.time_embedder.mlp.0.bias": bias,
+    }
+
+
+def test_root_module_extra_state_is_dropped_with_or_without_exclusion() -> None:
+    weight = torch.ones(2, 2)
+    native = {
+        "model.language_model.model.embed_tokens.weight": weight,
+        "model._extra_state": torch.zeros(1),
+    }
+    adapter = bv.BagelStateDictAdapter(stage="stage2")
+    for exclude in (None, r".*_extra_state.*"):
+        assert adapter.to_hf(native, exclude_key_regex=exclude) == {
+            "language_model.model.embed_tokens.weight": weight
+        }
+    assert adapter.convert_single_tensor_to_hf("model.layer._extra_state", torch.zeros(1)) == []
+
+
+def test_foreign_config_objects_are_accepted_and_stage_is_assignable() -> None:
+    adapter = bv.BagelStateDictAdapter(config=SimpleNamespace(text_config=None), stage="stage1")
+    adapter.stage = "stage2"  # type: ignore[assignment]
+    assert list(adapter.from_hf(fake([Q_GEN, Q]))) == ["model." + Q_GEN, "model." + Q]

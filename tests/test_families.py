@@ -81,6 +81,7 @@ def test_fixed_near_misses_are_unknown(key: str) -> None:
         ("language_model.model.layers.0.self_attn.q_proj._extra_state", Bucket.EXTRA),
         ("model.language_model.model.layers.0.mlp.fc1._extra_state", Bucket.EXTRA),
         ("encoder.down.0.block.1.conv1._extra_state", Bucket.EXTRA),
+        ("_extra_state", Bucket.EXTRA),  # the root module's own (native key "model._extra_state")
         ("encoder.quant_conv.weight", Bucket.VAE),
         ("decoder.up.3.upsample.conv.bias", Bucket.VAE),
         ("language_model.model.layers.123456789.mlp_moe_gen.down_proj.weight", Bucket.GEN),
