@@ -1,0 +1,708 @@
+"""A small, exact automaton engine for the full-match languages of key patterns.
+
+Patterns are parsed with Python's own regex parser (``re._parser``), translated to an NFA over
+*atoms* (classes of code points that no pattern can tell apart; the alphabet is all of Unicode,
+``0 .. sys.maxunicode``, surrogates included), determinised by subset construction and minimised
+(Hopcroft). The language of a pattern ``p`` is ``{s : re.fullmatch(p, s)}`` for ``str`` subjects.
+
+Exact, not approximate: a construct that cannot be translated exactly raises
+:class:`UnsupportedPattern` naming the pattern and the construct (lookarounds, backreferences,
+conditionals, ``\\b``/``\\B``, atomic groups, possessive repeats, and the flags IGNORECASE, LOCALE,
+MULTILINE, DOTALL, VERBOSE, inline or scoped). Anchors are modelled exactly: ``\\A`` and ``^``
+hold at position 0 only, ``\\Z`` at the end only, and ``$`` at the end *or* just before a final
+``\\n`` (so ``a$\\n`` full-matches ``"a\\n"``; and under ``re.match`` semantics ``\\Aa$``
+accepts ``"a\\n"``: the trap that :meth:`DFA.membership`'s ``semantics`` lets a proof expose).
+``\\d``, ``\\w``, ``\\s`` and their negations are the exact sets ``re`` itself uses, read from the
+running interpreter's ``re`` (in ``str`` mode: hundreds of Unicode digits; with ``(?a)``: ASCII).
+
+The digit-template rule (shared with the compiled matcher; one implementation,
+:func:`template_verdict`, proved sound by ``bagelverify.verify`` obligation P3):
+
+* a key's *template* replaces every ASCII digit ``0``-``9`` by one placeholder character
+  (Unicode digits are not replaced);
+* walk the template through the DFA from ``start``: at a literal character ``step``; at a
+  placeholder require :meth:`DFA.digits_agree` of the current state (all ten ASCII digits lead
+  to one state) and continue with ``step(state, "0")``;
+* if every placeholder position agrees the template is *safe*, and ``label(final_state)`` is the
+  verdict of every key with that template (each placeholder position meets a state whose ten
+  digit successors coincide, so every such key runs through the very same states).
+* precondition: the template was made from a key that does not itself contain the placeholder
+  character. No ``str`` character is impossible in a key, so a matcher must send keys that
+  contain its placeholder past the memo (otherwise ``"a#"`` and ``"a1"`` share template ``"a#"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from functools import cache
+from typing import Any
+
+from .errors import BagelError
+
+_parser: Any = importlib.import_module("re._parser" if sys.version_info >= (3, 11) else "sre_parse")
+_c: Any = importlib.import_module(
+    "re._constants" if sys.version_info >= (3, 11) else "sre_constants"
+)
+
+MAX_CHAR = sys.maxunicode
+"""Largest code point: the engine's alphabet is ``0 .. MAX_CHAR`` (every Python ``str`` char)."""
+
+ASCII_DIGITS = "0123456789"
+SEMANTICS = ("fullmatch", "match", "search")
+"""The ``re`` functions whose languages the engine models."""
+MAX_REPEAT_EXPANSION = 1000
+"""Bounded repeats ``{m,n}`` are expanded; bounds above this are refused (size, not meaning)."""
+
+Intervals = tuple[tuple[int, int], ...]
+"""A set of code points as sorted, disjoint, non-adjacent inclusive ``(lo, hi)`` intervals."""
+
+# Flags a parsed pattern may carry: UNICODE is the str default, ASCII only narrows \d \w \s.
+_ALLOWED_FLAGS = _c.SRE_FLAG_UNICODE | _c.SRE_FLAG_ASCII
+_FLAG_NAMES = {
+    _c.SRE_FLAG_IGNORECASE: "IGNORECASE (?i)",
+    _c.SRE_FLAG_LOCALE: "LOCALE (?L)",
+    _c.SRE_FLAG_MULTILINE: "MULTILINE (?m)",
+    _c.SRE_FLAG_DOTALL: "DOTALL (?s)",
+    _c.SRE_FLAG_VERBOSE: "VERBOSE (?x)",
+    _c.SRE_FLAG_DEBUG: "DEBUG",
+}
+
+# epsilon-edge kinds
+_PLAIN, _BEGIN, _END_STRING, _DOLLAR = 0, 1, 2, 3
+# position modes of an NFA configuration: free; "the next char must be the final \n"; at the end
+_FREE, _NL, _END = 0, 1, 2
+_NEWLINE = ord("\n")
+
+
+class UnsupportedPattern(BagelError, ValueError):
+    """A pattern with a construct the engine cannot translate exactly (it never approximates)."""
+
+
+def _refuse(pattern: str, construct: str) -> UnsupportedPattern:
+    return UnsupportedPattern(
+        f"pattern {pattern!r}: {construct} cannot be translated exactly into an automaton; "
+        "rewrite the pattern without it (full-match patterns need only literals, classes, "
+        "groups, alternation, repeats and the anchors \\A \\Z)"
+    )
+
+
+def normalize(intervals: Iterable[tuple[int, int]]) -> Intervals:
+    """Sort and merge overlapping or adjacent intervals."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(intervals):
+        if out and lo <= out[-1][1] + 1:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return tuple(out)
+
+
+def complement(intervals: Intervals) -> Intervals:
+    """Every code point not in ``intervals``."""
+    out: list[tuple[int, int]] = []
+    nxt = 0
+    for lo, hi in intervals:
+        if lo > nxt:
+            out.append((nxt, lo - 1))
+        nxt = hi + 1
+    if nxt <= MAX_CHAR:
+        out.append((nxt, MAX_CHAR))
+    return tuple(out)
+
+
+def _runs(codes: Iterable[int]) -> Intervals:
+    return normalize((c, c) for c in codes)
+
+
+@cache
+def _all_chars() -> str:
+    return "".join(map(chr, range(MAX_CHAR + 1)))
+
+
+@cache
+def category_set(escape: str, ascii_only: bool) -> Intervals:
+    """Exact code points of ``\\d``, ``\\D``, ``\\w``, ... as ``re`` itself matches them."""
+    regex = re.compile(escape, re.ASCII if ascii_only else 0)
+    return _runs(ord(ch) for ch in regex.findall(_all_chars()))
+
+
+_CATEGORY_ESCAPES = {
+    _c.CATEGORY_DIGIT: r"\d",
+    _c.CATEGORY_NOT_DIGIT: r"\D",
+    _c.CATEGORY_SPACE: r"\s",
+    _c.CATEGORY_NOT_SPACE: r"\S",
+    _c.CATEGORY_WORD: r"\w",
+    _c.CATEGORY_NOT_WORD: r"\W",
+}
+
+
+def unicode_non_ascii_digits() -> Intervals:
+    """Code points that ``str``-mode ``\\d`` matches beyond ``0``-``9``."""
+    return tuple(iv for iv in category_set(r"\d", False) if iv[0] > ord("9"))
+
+
+# -- parse tree -> NFA -------------------------------------------------------------------------
+
+
+class _NFA:
+    """Thompson NFA: character edges carry a charset id, epsilon edges an anchor kind."""
+
+    def __init__(self) -> None:
+        self.eps: list[list[tuple[int, int]]] = []
+        self.edges: list[list[tuple[int, int]]] = []
+        self.charsets: list[Intervals] = []
+        self._charset_ids: dict[Intervals, int] = {}
+        self.finals: dict[int, int] = {}  # state -> tag
+        self.start = self.new()
+
+    def new(self) -> int:
+        self.eps.append([])
+        self.edges.append([])
+        return len(self.eps) - 1
+
+    def charset(self, intervals: Intervals) -> int:
+        found = self._charset_ids.get(intervals)
+        if found is None:
+            found = self._charset_ids[intervals] = len(self.charsets)
+            self.charsets.append(intervals)
+        return found
+
+    def add_pattern(self, pattern: str, tag: int, semantics: str = "fullmatch") -> None:
+        """Add ``pattern`` with final tag ``tag``; ``semantics`` is the ``re`` function whose
+        accepted subjects form the language: ``fullmatch``, ``match`` or ``search``."""
+        if semantics not in SEMANTICS:
+            raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+        if not isinstance(pattern, str):
+            raise UnsupportedPattern(
+                f"pattern {pattern!r}: only str patterns are supported, got "
+                f"{type(pattern).__name__}"
+            )
+        try:
+            parsed = _parser.parse(pattern, 0)
+        except re.error as error:
+            raise UnsupportedPattern(
+                f"pattern {pattern!r} is not a valid regular expression: {error}"
+            ) from error
+        flags = parsed.state.flags
+        for flag, name in _FLAG_NAMES.items():
+            if flags & flag:
+                raise _refuse(pattern, f"the flag {name}")
+        if flags & ~_ALLOWED_FLAGS:
+            raise _refuse(pattern, f"flags {flags:#x}")
+        builder = _Builder(self, pattern, ascii_only=bool(flags & _c.SRE_FLAG_ASCII))
+        begin, end = builder.sequence(parsed)
+        anything = self.charset(((0, MAX_CHAR),))
+        if semantics == "search":  # skip any prefix; \A still holds at position 0 only
+            skip = self.new()
+            self.edges[skip].append((anything, skip))
+            self.eps[skip].append((begin, _PLAIN))
+            begin = skip
+        if semantics != "fullmatch":  # any suffix; $ and \Z still refer to the whole subject
+            rest = self.new()
+            self.edges[rest].append((anything, rest))
+            self.eps[end].append((rest, _PLAIN))
+            end = rest
+        self.eps[self.start].append((begin, _PLAIN))
+        self.finals[end] = tag
+
+
+class _Builder:
+    """Translates one parsed pattern into fragments of an :class:`_NFA`."""
+
+    def __init__(self, nfa: _NFA, pattern: str, *, ascii_only: bool) -> None:
+        self.nfa = nfa
+        self.pattern = pattern
+        self.ascii_only = ascii_only
+
+    def sequence(self, items: Iterable[tuple[Any, Any]]) -> tuple[int, int]:
+        begin = end = self.nfa.new()
+        for op, av in items:
+            first, last = self.item(op, av)
+            self.nfa.eps[end].append((first, _PLAIN))
+            end = last
+        return begin, end
+
+    def chars(self, intervals: Intervals) -> tuple[int, int]:
+        begin, end = self.nfa.new(), self.nfa.new()
+        self.nfa.edges[begin].append((self.nfa.charset(intervals), end))
+        return begin, end
+
+    def anchor(self, kind: int) -> tuple[int, int]:
+        begin, end = self.nfa.new(), self.nfa.new()
+        self.nfa.eps[begin].append((end, kind))
+        return begin, end
+
+    def item(self, op: Any, av: Any) -> tuple[int, int]:
+        if op is _c.LITERAL:
+            return self.chars(((av, av),))
+        if op is _c.NOT_LITERAL:
+            return self.chars(complement(((av, av),)))
+        if op is _c.ANY:
+            return self.chars(complement(((_NEWLINE, _NEWLINE),)))
+        if op is _c.IN:
+            return self.chars(self.charset_items(av))
+        if op is _c.BRANCH:
+            begin, end = self.nfa.new(), self.nfa.new()
+            for alternative in av[1]:
+                first, last = self.sequence(alternative)
+                self.nfa.eps[begin].append((first, _PLAIN))
+                self.nfa.eps[last].append((end, _PLAIN))
+            return begin, end
+        if op is _c.SUBPATTERN:
+            _group, add_flags, del_flags, body = av
+            if add_flags or del_flags:
+                raise _refuse(self.pattern, "a scoped flag group (?flags:...)")
+            return self.sequence(body)
+        if op is _c.MAX_REPEAT or op is _c.MIN_REPEAT:
+            # Greedy and lazy repeats have the same full-match language.
+            return self.repeat(*av)
+        if op is _c.AT:
+            kinds = {
+                _c.AT_BEGINNING: _BEGIN,
+                _c.AT_BEGINNING_STRING: _BEGIN,
+                _c.AT_END_STRING: _END_STRING,
+                _c.AT_END: _DOLLAR,
+            }
+            if av not in kinds:
+                raise _refuse(self.pattern, f"the zero-width assertion {av}")
+            return self.anchor(kinds[av])
+        names = {
+            "ASSERT": "a lookahead/lookbehind assertion",
+            "ASSERT_NOT": "a negative lookahead/lookbehind assertion",
+            "GROUPREF": "a backreference",
+            "GROUPREF_EXISTS": "a conditional group (?(id)yes|no)",
+            "ATOMIC_GROUP": "an atomic group (?>...)",
+            "POSSESSIVE_REPEAT": "a possessive repeat (*+, ++, ?+)",
+        }
+        raise _refuse(self.pattern, names.get(str(op), f"the construct {op}"))
+
+    def charset_items(self, items: Sequence[tuple[Any, Any]]) -> Intervals:
+        negate = False
+        parts: list[tuple[int, int]] = []
+        for op, av in items:
+            if op is _c.NEGATE:
+                negate = True
+            elif op is _c.LITERAL:
+                parts.append((av, av))
+            elif op is _c.RANGE:
+                parts.append((av[0], av[1]))
+            elif op is _c.CATEGORY and av in _CATEGORY_ESCAPES:
+                parts.extend(category_set(_CATEGORY_ESCAPES[av], self.ascii_only))
+            else:
+                raise _refuse(self.pattern, f"the class item {op} {av}")
+        merged = normalize(parts)
+        return complement(merged) if negate else merged
+
+    def repeat(self, low: int, high: int, item: Any) -> tuple[int, int]:
+        unbounded = high is _c.MAXREPEAT or high == _c.MAXREPEAT
+        if low > MAX_REPEAT_EXPANSION or (not unbounded and high > MAX_REPEAT_EXPANSION):
+            raise _refuse(
+                self.pattern, f"a repeat bound above {MAX_REPEAT_EXPANSION} ({{{low},{high}}})"
+            )
+        begin = end = self.nfa.new()
+        for _ in range(low):
+            first, last = self.sequence(item)
+            self.nfa.eps[end].append((first, _PLAIN))
+            end = last
+        if unbounded:
+            loop = self.nfa.new()
+            first, last = self.sequence(item)
+            self.nfa.eps[end].append((loop, _PLAIN))
+            self.nfa.eps[loop].append((first, _PLAIN))
+            self.nfa.eps[last].append((loop, _PLAIN))
+            return begin, loop
+        for _ in range(high - low):
+            first, last = self.sequence(item)
+            after = self.nfa.new()
+            self.nfa.eps[end].append((first, _PLAIN))
+            self.nfa.eps[end].append((after, _PLAIN))
+            self.nfa.eps[last].append((after, _PLAIN))
+            end = after
+        return begin, end
+
+
+# -- alphabet partition ------------------------------------------------------------------------
+
+
+class Alphabet:
+    """A partition of all code points into atoms: classes no charset of the patterns separates."""
+
+    def __init__(self, charsets: Sequence[Intervals]) -> None:
+        cuts = {0, _NEWLINE, _NEWLINE + 1}
+        for intervals in charsets:
+            for lo, hi in intervals:
+                cuts.add(lo)
+                cuts.add(hi + 1)
+        cuts.discard(MAX_CHAR + 1)
+        self.starts: list[int] = sorted(cuts)
+        signatures: list[set[int]] = [set() for _ in self.starts]
+        signatures[bisect_right(self.starts, _NEWLINE) - 1].add(-1)  # "\n" is always alone
+        for index, intervals in enumerate(charsets):
+            for lo, hi in intervals:
+                for piece in range(
+                    bisect_right(self.starts, lo) - 1, bisect_right(self.starts, hi)
+                ):
+                    signatures[piece].add(index)
+        atom_ids: dict[frozenset[int], int] = {}
+        self.piece_atom: list[int] = [
+            atom_ids.setdefault(frozenset(sig), len(atom_ids)) for sig in signatures
+        ]
+        self.size = len(atom_ids)
+        self.charset_atoms: list[frozenset[int]] = [
+            frozenset(
+                self.piece_atom[piece]
+                for lo, hi in intervals
+                for piece in range(bisect_right(self.starts, lo) - 1, bisect_right(self.starts, hi))
+            )
+            for intervals in charsets
+        ]
+        self._ascii = [self.piece_atom[bisect_right(self.starts, o) - 1] for o in range(128)]
+        self.representatives = self._pick_representatives()
+
+    def atom_of(self, char: str) -> int:
+        """The atom of one character."""
+        code = ord(char)
+        if code < 128:
+            return self._ascii[code]
+        return self.piece_atom[bisect_right(self.starts, code) - 1]
+
+    def pieces(self, atom: int) -> list[tuple[int, int]]:
+        """The code-point intervals that make up ``atom``."""
+        ends = [*self.starts[1:], MAX_CHAR + 1]
+        return [
+            (lo, end - 1)
+            for lo, end, owner in zip(self.starts, ends, self.piece_atom, strict=True)
+            if owner == atom
+        ]
+
+    def _pick_representatives(self) -> list[str]:
+        """A readable member of each atom: for witnesses, a letter, digit or '.' when possible."""
+        preferred = "abcdefghijklmnopqrstuvwxyz0123456789._ABCDEFGHIJKLMNOPQRSTUVWXYZ-/:"
+        chosen: dict[int, str] = {}
+        for char in preferred:
+            chosen.setdefault(self.atom_of(char), char)
+        for piece, start in enumerate(self.starts):
+            chosen.setdefault(self.piece_atom[piece], chr(start))
+        return [chosen[atom] for atom in range(self.size)]
+
+
+# -- DFA ---------------------------------------------------------------------------------------
+
+Labeller = Callable[[frozenset[int]], Hashable | None]
+
+
+class DFA:
+    """A minimal, total DFA over an :class:`Alphabet`; accepting states carry a label."""
+
+    def __init__(
+        self,
+        alphabet: Alphabet,
+        delta: list[list[int]],
+        labels: list[Hashable | None],
+        start: int,
+    ) -> None:
+        self.alphabet = alphabet
+        self.delta = delta
+        self.labels = labels
+        self.start = start
+        digit_atoms = sorted({alphabet.atom_of(d) for d in ASCII_DIGITS})
+        self._digit_atoms = digit_atoms
+        self._agree = [len({row[a] for a in digit_atoms}) == 1 for row in delta]
+        self._dead = [labels[s] is None and all(t == s for t in row) for s, row in enumerate(delta)]
+
+    # -- construction
+
+    @classmethod
+    def from_patterns(cls, labelled: Sequence[tuple[Hashable, Sequence[str]]]) -> DFA:
+        """Minimal DFA over the union of all patterns; an accepting state carries the label of the
+        FIRST group (in the given order) whose language contains the string, mirroring
+        first-match classification. Patterns have ``re.fullmatch`` semantics on ``str``."""
+        patterns = [
+            (p, group, "fullmatch")
+            for group, (_, group_patterns) in enumerate(labelled)
+            for p in group_patterns
+        ]
+        names = [label for label, _ in labelled]
+
+        def first(tags: frozenset[int]) -> Hashable | None:
+            return names[min(tags)] if tags else None
+
+        return cls._build(patterns, first)
+
+    @classmethod
+    def membership(
+        cls,
+        patterns: Sequence[str],
+        *,
+        semantics: Sequence[str] | None = None,
+        split: Sequence[Intervals] = (),
+    ) -> DFA:
+        """Minimal DFA whose label is the frozenset of indices of *every* pattern that accepts
+        the string (``None`` when none does). ``semantics[i]`` says how pattern ``i`` accepts
+        (``"fullmatch"``, the default, ``"match"`` or ``"search"``). ``split`` adds code-point
+        sets that the alphabet must keep in atoms of their own (so a search can ask "contains a
+        char of this set")."""
+
+        def every(tags: frozenset[int]) -> Hashable | None:
+            return tags or None
+
+        modes = ["fullmatch"] * len(patterns) if semantics is None else list(semantics)
+        if len(modes) != len(patterns):
+            raise ValueError("semantics must give one entry per pattern")
+        tagged = [(p, i, mode) for i, (p, mode) in enumerate(zip(patterns, modes, strict=True))]
+        return cls._build(tagged, every, split)
+
+    @classmethod
+    def _build(
+        cls,
+        tagged: Sequence[tuple[str, int, str]],
+        labeller: Labeller,
+        split: Sequence[Intervals] = (),
+    ) -> DFA:
+        nfa = _NFA()
+        for pattern, tag, semantics in tagged:
+            nfa.add_pattern(pattern, tag, semantics)
+        alphabet = Alphabet([*nfa.charsets, *split])
+        delta, tags, start = _determinise(nfa, alphabet)
+        labels = [labeller(t) for t in tags]
+        delta, labels, start = _minimise(delta, labels, start, alphabet.size)
+        return cls(alphabet, delta, labels, start)
+
+    # -- running
+
+    @property
+    def num_states(self) -> int:
+        """Number of states (the dead state included)."""
+        return len(self.delta)
+
+    def step(self, state: int, char: str) -> int:
+        """The successor of ``state`` on one character (total: the dead state if nowhere)."""
+        return self.delta[state][self.alphabet.atom_of(char)]
+
+    def run(self, text: str, state: int | None = None) -> int:
+        """The state reached from ``state`` (default: ``start``) after reading ``text``."""
+        current = self.start if state is None else state
+        delta, atom_of = self.delta, self.alphabet.atom_of
+        for char in text:
+            current = delta[current][atom_of(char)]
+        return current
+
+    def label(self, state: int) -> Hashable | None:
+        """The label of ``state`` if it is accepting, else ``None``."""
+        return self.labels[state]
+
+    def classify(self, text: str) -> Hashable | None:
+        """The label of the state ``text`` leads to from ``start``."""
+        return self.labels[self.run(text)]
+
+    def digits_agree(self, state: int) -> bool:
+        """True iff all ten ASCII digits ``'0'``..``'9'`` lead from ``state`` to one state."""
+        return self._agree[state]
+
+    def is_dead(self, state: int) -> bool:
+        """True iff no string leads from ``state`` to an accepting state."""
+        return self._dead[state]
+
+    # -- searching
+
+    def reachable_labels(self) -> set[Hashable]:
+        """Every label of a state reachable from ``start`` (all states are reachable)."""
+        return {label for label in self.labels if label is not None}
+
+    def shortest(
+        self, accept: Callable[[Hashable | None], bool], start: int | None = None
+    ) -> str | None:
+        """A shortest string leading from ``start`` to a state whose label satisfies ``accept``."""
+        origin = self.start if start is None else start
+        parent: dict[int, tuple[int, str] | None] = {origin: None}
+        queue = deque([origin])
+        while queue:
+            state = queue.popleft()
+            if accept(self.labels[state]):
+                return _path(parent, state)
+            for atom, target in enumerate(self.delta[state]):
+                if target not in parent:
+                    parent[target] = (state, self.alphabet.representatives[atom])
+                    queue.append(target)
+        return None
+
+    def __repr__(self) -> str:
+        return f"<DFA {self.num_states} states, {self.alphabet.size} atoms>"
+
+
+def _path(parent: dict[Any, tuple[Any, str] | None], node: Any) -> str:
+    chars: list[str] = []
+    link = parent[node]
+    while link is not None:
+        node, char = link
+        chars.append(char)
+        link = parent[node]
+    return "".join(reversed(chars))
+
+
+def _closure(nfa: _NFA, configs: Iterable[int], at_start: bool) -> frozenset[int]:
+    """Epsilon closure of configurations ``state * 3 + mode``."""
+    seen = set(configs)
+    stack = list(seen)
+    while stack:
+        config = stack.pop()
+        state, mode = divmod(config, 3)
+        for target, kind in nfa.eps[state]:
+            if kind == _PLAIN:
+                nexts = [mode]
+            elif kind == _BEGIN:
+                nexts = [mode] if at_start else []
+            elif kind == _END_STRING:
+                nexts = [] if mode == _NL else [_END]
+            elif mode == _FREE:  # $ at the end, or before a final "\n"
+                nexts = [_END, _NL]
+            else:
+                nexts = [mode]
+            for new_mode in nexts:
+                item = target * 3 + new_mode
+                if item not in seen:
+                    seen.add(item)
+                    stack.append(item)
+    return frozenset(seen)
+
+
+def _determinise(
+    nfa: _NFA, alphabet: Alphabet
+) -> tuple[list[list[int]], list[frozenset[int]], int]:
+    """Subset construction; returns transitions, accepted tags per state, and the start."""
+    newline = alphabet.atom_of("\n")
+    moves: list[list[tuple[frozenset[int], int]]] = [
+        [(alphabet.charset_atoms[cs], target) for cs, target in edges] for edges in nfa.edges
+    ]
+    ids: dict[frozenset[int], int] = {}
+    sets: list[frozenset[int]] = []
+
+    def intern(configs: frozenset[int]) -> int:
+        found = ids.get(configs)
+        if found is None:
+            found = ids[configs] = len(sets)
+            sets.append(configs)
+        return found
+
+    empty = frozenset[int]()
+    dead = intern(empty)
+    start = intern(_closure(nfa, [nfa.start * 3 + _FREE], at_start=True))
+    closures: dict[frozenset[int], int] = {empty: dead}
+    delta: list[list[int]] = []
+    index = 0
+    while index < len(sets):
+        current = sets[index]
+        index += 1
+        by_atom: dict[int, set[int]] = {}
+        for config in current:
+            state, mode = divmod(config, 3)
+            if mode == _END:
+                continue
+            for atoms, target in moves[state]:
+                if mode == _FREE:
+                    for atom in atoms:
+                        by_atom.setdefault(atom, set()).add(target * 3 + _FREE)
+                elif newline in atoms:
+                    by_atom.setdefault(newline, set()).add(target * 3 + _END)
+        row = [dead] * alphabet.size
+        for atom, targets in by_atom.items():
+            key = frozenset(targets)
+            found = closures.get(key)
+            if found is None:
+                found = closures[key] = intern(_closure(nfa, key, at_start=False))
+            row[atom] = found
+        delta.append(row)
+    tags = [
+        frozenset(nfa.finals[c // 3] for c in configs if c % 3 != _NL and c // 3 in nfa.finals)
+        for configs in sets
+    ]
+    return delta, tags, start
+
+
+def _minimise(
+    delta: list[list[int]], labels: list[Hashable | None], start: int, atoms: int
+) -> tuple[list[list[int]], list[Hashable | None], int]:
+    """Hopcroft's partition refinement; every state is reachable, so the result is minimal."""
+    n = len(delta)
+    inverse: list[list[list[int]]] = [[[] for _ in range(n)] for _ in range(atoms)]
+    for source, row in enumerate(delta):
+        for atom, target in enumerate(row):
+            inverse[atom][target].append(source)
+    groups: dict[Hashable | None, list[int]] = {}
+    for state, label in enumerate(labels):
+        groups.setdefault(label, []).append(state)
+    blocks: list[set[int]] = [set(members) for members in groups.values()]
+    block_of = [0] * n
+    for b, block in enumerate(blocks):
+        for state in block:
+            block_of[state] = b
+    work = list(range(len(blocks)))
+    in_work = set(work)
+    while work:
+        splitter = work.pop()
+        in_work.discard(splitter)
+        members = list(blocks[splitter])
+        for atom in range(atoms):
+            inv = inverse[atom]
+            touched: dict[int, set[int]] = {}
+            for target in members:
+                for source in inv[target]:
+                    touched.setdefault(block_of[source], set()).add(source)
+            for b, hit in touched.items():
+                if len(hit) == len(blocks[b]):
+                    continue
+                blocks[b] -= hit
+                new = len(blocks)
+                blocks.append(hit)
+                for state in hit:
+                    block_of[state] = new
+                if b in in_work:
+                    work.append(new)
+                    in_work.add(new)
+                else:
+                    smaller = new if len(hit) <= len(blocks[b]) else b
+                    work.append(smaller)
+                    in_work.add(smaller)
+    # renumber blocks in BFS order from the start so state ids are deterministic
+    order: dict[int, int] = {block_of[start]: 0}
+    queue = deque([block_of[start]])
+    while queue:
+        b = queue.popleft()
+        for target in delta[next(iter(blocks[b]))]:
+            tb = block_of[target]
+            if tb not in order:
+                order[tb] = len(order)
+                queue.append(tb)
+    new_delta = [[0] * atoms for _ in order]
+    new_labels: list[Hashable | None] = [None] * len(order)
+    for b, new_id in order.items():
+        rep = next(iter(blocks[b]))
+        new_delta[new_id] = [order[block_of[t]] for t in delta[rep]]
+        new_labels[new_id] = labels[rep]
+    return new_delta, new_labels, 0
+
+
+def template_verdict(dfa: DFA, template: str, placeholder: str) -> tuple[bool, Hashable | None]:
+    """``(safe, label)`` of a digit template (see the module docstring for the rule).
+
+    ``safe`` is True when every ``placeholder`` position meets a state where all ten ASCII
+    digits agree; then ``label`` is the DFA's verdict for *every* key with this template.
+    When not safe, ``label`` is ``None`` and means nothing: classify the key itself.
+    """
+    state = dfa.start
+    for char in template:
+        if char == placeholder:
+            if not dfa.digits_agree(state):
+                return False, None
+            state = dfa.step(state, "0")
+        else:
+            state = dfa.step(state, char)
+        if dfa.is_dead(state):
+            return True, None
+    return True, dfa.label(state)
