@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from .adapter import BagelStateDictAdapter, Plan, plan
 from .buckets import Bucket
+from .checkpoint import (
+    CheckpointReport,
+    IncompatibleKeys,
+    inspect_checkpoint,
+    load_bagel_checkpoint_state_dict,
+    load_bagel_vae_state_dict,
+    load_into,
+    save_bagel_checkpoint,
+)
 from .config import BagelConfig
 from .errors import (
     BagelError,
+    ConfigError,
     CorruptCheckpointError,
     KeyCollisionError,
     MissingKeysError,
@@ -17,7 +27,9 @@ from .errors import (
 )
 from .families import FAMILIES, Family, expected_shapes, patterns_of, und_twin
 from .partition import classify, partition
+from .patch_embedding import conv_patch_weight_to_linear, linear_patch_weight_to_conv
 from .stage import normalize_stage
+from .synthetic import make_synthetic_checkpoint
 
 UND_PATTERNS: list[str] = patterns_of(Bucket.UND)
 """Full-match patterns of the understanding keys (stage 1)."""
@@ -38,8 +50,11 @@ __all__ = [
     "BagelError",
     "BagelStateDictAdapter",
     "Bucket",
+    "CheckpointReport",
+    "ConfigError",
     "CorruptCheckpointError",
     "Family",
+    "IncompatibleKeys",
     "KeyCollisionError",
     "MissingKeysError",
     "Plan",
@@ -48,9 +63,17 @@ __all__ = [
     "StageError",
     "UnknownKeysError",
     "classify",
+    "conv_patch_weight_to_linear",
     "expected_shapes",
+    "inspect_checkpoint",
+    "linear_patch_weight_to_conv",
+    "load_bagel_checkpoint_state_dict",
+    "load_bagel_vae_state_dict",
+    "load_into",
+    "make_synthetic_checkpoint",
     "normalize_stage",
     "partition",
     "plan",
+    "save_bagel_checkpoint",
     "und_twin",
 ]

@@ -5,7 +5,72 @@ The defaults are BAGEL-7B-MoT's (Qwen2.5-7B language model, SigLIP so400m/14 vis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_open
+from .errors import ConfigError
+
+CONFIG_FILE = "config.json"
+LLM_CONFIG_FILE = "llm_config.json"
+VIT_CONFIG_FILE = "vit_config.json"
+CONFIG_FILES = (CONFIG_FILE, LLM_CONFIG_FILE, VIT_CONFIG_FILE)
+"""The three JSON files of a BAGEL folder that :meth:`BagelConfig.from_pretrained` reads."""
+
+#: (file, Hugging Face field name, BagelConfig attribute, required). Optional fields fall back to
+#: the BAGEL-7B-MoT default. ``vae_config.z_channels`` is a field nested in ``config.json``.
+FIELD_SOURCES: tuple[tuple[str, str, str, bool], ...] = (
+    (LLM_CONFIG_FILE, "hidden_size", "hidden_size", True),
+    (LLM_CONFIG_FILE, "num_hidden_layers", "num_hidden_layers", True),
+    (LLM_CONFIG_FILE, "intermediate_size", "intermediate_size", True),
+    (LLM_CONFIG_FILE, "num_attention_heads", "num_attention_heads", True),
+    (LLM_CONFIG_FILE, "num_key_value_heads", "num_key_value_heads", True),
+    (LLM_CONFIG_FILE, "vocab_size", "vocab_size", True),
+    (VIT_CONFIG_FILE, "hidden_size", "vit_hidden_size", True),
+    (VIT_CONFIG_FILE, "intermediate_size", "vit_intermediate_size", True),
+    (VIT_CONFIG_FILE, "num_hidden_layers", "vit_num_hidden_layers", True),
+    (VIT_CONFIG_FILE, "patch_size", "vit_patch_size", True),
+    (VIT_CONFIG_FILE, "image_size", "vit_image_size", True),
+    (VIT_CONFIG_FILE, "num_channels", "vit_num_channels", False),
+    (VIT_CONFIG_FILE, "num_attention_heads", "vit_num_attention_heads", False),
+    (CONFIG_FILE, "vit_max_num_patch_per_side", "vit_max_num_patch_per_side", False),
+    (CONFIG_FILE, "max_latent_size", "max_latent_size", False),
+    (CONFIG_FILE, "latent_patch_size", "latent_patch_size", False),
+    (CONFIG_FILE, "vae_config.z_channels", "vae_z_channels", False),
+)
+
+#: Constant fields written next to the sizes so that Hugging Face tools recognise the files.
+_FILE_HEADERS: dict[str, dict[str, Any]] = {
+    CONFIG_FILE: {"visual_gen": True, "visual_und": True},
+    LLM_CONFIG_FILE: {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]},
+    VIT_CONFIG_FILE: {"model_type": "siglip_vision_model"},
+}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: config file not found (a BAGEL folder holds {CONFIG_FILES})"
+        )
+    try:
+        document = json.loads(path.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: not valid UTF-8 JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    return document
+
+
+def _lookup(document: dict[str, Any], dotted: str) -> object:
+    value: object = document
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
 
 
 @dataclass(frozen=True)
@@ -32,6 +97,74 @@ class BagelConfig:
     latent_patch_size: int = 2
     vae_z_channels: int = 16
     timestep_frequency_size: int = 256
+    # not part of any shape; kept so that written vit_config.json files are complete
+    vit_num_attention_heads: int = 16
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"BagelConfig.{item.name} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | os.PathLike[str]) -> BagelConfig:
+        """Read ``config.json``, ``llm_config.json`` and ``vit_config.json`` of a BAGEL folder.
+
+        The language-model and vision-tower sizes are required under their Hugging Face names;
+        BAGEL's own fields, ``num_channels`` and ViT ``num_attention_heads`` default to
+        BAGEL-7B-MoT's. ``num_hidden_layers`` of ``vit_config.json`` is the tower's size before
+        BAGEL drops its last layer (27 for the release). Raises ``FileNotFoundError`` naming a
+        missing file and :class:`~bagelverify.errors.ConfigError` naming the file and field.
+        """
+        folder = Path(checkpoint_dir)
+        documents = {name: _read_json(folder / name) for name in CONFIG_FILES}
+        values: dict[str, int] = {}
+        for file, field_name, attribute, required in FIELD_SOURCES:
+            value = _lookup(documents[file], field_name)
+            if value is None:
+                if required:
+                    raise ConfigError(f"{folder / file}: required field {field_name!r} is missing")
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(
+                    f"{folder / file}: field {field_name!r} must be a positive integer, "
+                    f"got {value!r}"
+                )
+            values[attribute] = value
+        try:
+            return cls(**values)
+        except ConfigError as error:
+            raise ConfigError(f"{folder}: inconsistent config: {error}") from None
+
+    def to_json_documents(self) -> dict[str, dict[str, Any]]:
+        """The three config files' contents (file name -> JSON object), as ``from_pretrained``
+        reads them."""
+        documents: dict[str, dict[str, Any]] = {
+            name: dict(header) for name, header in _FILE_HEADERS.items()
+        }
+        for file, field_name, attribute, _ in FIELD_SOURCES:
+            *parents, leaf = field_name.split(".")
+            target = documents[file]
+            for parent in parents:
+                target = target.setdefault(parent, {})
+            target[leaf] = getattr(self, attribute)
+        return documents
+
+    def save_pretrained(self, checkpoint_dir: str | os.PathLike[str]) -> None:
+        """Write the three config files into ``checkpoint_dir`` (each atomically)."""
+        for name, document in self.to_json_documents().items():
+            with atomic_open(Path(checkpoint_dir) / name) as handle:
+                handle.write((json.dumps(document, indent=2) + "\n").encode("utf-8"))
 
     @property
     def head_dim(self) -> int:

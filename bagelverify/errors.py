@@ -73,3 +73,15 @@ class StageError(BagelError, ValueError):
 
 class StageTypeError(StageError, TypeError):
     """A stage of a type that cannot name a stage (``bool``, ``float``, ``None``, ...)."""
+
+
+class UnsupportedPlatformError(BagelError, RuntimeError):
+    """The host cannot do what was asked (for example a big-endian machine reading raw bytes)."""
+
+
+class ConfigError(BagelError, ValueError):
+    """A config file that is missing a field or holds an invalid value."""
+
+
+class PatternError(BagelError, ValueError):
+    """A user-supplied key pattern that is not a valid regex string."""

@@ -1,0 +1,394 @@
+"""Reading and writing the safetensors format without holding a file in memory.
+
+:func:`read_header` parses and validates a file's header before any tensor byte is read;
+:func:`read_into` copies one tensor's bytes straight from the file into a destination tensor's
+memory; :func:`write_safetensors` streams tensors one at a time into a temporary file that is
+fsync'ed and then renamed over the final name, so a crash never leaves a partial file there.
+
+The format: 8 bytes little-endian header length ``N``; ``N`` bytes of UTF-8 JSON mapping each
+tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the data
+section) plus an optional ``"__metadata__"`` of str -> str; then the data section, which the
+tensors must tile exactly (no overlap, no hole, nothing after the last one).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import os
+import struct
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from .atomic import atomic_open
+from .errors import CorruptCheckpointError, UnsupportedPlatformError
+
+logger = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+"""Largest header this reader accepts (the real 1,223-tensor header is about 150 KB)."""
+
+METADATA_KEY = "__metadata__"
+DEFAULT_METADATA: dict[str, str] = {"format": "pt"}
+"""What ``safetensors.torch.save_file`` writes, so loaders that check it accept our files."""
+
+_HEADER_ALIGN = 8
+_COPY_CHUNK = 64 * 1024 * 1024  # bytes per write() call when streaming a tensor to disk
+
+
+@dataclass(frozen=True)
+class DType:
+    """One safetensors dtype: its name in the header, the torch dtype, bytes per element."""
+
+    name: str
+    torch_dtype: torch.dtype
+    itemsize: int
+
+
+def _dtype_table() -> dict[str, DType]:
+    names = {
+        "BOOL": "bool",
+        "U8": "uint8",
+        "I8": "int8",
+        "I16": "int16",
+        "U16": "uint16",
+        "I32": "int32",
+        "U32": "uint32",
+        "I64": "int64",
+        "U64": "uint64",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "F32": "float32",
+        "F64": "float64",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+    }
+    table: dict[str, DType] = {}
+    for name, attr in names.items():
+        dtype = getattr(torch, attr, None)  # older torch lacks the unsigned and float8 types
+        if isinstance(dtype, torch.dtype):
+            table[name] = DType(name, dtype, torch.empty((), dtype=dtype).element_size())
+    return table
+
+
+DTYPES: dict[str, DType] = _dtype_table()
+"""Safetensors dtype name -> :class:`DType`, for every dtype this torch build has."""
+DTYPE_BY_TORCH: dict[torch.dtype, DType] = {d.torch_dtype: d for d in DTYPES.values()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``torch.bfloat16`` -> ``"BF16"``)."""
+    try:
+        return DTYPE_BY_TORCH[dtype].name
+    except KeyError:
+        raise TypeError(f"torch dtype {dtype} has no safetensors equivalent") from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, name, dtype, shape and absolute byte range ``[start, end)``."""
+
+    path: Path
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype of the stored values."""
+        return DTYPES[self.dtype].torch_dtype
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated header: tensors in header order, the metadata, and the file layout."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def _corrupt(path: Path, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path}: {what}. The file is not a valid safetensors file; re-download or re-save it."
+    )
+
+
+def reject_duplicate_keys(path: Path) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A ``json.loads`` object hook that raises on a repeated key (``json`` keeps the last)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise CorruptCheckpointError(
+                    f"{path}: the JSON names {key!r} twice; a reader would silently keep only "
+                    "the last entry. Re-save the file."
+                )
+            out[key] = value
+        return out
+
+    return hook
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    where = f"tensor {name!r}"
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise _corrupt(
+            path, f"{where}: entry must be an object with exactly dtype, shape, data_offsets"
+        )
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _corrupt(
+            path, f"{where}: unknown dtype {dtype!r} (known: {', '.join(sorted(DTYPES))})"
+        )
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _corrupt(path, f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise _corrupt(path, f"{where}: data_offsets {offsets!r} is not [begin, end], begin <= end")
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise _corrupt(
+            path,
+            f"{where}: shape {shape} x {dtype} is {expected} bytes but data_offsets "
+            f"{offsets} span {offsets[1] - offsets[0]}",
+        )
+    return TensorInfo(
+        path, name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1]
+    )
+
+
+def _check_tiling(path: Path, tensors: Iterable[TensorInfo], data_start: int, size: int) -> None:
+    """The tensors must cover ``[data_start, size)`` exactly, in some order."""
+    cursor, previous = data_start, "the header"
+    for info in sorted(tensors, key=lambda t: (t.start, t.end)):
+        if info.start < cursor:
+            raise _corrupt(path, f"tensor {info.name!r} overlaps {previous}")
+        if info.start > cursor:
+            raise _corrupt(
+                path, f"{info.start - cursor} unused bytes between {previous} and {info.name!r}"
+            )
+        if info.end > size:
+            raise _corrupt(
+                path, f"tensor {info.name!r} ends at byte {info.end}, past the file end {size}"
+            )
+        cursor, previous = info.end, f"tensor {info.name!r}"
+    if cursor != size:
+        raise _corrupt(path, f"{size - cursor} bytes after the last tensor ({previous})")
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file, reading no tensor data.
+
+    Raises ``FileNotFoundError`` for a missing file and
+    :class:`~bagelverify.errors.CorruptCheckpointError` for anything malformed: a short file, a
+    header length past the file end or above :data:`MAX_HEADER_BYTES`, bad UTF-8 or JSON, a
+    duplicate name, an unknown dtype, offsets that overlap, leave holes or leave the file, a
+    byte span that disagrees with shape x dtype, or non-string metadata.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise _corrupt(path, f"the file is {size} bytes, shorter than the 8-byte length prefix")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES:
+            raise _corrupt(path, f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte cap")
+        if 8 + length > size:
+            raise _corrupt(path, f"header length {length} runs past the file end ({size} bytes)")
+        raw = handle.read(length)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _corrupt(path, f"the header is not UTF-8 ({error})") from None
+    try:
+        document = json.loads(text, object_pairs_hook=reject_duplicate_keys(path))
+    except json.JSONDecodeError as error:
+        raise _corrupt(path, f"the header is not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise _corrupt(path, "the header is not a JSON object")
+    data_start = 8 + length
+    metadata = document.pop(METADATA_KEY, {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _corrupt(path, f"{METADATA_KEY} must map strings to strings, got {metadata!r}")
+    tensors = {
+        name: _parse_entry(path, name, entry, data_start) for name, entry in document.items()
+    }
+    _check_tiling(path, tensors.values(), data_start, size)
+    return SafetensorsHeader(path, tensors, metadata, data_start, size)
+
+
+# -- raw tensor memory -------------------------------------------------------------------------
+
+
+def require_little_endian() -> None:
+    """Safetensors data is little-endian; raw byte copies are only correct on such hosts."""
+    if sys.byteorder != "little":
+        raise UnsupportedPlatformError(
+            f"this host is {sys.byteorder}-endian; bagelverify copies safetensors bytes "
+            "(little-endian) straight into tensor memory and supports little-endian hosts only"
+        )
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (keep ``tensor`` alive)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("byte_view needs a contiguous CPU tensor")
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+def read_exact(fd: int, buffer: memoryview, offset: int) -> None:
+    """Fill ``buffer`` from file descriptor ``fd`` at ``offset``; short reads are retried."""
+    done, total = 0, len(buffer)
+    while done < total:
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got == 0:
+            raise CorruptCheckpointError(
+                f"unexpected end of file at byte {offset + done} while reading "
+                f"{total} bytes at offset {offset}; the file was truncated after its header "
+                "was read"
+            )
+        done += got
+
+
+def read_into(fd: int, info: TensorInfo, destination: torch.Tensor) -> None:
+    """Copy ``info``'s bytes into ``destination`` (contiguous, CPU, same dtype and element count).
+
+    This is the only place that reads tensor data: nothing but ``[info.start, info.end)`` is read.
+    """
+    require_little_endian()
+    if destination.dtype != info.torch_dtype or destination.numel() != math.prod(info.shape):
+        raise ValueError(
+            f"{info.name!r}: destination {destination.dtype} x {destination.numel()} does not "
+            f"hold {info.dtype} x {math.prod(info.shape)}"
+        )
+    read_exact(fd, byte_view(destination), info.start)
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to write: its name, safetensors dtype name and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+def spec_of(name: str, tensor: torch.Tensor) -> TensorSpec:
+    """The :class:`TensorSpec` of a tensor."""
+    return TensorSpec(name, dtype_name(tensor.dtype), tuple(tensor.shape))
+
+
+def encode_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> bytes:
+    """Length prefix + JSON header, padded with spaces so the data section is 8-byte aligned.
+
+    Tensors are laid out in ``specs`` order; callers sort by element size (largest first) so
+    every tensor starts at a multiple of its element size.
+    """
+    document: dict[str, Any] = {METADATA_KEY: dict(metadata)}
+    offset = 0
+    for spec in specs:
+        document[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body += b" " * (-(8 + len(body)) % _HEADER_ALIGN)
+    return struct.pack("<Q", len(body)) + body
+
+
+def layout_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
+    """Largest element size first, otherwise in the given order: keeps every tensor aligned."""
+    return sorted(specs, key=lambda spec: -DTYPES[spec.dtype].itemsize)
+
+
+def _write_all(handle: BinaryIO, view: memoryview) -> None:
+    for begin in range(0, len(view), _COPY_CHUNK):
+        handle.write(view[begin : begin + _COPY_CHUNK])
+
+
+def _write_tensor(handle: BinaryIO, spec: TensorSpec, tensor: torch.Tensor) -> None:
+    if tensor.dtype != DTYPES[spec.dtype].torch_dtype or tuple(tensor.shape) != spec.shape:
+        raise ValueError(
+            f"{spec.name!r}: tensor is {tensor.dtype} {tuple(tensor.shape)}, "
+            f"the header says {spec.dtype} {spec.shape}"
+        )
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.contiguous()  # a no-op for contiguous tensors
+    _write_all(handle, byte_view(tensor))
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    specs: Sequence[TensorSpec],
+    fetch: Callable[[str], torch.Tensor],
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a safetensors file atomically (:func:`atomic_open`), fetching one tensor at a time.
+
+    ``fetch(name)`` must return the tensor described by each spec; it is called in file order
+    and the result is released after writing, so a producer can generate tensors on the fly.
+    """
+    require_little_endian()
+    ordered = layout_order(specs)
+    header = encode_header(ordered, DEFAULT_METADATA if metadata is None else metadata)
+    with atomic_open(path) as handle:
+        handle.write(header)
+        for spec in ordered:
+            _write_tensor(handle, spec, fetch(spec.name))
+
+
+def save_tensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a dict of tensors as one safetensors file, atomically (see :func:`write_safetensors`).
+
+    Tensors that share memory are written as independent copies.
+    """
+    specs = [spec_of(name, tensor) for name, tensor in tensors.items()]
+    write_safetensors(path, specs, tensors.__getitem__, metadata=metadata)
