@@ -6,11 +6,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar, overload
 
 from .buckets import Bucket
-from .matcher import NaiveMatcher
+from .matcher import compile_matcher
 
 V = TypeVar("V")
 
-_MATCHER = NaiveMatcher()
+_MATCHER = compile_matcher()
 
 
 def check_key(key: object) -> str:
