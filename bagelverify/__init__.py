@@ -26,6 +26,7 @@ from .errors import (
     UnknownKeysError,
 )
 from .families import FAMILIES, Family, expected_shapes, patterns_of, und_twin
+from .matcher import Matcher, compile_matcher
 from .partition import classify, partition
 from .patch_embedding import conv_patch_weight_to_linear, linear_patch_weight_to_conv
 from .stage import normalize_stage
@@ -56,6 +57,7 @@ __all__ = [
     "Family",
     "IncompatibleKeys",
     "KeyCollisionError",
+    "Matcher",
     "MissingKeysError",
     "Plan",
     "RootError",
@@ -63,6 +65,7 @@ __all__ = [
     "StageError",
     "UnknownKeysError",
     "classify",
+    "compile_matcher",
     "conv_patch_weight_to_linear",
     "expected_shapes",
     "inspect_checkpoint",
