@@ -552,30 +552,21 @@ def _open_report(
     return report, jobs
 
 
-def load_into(
+def check_destinations(
+    jobs: Mapping[str, tuple[TensorInfo, bool]],
     native_state_dict: Mapping[str, torch.Tensor],
     checkpoint_dir: str | os.PathLike[str],
     *,
-    stage: object = "stage1",
-    strict: bool = True,
-    config: BagelConfig | None = None,
-    cast: Cast = "lossless",
-    convert_conv_patch_embedding: bool = False,
-) -> IncompatibleKeys:
-    """Fill existing tensors (e.g. ``model.state_dict()``) in place from a checkpoint folder.
+    strict: bool,
+    cast: Cast,
+) -> tuple[dict[str, tuple[TensorInfo, bool]], IncompatibleKeys]:
+    """Check destinations against a validated folder's read jobs (see :func:`load_into`).
 
-    The checkpoint is validated from its headers first (as :func:`inspect_checkpoint`), then the
-    destinations are checked against it: every shape must match exactly, and a dtype may differ
-    only as ``cast`` allows (default ``"lossless"``: BF16 -> F32 master weights are fine, F32 ->
-    BF16 needs ``cast="any"``). All mismatches are listed in one
-    :class:`~bagelverify.errors.ShapeMismatchError` before any data is read. Then each kept
-    tensor's bytes are read straight into its destination's memory when it is a contiguous CPU
-    tensor of the file's dtype (no intermediate copy); otherwise through a one-tensor staging
-    buffer. Under ``strict`` the destination and the stage's keys must be the same set
-    (:class:`~bagelverify.errors.MissingKeysError` otherwise; ``._extra_state`` entries are
-    ignored); without it the common keys are loaded and the rest returned.
+    Returns the jobs both sides have and what each side lacks. Raises
+    :class:`~bagelverify.errors.MissingKeysError` under ``strict`` when the key sets differ and
+    one :class:`~bagelverify.errors.ShapeMismatchError` listing every destination whose
+    (global) shape, dtype or device cannot hold its tensor. Reads no tensor data.
     """
-    _, jobs = _open_report(checkpoint_dir, stage, strict, config, convert_conv_patch_embedding)
     wanted = [k for k in native_state_dict if classify(strip_root(k)) is not Bucket.EXTRA]
     missing = [key for key in wanted if key not in jobs]
     unexpected = [key for key in jobs if key not in native_state_dict]
@@ -608,9 +599,39 @@ def load_into(
             "tensors:\n" + "\n".join(problems) + "\nNothing was read. Fix the model's config, or "
             "pass cast='any' to allow narrowing dtype conversions."
         )
+    return common, IncompatibleKeys(missing, unexpected)
+
+
+def load_into(
+    native_state_dict: Mapping[str, torch.Tensor],
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    stage: object = "stage1",
+    strict: bool = True,
+    config: BagelConfig | None = None,
+    cast: Cast = "lossless",
+    convert_conv_patch_embedding: bool = False,
+) -> IncompatibleKeys:
+    """Fill existing tensors (e.g. ``model.state_dict()``) in place from a checkpoint folder.
+
+    The checkpoint is validated from its headers first (as :func:`inspect_checkpoint`), then the
+    destinations are checked against it: every shape must match exactly, and a dtype may differ
+    only as ``cast`` allows (default ``"lossless"``: BF16 -> F32 master weights are fine, F32 ->
+    BF16 needs ``cast="any"``). All mismatches are listed in one
+    :class:`~bagelverify.errors.ShapeMismatchError` before any data is read. Then each kept
+    tensor's bytes are read straight into its destination's memory when it is a contiguous CPU
+    tensor of the file's dtype (no intermediate copy); otherwise through a one-tensor staging
+    buffer. Under ``strict`` the destination and the stage's keys must be the same set
+    (:class:`~bagelverify.errors.MissingKeysError` otherwise; ``._extra_state`` entries are
+    ignored); without it the common keys are loaded and the rest returned.
+    """
+    _, jobs = _open_report(checkpoint_dir, stage, strict, config, convert_conv_patch_embedding)
+    common, incompatible = check_destinations(
+        jobs, native_state_dict, checkpoint_dir, strict=strict, cast=cast
+    )
     _fill(common, native_state_dict)
     logger.info("%s: loaded %d tensors in place", checkpoint_dir, len(common))
-    return IncompatibleKeys(missing, unexpected)
+    return incompatible
 
 
 def load_bagel_checkpoint_state_dict(
