@@ -39,6 +39,7 @@ import sys
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -147,7 +148,147 @@ def unicode_non_ascii_digits() -> Intervals:
     return tuple(iv for iv in category_set(r"\d", False) if iv[0] > ord("9"))
 
 
-# -- parse tree -> NFA -------------------------------------------------------------------------
+# -- pattern text -> a small regex IR (the one place that decides what is translatable) --------
+
+
+@dataclass(frozen=True)
+class Chars:
+    """One character from a set of code points."""
+
+    intervals: Intervals
+
+
+@dataclass(frozen=True)
+class Seq:
+    """Concatenation (the empty sequence matches the empty string)."""
+
+    items: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class Alt:
+    """Alternation."""
+
+    options: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """``item{low,high}``; ``high`` is ``None`` when unbounded. Greedy and lazy alike."""
+
+    low: int
+    high: int | None
+    item: Node
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """Zero-width position test: ``"begin"`` (``\\A``, ``^``), ``"end"`` (``\\Z``), ``"dollar"``."""
+
+    kind: str
+
+
+Node = Chars | Seq | Alt | Repeat | Anchor
+
+_ANCHORS = {
+    _c.AT_BEGINNING: "begin",
+    _c.AT_BEGINNING_STRING: "begin",
+    _c.AT_END_STRING: "end",
+    _c.AT_END: "dollar",
+}
+_REFUSED_OPS = {
+    "ASSERT": "a lookahead/lookbehind assertion",
+    "ASSERT_NOT": "a negative lookahead/lookbehind assertion",
+    "GROUPREF": "a backreference",
+    "GROUPREF_EXISTS": "a conditional group (?(id)yes|no)",
+    "ATOMIC_GROUP": "an atomic group (?>...)",
+    "POSSESSIVE_REPEAT": "a possessive repeat (*+, ++, ?+)",
+}
+
+
+@cache
+def parse(pattern: str) -> Node:
+    """The IR of ``pattern`` as ``re`` parses it; :class:`UnsupportedPattern` if not exact."""
+    if not isinstance(pattern, str):
+        raise UnsupportedPattern(
+            f"pattern {pattern!r}: only str patterns are supported, got {type(pattern).__name__}"
+        )
+    try:
+        parsed = _parser.parse(pattern, 0)
+    except re.error as error:
+        raise UnsupportedPattern(
+            f"pattern {pattern!r} is not a valid regular expression: {error}"
+        ) from error
+    flags = parsed.state.flags
+    for flag, name in _FLAG_NAMES.items():
+        if flags & flag:
+            raise _refuse(pattern, f"the flag {name}")
+    if flags & ~_ALLOWED_FLAGS:
+        raise _refuse(pattern, f"flags {flags:#x}")
+    return _Translator(pattern, ascii_only=bool(flags & _c.SRE_FLAG_ASCII)).sequence(parsed)
+
+
+class _Translator:
+    """``re._parser`` tree -> IR for one pattern."""
+
+    def __init__(self, pattern: str, *, ascii_only: bool) -> None:
+        self.pattern = pattern
+        self.ascii_only = ascii_only
+
+    def sequence(self, items: Iterable[tuple[Any, Any]]) -> Seq:
+        return Seq(tuple(self.item(op, av) for op, av in items))
+
+    def item(self, op: Any, av: Any) -> Node:
+        if op is _c.LITERAL:
+            return Chars(((av, av),))
+        if op is _c.NOT_LITERAL:
+            return Chars(complement(((av, av),)))
+        if op is _c.ANY:  # no DOTALL: everything but "\n"
+            return Chars(complement(((_NEWLINE, _NEWLINE),)))
+        if op is _c.IN:
+            return Chars(self.charset_items(av))
+        if op is _c.BRANCH:
+            return Alt(tuple(self.sequence(option) for option in av[1]))
+        if op is _c.SUBPATTERN:
+            _group, add_flags, del_flags, body = av
+            if add_flags or del_flags:
+                raise _refuse(self.pattern, "a scoped flag group (?flags:...)")
+            return self.sequence(body)
+        if op is _c.MAX_REPEAT or op is _c.MIN_REPEAT:
+            low, high, body = av
+            unbounded = high == _c.MAXREPEAT
+            if low > MAX_REPEAT_EXPANSION or (not unbounded and high > MAX_REPEAT_EXPANSION):
+                raise _refuse(
+                    self.pattern, f"a repeat bound above {MAX_REPEAT_EXPANSION} ({{{low},{high}}})"
+                )
+            return Repeat(low, None if unbounded else high, self.sequence(body))
+        if op is _c.AT:
+            if av not in _ANCHORS:
+                raise _refuse(self.pattern, f"the zero-width assertion {av}")
+            return Anchor(_ANCHORS[av])
+        raise _refuse(self.pattern, _REFUSED_OPS.get(str(op), f"the construct {op}"))
+
+    def charset_items(self, items: Sequence[tuple[Any, Any]]) -> Intervals:
+        negate = False
+        parts: list[tuple[int, int]] = []
+        for op, av in items:
+            if op is _c.NEGATE:
+                negate = True
+            elif op is _c.LITERAL:
+                parts.append((av, av))
+            elif op is _c.RANGE:
+                parts.append((av[0], av[1]))
+            elif op is _c.CATEGORY and av in _CATEGORY_ESCAPES:
+                parts.extend(category_set(_CATEGORY_ESCAPES[av], self.ascii_only))
+            else:
+                raise _refuse(self.pattern, f"the class item {op} {av}")
+        merged = normalize(parts)
+        return complement(merged) if negate else merged
+
+
+# -- IR -> NFA ---------------------------------------------------------------------------------
+
+_ANCHOR_EDGES = {"begin": _BEGIN, "end": _END_STRING, "dollar": _DOLLAR}
 
 
 class _NFA:
@@ -178,25 +319,7 @@ class _NFA:
         accepted subjects form the language: ``fullmatch``, ``match`` or ``search``."""
         if semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
-        if not isinstance(pattern, str):
-            raise UnsupportedPattern(
-                f"pattern {pattern!r}: only str patterns are supported, got "
-                f"{type(pattern).__name__}"
-            )
-        try:
-            parsed = _parser.parse(pattern, 0)
-        except re.error as error:
-            raise UnsupportedPattern(
-                f"pattern {pattern!r} is not a valid regular expression: {error}"
-            ) from error
-        flags = parsed.state.flags
-        for flag, name in _FLAG_NAMES.items():
-            if flags & flag:
-                raise _refuse(pattern, f"the flag {name}")
-        if flags & ~_ALLOWED_FLAGS:
-            raise _refuse(pattern, f"flags {flags:#x}")
-        builder = _Builder(self, pattern, ascii_only=bool(flags & _c.SRE_FLAG_ASCII))
-        begin, end = builder.sequence(parsed)
+        begin, end = self.fragment(parse(pattern))
         anything = self.charset(((0, MAX_CHAR),))
         if semantics == "search":  # skip any prefix; \A still holds at position 0 only
             skip = self.new()
@@ -211,120 +334,53 @@ class _NFA:
         self.eps[self.start].append((begin, _PLAIN))
         self.finals[end] = tag
 
-
-class _Builder:
-    """Translates one parsed pattern into fragments of an :class:`_NFA`."""
-
-    def __init__(self, nfa: _NFA, pattern: str, *, ascii_only: bool) -> None:
-        self.nfa = nfa
-        self.pattern = pattern
-        self.ascii_only = ascii_only
-
-    def sequence(self, items: Iterable[tuple[Any, Any]]) -> tuple[int, int]:
-        begin = end = self.nfa.new()
-        for op, av in items:
-            first, last = self.item(op, av)
-            self.nfa.eps[end].append((first, _PLAIN))
-            end = last
-        return begin, end
-
-    def chars(self, intervals: Intervals) -> tuple[int, int]:
-        begin, end = self.nfa.new(), self.nfa.new()
-        self.nfa.edges[begin].append((self.nfa.charset(intervals), end))
-        return begin, end
-
-    def anchor(self, kind: int) -> tuple[int, int]:
-        begin, end = self.nfa.new(), self.nfa.new()
-        self.nfa.eps[begin].append((end, kind))
-        return begin, end
-
-    def item(self, op: Any, av: Any) -> tuple[int, int]:
-        if op is _c.LITERAL:
-            return self.chars(((av, av),))
-        if op is _c.NOT_LITERAL:
-            return self.chars(complement(((av, av),)))
-        if op is _c.ANY:
-            return self.chars(complement(((_NEWLINE, _NEWLINE),)))
-        if op is _c.IN:
-            return self.chars(self.charset_items(av))
-        if op is _c.BRANCH:
-            begin, end = self.nfa.new(), self.nfa.new()
-            for alternative in av[1]:
-                first, last = self.sequence(alternative)
-                self.nfa.eps[begin].append((first, _PLAIN))
-                self.nfa.eps[last].append((end, _PLAIN))
-            return begin, end
-        if op is _c.SUBPATTERN:
-            _group, add_flags, del_flags, body = av
-            if add_flags or del_flags:
-                raise _refuse(self.pattern, "a scoped flag group (?flags:...)")
-            return self.sequence(body)
-        if op is _c.MAX_REPEAT or op is _c.MIN_REPEAT:
-            # Greedy and lazy repeats have the same full-match language.
-            return self.repeat(*av)
-        if op is _c.AT:
-            kinds = {
-                _c.AT_BEGINNING: _BEGIN,
-                _c.AT_BEGINNING_STRING: _BEGIN,
-                _c.AT_END_STRING: _END_STRING,
-                _c.AT_END: _DOLLAR,
-            }
-            if av not in kinds:
-                raise _refuse(self.pattern, f"the zero-width assertion {av}")
-            return self.anchor(kinds[av])
-        names = {
-            "ASSERT": "a lookahead/lookbehind assertion",
-            "ASSERT_NOT": "a negative lookahead/lookbehind assertion",
-            "GROUPREF": "a backreference",
-            "GROUPREF_EXISTS": "a conditional group (?(id)yes|no)",
-            "ATOMIC_GROUP": "an atomic group (?>...)",
-            "POSSESSIVE_REPEAT": "a possessive repeat (*+, ++, ?+)",
-        }
-        raise _refuse(self.pattern, names.get(str(op), f"the construct {op}"))
-
-    def charset_items(self, items: Sequence[tuple[Any, Any]]) -> Intervals:
-        negate = False
-        parts: list[tuple[int, int]] = []
-        for op, av in items:
-            if op is _c.NEGATE:
-                negate = True
-            elif op is _c.LITERAL:
-                parts.append((av, av))
-            elif op is _c.RANGE:
-                parts.append((av[0], av[1]))
-            elif op is _c.CATEGORY and av in _CATEGORY_ESCAPES:
-                parts.extend(category_set(_CATEGORY_ESCAPES[av], self.ascii_only))
+    def fragment(self, node: Node) -> tuple[int, int]:
+        """A fresh sub-automaton for ``node``: its entry and exit states."""
+        begin = self.new()
+        if isinstance(node, Chars):
+            end = self.new()
+            self.edges[begin].append((self.charset(node.intervals), end))
+        elif isinstance(node, Anchor):
+            end = self.new()
+            self.eps[begin].append((end, _ANCHOR_EDGES[node.kind]))
+        elif isinstance(node, Alt):
+            end = self.new()
+            for option in node.options:
+                first, last = self.fragment(option)
+                self.eps[begin].append((first, _PLAIN))
+                self.eps[last].append((end, _PLAIN))
+        elif isinstance(node, Seq):
+            end = begin
+            for item in node.items:
+                end = self.append(end, item)
+        else:
+            end = begin
+            for _ in range(node.low):
+                end = self.append(end, node.item)
+            if node.high is None:
+                loop = self.new()
+                first, last = self.fragment(node.item)
+                self.eps[end].append((loop, _PLAIN))
+                self.eps[loop].append((first, _PLAIN))
+                self.eps[last].append((loop, _PLAIN))
+                end = loop
             else:
-                raise _refuse(self.pattern, f"the class item {op} {av}")
-        merged = normalize(parts)
-        return complement(merged) if negate else merged
-
-    def repeat(self, low: int, high: int, item: Any) -> tuple[int, int]:
-        unbounded = high is _c.MAXREPEAT or high == _c.MAXREPEAT
-        if low > MAX_REPEAT_EXPANSION or (not unbounded and high > MAX_REPEAT_EXPANSION):
-            raise _refuse(
-                self.pattern, f"a repeat bound above {MAX_REPEAT_EXPANSION} ({{{low},{high}}})"
-            )
-        begin = end = self.nfa.new()
-        for _ in range(low):
-            first, last = self.sequence(item)
-            self.nfa.eps[end].append((first, _PLAIN))
-            end = last
-        if unbounded:
-            loop = self.nfa.new()
-            first, last = self.sequence(item)
-            self.nfa.eps[end].append((loop, _PLAIN))
-            self.nfa.eps[loop].append((first, _PLAIN))
-            self.nfa.eps[last].append((loop, _PLAIN))
-            return begin, loop
-        for _ in range(high - low):
-            first, last = self.sequence(item)
-            after = self.nfa.new()
-            self.nfa.eps[end].append((first, _PLAIN))
-            self.nfa.eps[end].append((after, _PLAIN))
-            self.nfa.eps[last].append((after, _PLAIN))
-            end = after
+                for _ in range(node.high - node.low):
+                    # a fresh exit: a skip edge into the item's own exit could re-enter a loop
+                    # inside the item (``(?:ab*)?`` must not accept ``"b"``)
+                    first, last = self.fragment(node.item)
+                    after = self.new()
+                    self.eps[end].append((first, _PLAIN))
+                    self.eps[end].append((after, _PLAIN))
+                    self.eps[last].append((after, _PLAIN))
+                    end = after
         return begin, end
+
+    def append(self, end: int, node: Node) -> int:
+        """Chain a fragment for ``node`` after state ``end``; return the new exit."""
+        first, last = self.fragment(node)
+        self.eps[end].append((first, _PLAIN))
+        return last
 
 
 # -- alphabet partition ------------------------------------------------------------------------
