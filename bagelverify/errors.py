@@ -85,3 +85,7 @@ class ConfigError(BagelError, ValueError):
 
 class PatternError(BagelError, ValueError):
     """A user-supplied key pattern that is not a valid regex string."""
+
+
+class DistributedMismatchError(BagelError, ValueError):
+    """Ranks of one distributed load that pass different state dicts (keys, shapes, dtypes)."""
