@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from bagelverify.synthetic import SyntheticCheckpoint, make_synthetic_checkpoint
 
 settings.register_profile("dev", max_examples=100)
 settings.register_profile(
@@ -23,3 +26,9 @@ settings.register_profile(
 )
 default_profile = "ci" if os.environ.get("CI") else "dev"
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or default_profile)
+
+
+@pytest.fixture(scope="session")
+def synthetic_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> SyntheticCheckpoint:
+    """A small BAGEL-shaped folder (scale 64, seed 0), written once per run; do not modify it."""
+    return make_synthetic_checkpoint(tmp_path_factory.mktemp("synthetic"), scale=64, seed=0)
