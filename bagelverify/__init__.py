@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .adapter import BagelStateDictAdapter, Plan, plan
 from .buckets import Bucket
 from .checkpoint import (
@@ -18,6 +20,7 @@ from .errors import (
     BagelError,
     ConfigError,
     CorruptCheckpointError,
+    DistributedMismatchError,
     KeyCollisionError,
     MissingKeysError,
     RootError,
@@ -31,6 +34,31 @@ from .partition import classify, partition
 from .patch_embedding import conv_patch_weight_to_linear, linear_patch_weight_to_conv
 from .stage import normalize_stage
 from .synthetic import make_synthetic_checkpoint
+
+if TYPE_CHECKING:
+    from .distributed import (
+        DistributedLoadResult,
+        dcp_to_hf,
+        hf_to_dcp,
+        load_bagel_checkpoint_distributed,
+    )
+
+_DISTRIBUTED = (
+    "DistributedLoadResult",
+    "dcp_to_hf",
+    "hf_to_dcp",
+    "load_bagel_checkpoint_distributed",
+)
+
+
+def __getattr__(name: str) -> Any:
+    """Import :mod:`bagelverify.distributed` (torch.distributed.checkpoint) on first use only."""
+    if name in _DISTRIBUTED:
+        from . import distributed
+
+        return getattr(distributed, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 UND_PATTERNS: list[str] = patterns_of(Bucket.UND)
 """Full-match patterns of the understanding keys (stage 1)."""
@@ -54,6 +82,8 @@ __all__ = [
     "CheckpointReport",
     "ConfigError",
     "CorruptCheckpointError",
+    "DistributedLoadResult",
+    "DistributedMismatchError",
     "Family",
     "IncompatibleKeys",
     "KeyCollisionError",
@@ -67,9 +97,12 @@ __all__ = [
     "classify",
     "compile_matcher",
     "conv_patch_weight_to_linear",
+    "dcp_to_hf",
     "expected_shapes",
+    "hf_to_dcp",
     "inspect_checkpoint",
     "linear_patch_weight_to_conv",
+    "load_bagel_checkpoint_distributed",
     "load_bagel_checkpoint_state_dict",
     "load_bagel_vae_state_dict",
     "load_into",

@@ -40,3 +40,123 @@ def fail_on_rank_one(rank: int, world_size: int) -> None:
     if rank == 1:
         raise RuntimeError("rank one broke")
     dist.barrier()
+
+
+def shard_like(reference: dict[str, Any], mesh: Any, dtype: Any = None) -> dict[str, Any]:
+    """NaN-filled DTensors shaped like ``reference``, placements cycling through row-sharded
+    (FSDP2), column-sharded (tensor parallel) and replicated."""
+    import torch
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    out = {}
+    for i, (key, value) in enumerate(reference.items()):
+        kind = i % 3
+        placement = Shard(0) if kind == 0 or value.ndim < 2 else Shard(1)
+        placement = Replicate() if kind == 2 else placement
+        blank = torch.full(value.shape, float("nan"), dtype=dtype or value.dtype)
+        out[key] = distribute_tensor(blank, mesh, [placement], src_data_rank=None)
+    return out
+
+
+def expected_local(full: Any, dtensor: Any, rank: int, world_size: int) -> Any:
+    """The slice of ``full`` that ``rank`` holds under ``dtensor``'s placement (torch.chunk
+    semantics, as FSDP2 shards), computed without DTensor."""
+    import torch
+    from torch.distributed.tensor import Shard
+
+    placement = dtensor.placements[0]
+    if not isinstance(placement, Shard):
+        return full
+    chunks = torch.chunk(full, world_size, dim=placement.dim)
+    if rank < len(chunks):
+        return chunks[rank]
+    return full.narrow(placement.dim, 0, 0)
+
+
+def _error(call: Any) -> tuple[str, str] | None:
+    try:
+        call()
+    except Exception as error:
+        return type(error).__name__, str(error)
+    return None
+
+
+def load_scenarios(rank: int, world_size: int, folders: dict[str, str]) -> dict[str, Any]:
+    """Every distributed-load scenario of the test module, in one 2-rank session."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from bagelverify.checkpoint import load_bagel_checkpoint_state_dict
+    from bagelverify.distributed import load_bagel_checkpoint_distributed
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    ckpt = folders["checkpoint"]
+    out: dict[str, Any] = {"adapter": adapter_keeps_dtensors(rank, world_size)}
+    for stage, dtype in (("stage1", None), ("stage2", None), ("stage2", torch.float32)):
+        reference = load_bagel_checkpoint_state_dict(ckpt, stage=stage)
+        sharded = shard_like(reference, mesh, dtype)
+        result = load_bagel_checkpoint_distributed(sharded, ckpt, stage=stage)
+        wrong = [
+            key
+            for key, full in reference.items()
+            if not torch.equal(
+                sharded[key].to_local(),
+                expected_local(full.to(dtype or full.dtype), sharded[key], rank, world_size),
+            )
+        ]
+        out[f"{stage}-{dtype}"] = {
+            "keys": len(reference),
+            "wrong": wrong,
+            "result": tuple(result),
+            "local_bytes": sum(
+                t.to_local().numel() * t.to_local().element_size() for t in sharded.values()
+            ),
+        }
+
+    reference = load_bagel_checkpoint_state_dict(ckpt, stage="stage1")
+    # the checkpoint lacks a key the model has: every rank must raise the same error
+    out["missing"] = _error(
+        lambda: load_bagel_checkpoint_distributed(
+            shard_like(reference, mesh), folders["missing"], stage="stage1"
+        )
+    )
+    # only rank 1's model disagrees with the file: rank 0 must not wait in DCP, and raises too
+    target = shard_like(reference, mesh)
+    if rank == 1:
+        key = next(k for k, v in reference.items() if v.ndim == 2)
+        target[key] = torch.zeros(reference[key].shape[0] + 1, reference[key].shape[1])
+    out["one_rank_wrong"] = _error(
+        lambda: load_bagel_checkpoint_distributed(target, ckpt, stage="stage1")
+    )
+    # the ranks pass different key sets (no rank's own checks fail): refused on every rank
+    target = shard_like(reference, mesh)
+    if rank == 1:
+        target.pop(next(iter(target)))
+    out["keys_differ"] = _error(
+        lambda: load_bagel_checkpoint_distributed(target, ckpt, stage="stage1", strict=False)
+    )
+    # a sharded folder (index + shards) and a Conv2d patch embedding converted while loading
+    for name, options in (("sharded", {}), ("conv", {"convert_conv_patch_embedding": True})):
+        full = load_bagel_checkpoint_state_dict(folders[name], stage="stage2", **options)
+        target = shard_like(full, mesh)
+        load_bagel_checkpoint_distributed(target, folders[name], stage="stage2", **options)
+        out[name + "_wrong"] = [
+            key
+            for key, value in full.items()
+            if not torch.equal(
+                target[key].to_local(), expected_local(value, target[key], rank, world_size)
+            )
+        ]
+    # after the errors the ranks are still in step: a DCP checkpoint resumes sharded
+    resumed = shard_like(load_bagel_checkpoint_state_dict(ckpt, stage="stage2"), mesh)
+    dcp.load(resumed, checkpoint_id=folders["dcp"])
+    full2 = load_bagel_checkpoint_state_dict(ckpt, stage="stage2")
+    out["dcp_resume_wrong"] = [
+        key
+        for key, full in full2.items()
+        if not torch.equal(
+            resumed[key].to_local(), expected_local(full, resumed[key], rank, world_size)
+        )
+    ]
+    return out

@@ -1,39 +1,41 @@
 """Distributed loading through torch.distributed.checkpoint: DTensors through the adapter, real
-2-rank gloo runs on CPU (spawned processes, hard deadline), DCP conversion round trips."""
+2-rank gloo runs on CPU (spawned processes, hard deadline), DCP conversion round trips.
+
+All 2-rank load scenarios run in one spawned session (``rank_results``) to keep the suite fast;
+each test below asserts one of its outcomes.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import _dist_workers as workers
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from _multiprocess import run_ranks
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import bagelverify as bv
 from bagelverify import strategies as bst
 from bagelverify.buckets import Bucket
+from bagelverify.distributed import dcp_to_hf, hf_to_dcp, load_bagel_checkpoint_distributed
+from bagelverify.errors import CorruptCheckpointError, MissingKeysError, UnknownKeysError
+from bagelverify.patch_embedding import PATCH_EMBEDDING_WEIGHT as PATCH
+from bagelverify.patch_embedding import linear_patch_weight_to_conv
+from bagelverify.safetensors_io import save_tensors
 from bagelverify.stage import STAGE_BUCKETS
+from bagelverify.synthetic import make_synthetic_checkpoint
 
 ADAPTER = bv.BagelStateDictAdapter()
-
-
-@pytest.fixture(scope="module")
-def mesh() -> Iterator[DeviceMesh]:
-    """A one-rank gloo mesh in this process, torn down after the module."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
+FC1_3 = {f"vit_model.vision_model.encoder.layers.3.mlp.fc1.{p}" for p in ("weight", "bias")}
 
 
 def dtensors(sd: dict[str, Any], mesh: DeviceMesh) -> dict[str, DTensor]:
@@ -45,38 +47,243 @@ def dtensors(sd: dict[str, Any], mesh: DeviceMesh) -> dict[str, DTensor]:
     }
 
 
-@settings(deadline=None)  # DTensor construction is slow on a cold start
-@given(sd=bst.state_dicts(bst.any_keys(), max_size=30), stage=bst.stages)
-def test_from_hf_keeps_every_retained_dtensor_as_the_same_object(
-    mesh: DeviceMesh, sd: dict[str, Any], stage: object
-) -> None:
-    hf = dtensors(sd, mesh)
-    native = ADAPTER.from_hf(hf, device_mesh=mesh, stage=stage, strict=False)
-    kept = STAGE_BUCKETS[bv.normalize_stage(stage)]
-    expected = [k for k in hf if bv.classify(k) in kept]
-    assert list(native) == ["model." + k for k in expected]
-    assert all(native["model." + k] is hf[k] for k in expected)
+@pytest.fixture(scope="class")
+def mesh() -> Iterator[DeviceMesh]:
+    """A one-rank gloo mesh in this process, torn down after the class that uses it."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
 
 
-@settings(deadline=None)
-@given(sd=bst.state_dicts(bst.keys((Bucket.UND, Bucket.GEN)), max_size=30), data=st.data())
-def test_to_hf_then_from_hf_returns_the_same_dtensor_objects(
-    mesh: DeviceMesh, sd: dict[str, Any], data: st.DataObject
-) -> None:
-    native = {"model." + k: v for k, v in dtensors(sd, mesh).items()}
-    subset = data.draw(
-        st.lists(st.sampled_from(sorted(native)), unique=True) if native else st.just([])
+class TestAdapterOnOneRankMesh:
+    """The adapter converts keys only: DTensor values come back as the very same objects."""
+
+    @settings(deadline=None)  # DTensor construction is slow on a cold start
+    @given(sd=bst.state_dicts(bst.any_keys(), max_size=30), stage=bst.stages)
+    def test_from_hf_keeps_every_retained_dtensor_as_the_same_object(
+        self, mesh: DeviceMesh, sd: dict[str, Any], stage: object
+    ) -> None:
+        hf = dtensors(sd, mesh)
+        native = ADAPTER.from_hf(hf, device_mesh=mesh, stage=stage, strict=False)
+        kept = STAGE_BUCKETS[bv.normalize_stage(stage)]
+        expected = [k for k in hf if bv.classify(k) in kept]
+        assert list(native) == ["model." + k for k in expected]
+        assert all(native["model." + k] is hf[k] for k in expected)
+
+    @settings(deadline=None)
+    @given(sd=bst.state_dicts(bst.keys((Bucket.UND, Bucket.GEN)), max_size=30), data=st.data())
+    def test_to_hf_then_from_hf_returns_the_same_dtensor_objects(
+        self, mesh: DeviceMesh, sd: dict[str, Any], data: st.DataObject
+    ) -> None:
+        native = {"model." + k: v for k, v in dtensors(sd, mesh).items()}
+        keys = sorted(native)
+        subset = data.draw(st.lists(st.sampled_from(keys), unique=True) if keys else st.just([]))
+        chosen = {k: native[k] for k in subset}
+        hf = ADAPTER.to_hf(chosen)
+        assert all(hf[k.removeprefix("model.")] is v for k, v in chosen.items())
+        back = ADAPTER.from_hf(hf, device_mesh=mesh, stage=2, strict=False)
+        assert back.keys() == chosen.keys()
+        assert all(back[k] is v for k, v in chosen.items())
+
+
+# -- a synthetic BAGEL folder and its variants --------------------------------------------------
+
+SCALE = 64  # ~7 MB model file: every real key, every family, small tensors
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("distributed")
+    synthetic = make_synthetic_checkpoint(root / "checkpoint", scale=SCALE, seed=3)
+    config = synthetic.config
+    full = bv.load_bagel_checkpoint_state_dict(synthetic.path, stage="stage2")
+    hf = ADAPTER.to_hf(full)
+
+    missing = root / "missing"  # loses vision layer 3's fc1 (weight and bias)
+    missing.mkdir()
+    save_tensors(missing / "ema.safetensors", {k: v for k, v in hf.items() if k not in FC1_3})
+    config.save_pretrained(missing)
+
+    bv.save_bagel_checkpoint(full, root / "sharded", max_shard_size="1MB", config=config)
+
+    conv = root / "conv"  # the patch embedding stored as a Conv2d weight
+    conv.mkdir()
+    patch = dict(hf)
+    patch[PATCH] = linear_patch_weight_to_conv(
+        hf[PATCH], patch_size=config.vit_patch_size, channels=config.vit_num_channels
     )
-    chosen = {k: native[k] for k in subset}
-    hf = ADAPTER.to_hf(chosen)
-    assert all(hf[k.removeprefix("model.")] is v for k, v in chosen.items())
-    back = ADAPTER.from_hf(hf, device_mesh=mesh, stage=2, strict=False)
-    assert back.keys() == chosen.keys()
-    assert all(back[k] is v for k, v in chosen.items())
+    save_tensors(conv / "ema.safetensors", patch)
+    config.save_pretrained(conv)
+
+    hf_to_dcp(synthetic.path, root / "dcp", stage="stage2")
+    names = ("checkpoint", "missing", "sharded", "conv", "dcp")
+    return {name: str(root / name) for name in names}
 
 
-def test_adapter_keeps_sharded_dtensors_on_two_ranks() -> None:
+@pytest.fixture(scope="module")
+def rank_results(folders: dict[str, str]) -> list[dict[str, Any]]:
+    """The outcome of every scenario of ``_dist_workers.load_scenarios``, per rank."""
+    return run_ranks(workers.load_scenarios, folders, world_size=2, timeout=150)
+
+
+# -- 2-rank loads ------------------------------------------------------------------------------
+
+
+def test_adapter_keeps_sharded_dtensors_on_two_ranks(rank_results: list[dict[str, Any]]) -> None:
     """On a real 2-rank mesh, from_hf and to_hf hand back each sharded DTensor unchanged."""
-    results = run_ranks(workers.adapter_keeps_dtensors)
-    assert [r["local_rows"] for r in results] == [3, 2]  # 5 rows split 3 + 2: really sharded
-    assert all(r["same_native"] and r["same_back"] for r in results)
+    adapter = [r["adapter"] for r in rank_results]
+    assert [a["local_rows"] for a in adapter] == [3, 2]  # 5 rows split 3 + 2: really sharded
+    assert all(a["same_native"] and a["same_back"] for a in adapter)
+
+
+@pytest.mark.parametrize("scenario", ["stage1-None", "stage2-None", "stage2-torch.float32"])
+def test_every_rank_shard_equals_its_slice_of_the_single_process_load(
+    rank_results: list[dict[str, Any]], scenario: str
+) -> None:
+    """Row-sharded, column-sharded and replicated destinations, bf16 and f32 (master weights)."""
+    keys = {"stage1": 821, "stage2": 1223}[scenario.split("-")[0]]
+    for outcome in (r[scenario] for r in rank_results):
+        assert outcome["keys"] == keys
+        assert outcome["wrong"] == []
+        missing, unexpected, _, _ = outcome["result"]
+        assert (missing, unexpected) == ([], [])
+
+
+@pytest.mark.parametrize("scenario", ["stage1-None", "stage2-None"])
+def test_each_rank_reads_exactly_the_bytes_of_its_own_shards(
+    rank_results: list[dict[str, Any]], scenario: str
+) -> None:
+    """bytes_read is the size of the rank's local shards: less than the kept bytes, and the
+    ranks together read each sharded byte once (replicated tensors once per rank)."""
+    outcomes = [r[scenario] for r in rank_results]
+    for outcome in outcomes:
+        _, _, bytes_read, bytes_loaded = outcome["result"]
+        assert bytes_read == outcome["local_bytes"]
+        assert 0 < bytes_read < bytes_loaded
+    total = outcomes[0]["result"][3]
+    assert sum(o["result"][2] for o in outcomes) < 2 * total
+
+
+def test_f32_destinations_read_the_bf16_bytes_once(rank_results: list[dict[str, Any]]) -> None:
+    for result in rank_results:
+        outcome = result["stage2-torch.float32"]
+        assert outcome["result"][2] * 2 == outcome["local_bytes"]
+
+
+def test_missing_key_fails_on_every_rank_with_the_same_clear_error(
+    rank_results: list[dict[str, Any]],
+) -> None:
+    errors = [r["missing"] for r in rank_results]
+    assert errors[0] == errors[1]
+    kind, message = errors[0]
+    assert kind == "MissingKeysError"
+    assert "vit.fc1: 2 keys missing (layers 3)" in message
+    assert "ema.safetensors" in message
+
+
+def test_one_rank_failing_its_checks_raises_its_error_on_every_rank(
+    rank_results: list[dict[str, Any]],
+) -> None:
+    """Rank 1's destination has a wrong shape; rank 0's is fine but must not enter DCP alone."""
+    errors = [r["one_rank_wrong"] for r in rank_results]
+    assert errors[0] == errors[1]
+    assert errors[0][0] == "ShapeMismatchError"
+    assert "destination [2377, 56], file [2376, 56]" in errors[0][1]
+
+
+def test_ranks_passing_different_keys_are_refused_on_every_rank(
+    rank_results: list[dict[str, Any]],
+) -> None:
+    errors = [r["keys_differ"] for r in rank_results]
+    assert errors[0] == errors[1]
+    assert errors[0][0] == "DistributedMismatchError"
+    assert "[[0], [1]]" in errors[0][1]
+
+
+@pytest.mark.parametrize("scenario", ["sharded_wrong", "conv_wrong", "dcp_resume_wrong"])
+def test_sharded_folders_conv_patch_weights_and_dcp_resume_load_correct_shards(
+    rank_results: list[dict[str, Any]], scenario: str
+) -> None:
+    """Index + shards, a Conv2d patch weight converted on load, and dcp.load from hf_to_dcp."""
+    assert [r[scenario] for r in rank_results] == [[], []]
+
+
+# -- single process ---------------------------------------------------------------------------
+
+
+def test_without_a_process_group_it_loads_like_load_into(folders: dict[str, str]) -> None:
+    assert not dist.is_initialized()
+    reference = bv.load_bagel_checkpoint_state_dict(folders["checkpoint"], stage="stage2")
+    plain = {k: torch.full_like(v, float("nan")) for k, v in reference.items()}
+    result = load_bagel_checkpoint_distributed(plain, folders["checkpoint"], stage="stage2")
+    assert all(torch.equal(plain[k], v) for k, v in reference.items())
+    assert (
+        result.bytes_read
+        == result.bytes_loaded
+        == sum(v.numel() * v.element_size() for v in reference.values())
+    )
+
+
+def test_errors_are_the_single_process_loaders_errors(folders: dict[str, str]) -> None:
+    reference = bv.load_bagel_checkpoint_state_dict(folders["checkpoint"], stage="stage1")
+    with pytest.raises(MissingKeysError) as single:
+        bv.load_into(dict(reference), folders["missing"], stage="stage1")
+    with pytest.raises(MissingKeysError) as distributed:
+        load_bagel_checkpoint_distributed(dict(reference), folders["missing"], stage="stage1")
+    assert str(single.value) == str(distributed.value)
+
+
+# -- DCP conversion ----------------------------------------------------------------------------
+
+
+def raw(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], bytes]]:
+    tensors = load_file(str(path))
+    return {
+        k: (v.dtype, tuple(v.shape), v.contiguous().view(torch.uint8).numpy().tobytes())
+        for k, v in tensors.items()
+    }
+
+
+def test_hf_to_dcp_to_hf_round_trip_is_bit_identical(
+    folders: dict[str, str], tmp_path: Path
+) -> None:
+    """Every tensor (key, dtype, shape, bytes) and the config come back unchanged."""
+    source = Path(folders["checkpoint"])
+    assert dcp_to_hf(folders["dcp"], tmp_path / "back") == 1223
+    assert raw(tmp_path / "back" / "ema.safetensors") == raw(source / "ema.safetensors")
+    assert bv.BagelConfig.from_pretrained(tmp_path / "back") == bv.BagelConfig.from_pretrained(
+        source
+    )
+
+
+def test_dcp_to_hf_stage1_writes_only_und_tensors(folders: dict[str, str], tmp_path: Path) -> None:
+    assert dcp_to_hf(folders["dcp"], tmp_path, stage=1) == 821
+    written = raw(tmp_path / "ema.safetensors")
+    source = raw(Path(folders["checkpoint"]) / "ema.safetensors")
+    assert written == {k: v for k, v in source.items() if bv.classify(k) is Bucket.UND}
+
+
+def test_hf_to_dcp_validates_before_writing(folders: dict[str, str], tmp_path: Path) -> None:
+    with pytest.raises(MissingKeysError, match=r"vit\.fc1"):
+        hf_to_dcp(folders["missing"], tmp_path / "out", stage=1)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_to_hf_refuses_unknown_keys_and_non_tensor_entries(tmp_path: Path) -> None:
+    dcp.save(
+        {"model.vit_model.typo.weight": torch.zeros(2)}, checkpoint_id=tmp_path / "a", no_dist=True
+    )
+    with pytest.raises(UnknownKeysError, match="typo"):
+        dcp_to_hf(tmp_path / "a", tmp_path / "a_out")
+    dcp.save(
+        {"model.step": 3, "model.x": torch.zeros(1)}, checkpoint_id=tmp_path / "b", no_dist=True
+    )
+    with pytest.raises(CorruptCheckpointError, match=r"not tensors: 'model\.step'"):
+        dcp_to_hf(tmp_path / "b", tmp_path / "b_out")
+    with pytest.raises(FileNotFoundError, match=r"\.metadata"):
+        dcp_to_hf(tmp_path / "nothing", tmp_path / "c_out")
