@@ -19,14 +19,14 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
 
-from .adapter import BagelStateDictAdapter, Plan, plan, strip_root
+from .adapter import BagelStateDictAdapter, Plan, plan, strip_root, to_native_key
 from .atomic import atomic_open
 from .buckets import Bucket
 from .config import CONFIG_FILES, BagelConfig
@@ -760,16 +760,58 @@ def save_bagel_checkpoint(
     """
     hf = BagelStateDictAdapter().to_hf(native_state_dict, strict=strict)
     specs = {key: spec_of(key, tensor) for key, tensor in hf.items()}
+    return write_bagel_checkpoint(
+        specs,
+        hf.__getitem__,
+        out_dir,
+        stage=stage,
+        max_shard_size=max_shard_size,
+        strict=strict,
+        config=config,
+    )
+
+
+KeyLayout = Literal["hf", "native"]
+"""Key names a written checkpoint uses: HF keys, or native keys under the ``model.`` root."""
+
+
+def write_bagel_checkpoint(
+    specs: Mapping[str, TensorSpec],
+    fetch: Callable[[str], torch.Tensor],
+    out_dir: str | os.PathLike[str],
+    *,
+    stage: object = "stage2",
+    max_shard_size: int | str | None = None,
+    strict: bool = True,
+    config: BagelConfig | None = None,
+    keys: KeyLayout = "hf",
+) -> list[Path]:
+    """Write a checkpoint described by its specs, fetching one tensor at a time.
+
+    ``specs`` maps HF key -> :class:`TensorSpec`; ``fetch(hf_key)`` returns that tensor and is
+    called once per written tensor, in file order, and its result released after writing, so
+    peak memory is about the largest tensor. Validation, stage selection, sharding and files
+    are those of :func:`save_bagel_checkpoint`; ``keys="native"`` names the tensors by their
+    native (``model.``-rooted) keys instead of their HF keys.
+    """
     report = build_report(specs, stage=stage, config=config, source=str(out_dir))
     report.raise_for_problems(strict=strict)
     report.plan.log(strict=strict)
-    kept = [specs[key] for key in report.plan.native]
+    names = {
+        key: (native if keys == "native" else key) for key, native in report.plan.native.items()
+    }
+    kept = [TensorSpec(names[key], specs[key].dtype, specs[key].shape) for key in names]
+    by_name = {name: key for key, name in names.items()}
+
+    def fetch_by_name(name: str) -> torch.Tensor:
+        return fetch(by_name[name])
+
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if max_shard_size is None:
         target = directory / MODEL_FILE
-        write_safetensors(target, kept, hf.__getitem__)
+        write_safetensors(target, kept, fetch_by_name)
         written.append(target)
     else:
         if (directory / MODEL_FILE).exists():
@@ -781,7 +823,7 @@ def save_bagel_checkpoint(
         weight_map: dict[str, str] = {}
         for number, shard in enumerate(shards, start=1):
             name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(directory / name, shard, hf.__getitem__)
+            write_safetensors(directory / name, shard, fetch_by_name)
             weight_map.update((spec.name, name) for spec in shard)
             written.append(directory / name)
         index = {
@@ -796,3 +838,50 @@ def save_bagel_checkpoint(
         written.extend(directory / name for name in CONFIG_FILES)
     logger.info("%s: wrote %d tensors (%s)", directory, len(kept), report.stage)
     return written
+
+
+def convert_checkpoint(
+    src_dir: str | os.PathLike[str],
+    dst_dir: str | os.PathLike[str],
+    *,
+    stage: object = "stage2",
+    keys: KeyLayout = "hf",
+    max_shard_size: int | str | None = None,
+    strict: bool = True,
+    config: BagelConfig | None = None,
+    convert_conv_patch_embedding: bool = False,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> list[Path]:
+    """Rewrite a checkpoint folder with HF or native keys, streaming one tensor at a time.
+
+    The source (HF- or native-keyed, single file or sharded) is validated from its headers like
+    a load; each kept tensor is then read into a fresh buffer, written and released, so peak
+    memory is about the largest tensor, never the checkpoint. The config (``config`` if given,
+    else the source's config files) is written with the tensors. ``on_tensor(hf_key, nbytes)``
+    is called after each tensor is read (for progress). Returns the files written.
+    """
+    report, jobs = _open_report(src_dir, stage, strict, config, convert_conv_patch_embedding)
+    specs = {
+        strip_root(native): TensorSpec(strip_root(native), info.dtype, _target_shape(info, conv))
+        for native, (info, conv) in jobs.items()
+    }
+
+    def fetch(hf_key: str) -> torch.Tensor:
+        native = to_native_key(hf_key)
+        info, conv = jobs[native]
+        out = torch.empty(_target_shape(info, conv), dtype=info.torch_dtype)
+        _fill({native: jobs[native]}, {native: out})
+        if on_tensor is not None:
+            on_tensor(hf_key, info.nbytes)
+        return out
+
+    return write_bagel_checkpoint(
+        specs,
+        fetch,
+        dst_dir,
+        stage=report.stage,
+        max_shard_size=max_shard_size,
+        strict=strict,
+        config=report.config,
+        keys=keys,
+    )
