@@ -24,7 +24,7 @@ import os
 import pickle
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -59,7 +59,15 @@ from .checkpoint import (
 )
 from .config import CONFIG_FILES
 from .errors import BagelError, CorruptCheckpointError, DistributedMismatchError, format_examples
-from .safetensors_io import DTYPES, TensorInfo, TensorSpec, dtype_name
+from .safetensors_io import (
+    DTYPES,
+    TensorInfo,
+    TensorSpec,
+    byte_view,
+    dtype_name,
+    read_exact,
+    require_little_endian,
+)
 
 try:  # the Hugging Face reader and its per-entry record arrived in torch 2.8
     from torch.distributed.checkpoint._hf_utils import _HFStorageInfo
@@ -101,8 +109,17 @@ class BagelHFStorageReader(HuggingFaceStorageReader):
     both the single file and the shards of a folder holding both) and parses each header again.
     This one builds DCP's metadata from the :class:`~bagelverify.safetensors_io.TensorInfo`
     records that :func:`bagelverify.checkpoint.open_checkpoint` validated, so DCP sees exactly
-    the tensors the single-process loader would read, from the same files. Reading is the
-    stock reader's (a ``safe_open`` slice per request); :attr:`bytes_read` counts it.
+    the tensors the single-process loader would read, from the same files.
+
+    Each read request (the part of one stored tensor that overlaps one local shard) whose bytes
+    are one contiguous range of the file -- any slice along the first dimension, which is how
+    FSDP2 shards -- is read with :func:`~bagelverify.safetensors_io.read_exact` (the
+    single-process loader's reader) straight into the destination, on a descriptor advised
+    ``POSIX_FADV_RANDOM`` so the kernel reads that range and no read-ahead around it. The stock
+    path maps the file and faults pages in with read-around; with large read-ahead windows that
+    fetches neighbouring tensors the rank does not need (measured: 2 ranks together fetched the
+    whole file in a stage-1 load that keeps 55% of it). Other requests (column slices) use the
+    stock ``safe_open`` slice. :attr:`bytes_read` counts the requested bytes.
     """
 
     def __init__(self, tensors: Mapping[str, TensorInfo], *, thread_count: int = 1) -> None:
@@ -139,6 +156,55 @@ class BagelHFStorageReader(HuggingFaceStorageReader):
             self.bytes_read += math.prod(item.lengths) * info.torch_dtype.itemsize
         result: Future[None] = super().read_data(plan, planner)
         return result
+
+    def _process_read_request(self, f: Any, req: ReadItem, planner: LoadPlanner) -> None:
+        info = self.tensors[req.storage_index.fqn]
+        span = _byte_span(info, req.storage_offsets, req.lengths)
+        if span is None:
+            super()._process_read_request(f, req, planner)
+            return
+        target = planner.resolve_tensor(req).detach()
+        if tuple(target.shape) != tuple(req.lengths):
+            raise CorruptCheckpointError(
+                f"{info.path}: DCP asked for a {list(req.lengths)} slice of {info.name!r} into "
+                f"a {list(target.shape)} destination"
+            )
+        direct = (
+            target.device.type == "cpu"
+            and target.dtype == info.torch_dtype
+            and target.is_contiguous()
+        )
+        buffer = target if direct else torch.empty(tuple(req.lengths), dtype=info.torch_dtype)
+        fd = os.open(info.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, span[0], span[1], os.POSIX_FADV_RANDOM)
+            require_little_endian()
+            read_exact(fd, byte_view(buffer), span[0])
+        finally:
+            os.close(fd)
+        if not direct:
+            with torch.no_grad():
+                target.copy_(buffer)
+        planner.commit_tensor(req, target)
+
+
+def _byte_span(
+    info: TensorInfo, offsets: Sequence[int], lengths: Sequence[int]
+) -> tuple[int, int] | None:
+    """``(file offset, byte count)`` of a slice of a stored tensor when its bytes are one
+    contiguous range (every dimension before the last partial one has length 1), else
+    ``None``."""
+    shape = info.shape
+    partial = [d for d in range(len(shape)) if (offsets[d], lengths[d]) != (0, shape[d])]
+    if partial and any(lengths[d] != 1 for d in range(partial[-1])):
+        return None
+    stride, start = 1, 0
+    for d in reversed(range(len(shape))):
+        start += offsets[d] * stride
+        stride *= shape[d]
+    itemsize = info.torch_dtype.itemsize
+    return info.start + start * itemsize, math.prod(lengths) * itemsize
 
 
 def _quietly(call: Any, *args: Any, **kwargs: Any) -> Any:

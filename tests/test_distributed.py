@@ -7,6 +7,7 @@ each test below asserts one of its outcomes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,16 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 import bagelverify as bv
 from bagelverify import strategies as bst
 from bagelverify.buckets import Bucket
-from bagelverify.distributed import dcp_to_hf, hf_to_dcp, load_bagel_checkpoint_distributed
+from bagelverify.distributed import (
+    _byte_span,
+    dcp_to_hf,
+    hf_to_dcp,
+    load_bagel_checkpoint_distributed,
+)
 from bagelverify.errors import CorruptCheckpointError, MissingKeysError, UnknownKeysError
 from bagelverify.patch_embedding import PATCH_EMBEDDING_WEIGHT as PATCH
 from bagelverify.patch_embedding import linear_patch_weight_to_conv
-from bagelverify.safetensors_io import save_tensors
+from bagelverify.safetensors_io import TensorInfo, save_tensors
 from bagelverify.stage import STAGE_BUCKETS
 from bagelverify.synthetic import make_synthetic_checkpoint
 
@@ -287,3 +293,34 @@ def test_dcp_to_hf_refuses_unknown_keys_and_non_tensor_entries(tmp_path: Path) -
         dcp_to_hf(tmp_path / "b", tmp_path / "b_out")
     with pytest.raises(FileNotFoundError, match=r"\.metadata"):
         dcp_to_hf(tmp_path / "nothing", tmp_path / "c_out")
+
+
+# -- byte ranges of slices ---------------------------------------------------------------------
+
+
+@st.composite
+def slices_of_tensors(draw: st.DrawFn) -> tuple[tuple[int, ...], list[int], list[int]]:
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=4)))
+    offsets = [draw(st.integers(0, n - 1)) for n in shape]
+    lengths = [draw(st.integers(1, n - o)) for n, o in zip(shape, offsets, strict=True)]
+    return shape, offsets, lengths
+
+
+@given(slices_of_tensors())
+def test_byte_span_is_the_slice_bytes_exactly_when_they_are_contiguous(
+    case: tuple[tuple[int, ...], list[int], list[int]],
+) -> None:
+    """_byte_span gives (start, size) iff the slice's elements are one run of the flat tensor,
+    and then that run is the slice."""
+    shape, offsets, lengths = case
+    flat = torch.arange(math.prod(shape))
+    picked = flat.reshape(shape)[
+        tuple(slice(o, o + n) for o, n in zip(offsets, lengths, strict=True))
+    ]
+    picked = picked.flatten()
+    run = bool(torch.equal(picked, torch.arange(int(picked[0]), int(picked[0]) + picked.numel())))
+    info = TensorInfo(Path("x"), "t", "I64", shape, 1000, 1000 + 8 * flat.numel())
+    span = _byte_span(info, offsets, lengths)
+    assert (span is not None) == run
+    if span is not None:
+        assert span == (1000 + 8 * int(picked[0]), 8 * picked.numel())
