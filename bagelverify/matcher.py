@@ -16,7 +16,8 @@ Two matchers with the same answers:
        only when ``template_verdict`` proves the refined one safe;
     2. **literal-prefix trie** (pyahocorasick): the literal run that starts each pattern, read from
        the parsed regex, selects the patterns that can match at all;
-    3. **compiled full matches** of just those candidates, in bucket order; none -> unknown.
+    3. **compiled full matches** of just those candidates, in bucket order (per bucket, one
+       alternation of them where that keeps each pattern's meaning); none -> unknown.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import importlib
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -181,7 +182,7 @@ class Matcher:
             for bucket in MATCH_ORDER
             for index, pattern in enumerate(self.patterns[bucket])
         ]
-        self._trie, self._anywhere = _prefix_trie(compiled)
+        self._trie, (self._anywhere, self._anywhere_listing) = _prefix_trie(compiled)
         self._dfa: Any = _build_dfa(self.patterns) if memo_size else None
         self._memo_size = memo_size if self._dfa is not None else 0
         self._memo: dict[bytes, Bucket] = {}
@@ -211,7 +212,7 @@ class Matcher:
     def classify_uncached(self, key: str) -> Bucket:
         """Bucket of ``key`` from the prefix trie and the candidates' regexes, memo bypassed."""
         found = self._trie.longest_prefix(key)
-        candidates: Candidates = self._trie.get(key[:found]) if found else self._anywhere
+        candidates: Candidates = self._trie.get(key[:found])[0] if found else self._anywhere
         for fullmatch, bucket in candidates:
             if fullmatch(key) is not None:
                 return bucket
@@ -221,8 +222,7 @@ class Matcher:
         """The ``(bucket, pattern)`` pairs step 3 tries for ``key``, in order: every pattern whose
         literal prefix starts ``key``. No other pattern can fully match ``key``."""
         found = self._trie.longest_prefix(key)
-        candidates: Candidates = self._trie.get(key[:found]) if found else self._anywhere
-        return [(bucket, fullmatch.__self__.pattern) for fullmatch, bucket in candidates]
+        return list(self._trie.get(key[:found])[1] if found else self._anywhere_listing)
 
     def memo_stats(self) -> MemoStats:
         """Current memo sizes (see :class:`MemoStats`)."""
@@ -304,17 +304,57 @@ class Matcher:
             table[template] = value
 
 
-def _prefix_trie(compiled: Iterable[tuple[Bucket, str, Any]]) -> tuple[Any, Candidates]:
-    """A trie holding every prefix of every pattern's literal prefix; the value of a word ``w``
-    is the ordered candidates whose literal prefix is a prefix of ``w``. The longest trie word
-    that starts a key therefore names exactly the patterns that can match it."""
-    entries = [(literal_prefix(p), (regex.fullmatch, bucket)) for bucket, p, regex in compiled]
+def _mergeable(pattern: str) -> bool:
+    """Whether ``(?:pattern)`` can sit in an alternation with other patterns and keep its
+    meaning: no capturing groups (so no backreferences) and no global inline flags."""
+    state = _sre.parse(pattern).state
+    return bool(state.groups == 1 and not state.flags & ~_sre.SRE_FLAG_UNICODE)
+
+
+def _candidate_regexes(
+    candidates: Sequence[tuple[Bucket, str]], compiled: Mapping[str, Any]
+) -> Candidates:
+    """``(fullmatch, bucket)`` pairs trying ``candidates`` in bucket order: per bucket, one
+    alternation of its mergeable patterns (``re`` factors out their shared prefix, so the key
+    is scanned once) and the others one by one."""
+    out: list[tuple[Any, Bucket]] = []
+    for bucket in MATCH_ORDER:
+        mine = [p for b, p in candidates if b is bucket]
+        merged = [p for p in mine if _mergeable(p)]
+        if len(merged) > 1:
+            out.append((re.compile("|".join(f"(?:{p})" for p in merged)).fullmatch, bucket))
+        else:
+            merged = []
+        out.extend((compiled[p].fullmatch, bucket) for p in mine if p not in merged)
+    return tuple(out)
+
+
+def _prefix_trie(
+    compiled: Sequence[tuple[Bucket, str, Any]],
+) -> tuple[Any, tuple[Candidates, tuple[tuple[Bucket, str], ...]]]:
+    """A trie holding every prefix of every pattern's literal prefix. The value of a word ``w``
+    covers exactly the patterns whose literal prefix is a prefix of ``w``, so the longest trie
+    word that starts a key names every pattern that can match it: ``(regexes, listing)``, the
+    :func:`_candidate_regexes` to run and the ``(bucket, pattern)`` pairs they stand for. The
+    second result is that value for keys that start with no trie word."""
+    by_pattern = {pattern: regex for _, pattern, regex in compiled}
+    entries = [(literal_prefix(pattern), (bucket, pattern)) for bucket, pattern, _ in compiled]
     words = {prefix[:n] for prefix, _ in entries for n in range(1, len(prefix) + 1)}
+    # pyahocorasick ends the process from C when longest_prefix() runs on an empty trie. Any
+    # extra word keeps the invariant above (its value is the prefix-less patterns), so add one.
+    words = words or {"\x00"}
+    values: dict[tuple[tuple[Bucket, str], ...], tuple[Candidates, Any]] = {}
+
+    def value(word: str) -> tuple[Candidates, tuple[tuple[Bucket, str], ...]]:
+        listing = tuple(c for prefix, c in entries if word.startswith(prefix))
+        if listing not in values:
+            values[listing] = (_candidate_regexes(listing, by_pattern), listing)
+        return values[listing]
+
     trie = ahocorasick.Automaton(ahocorasick.STORE_ANY)
     for word in words:
-        trie.add_word(word, tuple(c for prefix, c in entries if word.startswith(prefix)))
-    anywhere = tuple(c for prefix, c in entries if not prefix)
-    return trie, anywhere
+        trie.add_word(word, value(word))
+    return trie, value("")
 
 
 def _build_dfa(patterns: Mapping[Bucket, Sequence[str]]) -> DFA | None:
