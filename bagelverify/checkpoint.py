@@ -47,11 +47,11 @@ from .safetensors_io import (
     layout_order,
     read_header,
     read_into,
-    reject_duplicate_keys,
     spec_of,
     write_safetensors,
 )
 from .stage import STAGE_BUCKETS, Stage
+from .strict_json import parse_json, short_repr
 
 logger = logging.getLogger(__name__)
 
@@ -95,22 +95,26 @@ def _require_directory(directory: Path, expected: str) -> None:
 def _shard_path(directory: Path, index_path: Path, key: str, shard: object) -> Path:
     if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in ("..", "."):
         raise CorruptCheckpointError(
-            f"{index_path}: weight_map[{key!r}] = {shard!r} is not a file name in the folder"
+            f"{index_path}: weight_map[{key!r}] = {short_repr(shard)} is not a file name in the "
+            "folder; an index may only name shards next to it. Fix the index."
         )
     return directory / shard
 
 
 def _read_index(directory: Path) -> CheckpointFiles:
     index_path = directory / INDEX_FILE
-    try:
-        document = json.loads(
-            index_path.read_text("utf-8"), object_pairs_hook=reject_duplicate_keys(index_path)
-        )
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CorruptCheckpointError(f"{index_path}: not valid UTF-8 JSON ({error})") from None
+    document = parse_json(
+        index_path.read_bytes(),
+        lambda what: CorruptCheckpointError(
+            f"{index_path}: {what}. Re-save the checkpoint or fix the index."
+        ),
+    )
     weight_map = document.get("weight_map") if isinstance(document, dict) else None
     if not isinstance(weight_map, dict):
-        raise CorruptCheckpointError(f"{index_path}: no 'weight_map' object")
+        raise CorruptCheckpointError(
+            f"{index_path}: expected an object with a 'weight_map' object (tensor name -> shard "
+            f"file), found {short_repr(document)}. Re-save the checkpoint or fix the index."
+        )
     shards: dict[Path, list[str]] = {}
     for key, shard in weight_map.items():
         shards.setdefault(_shard_path(directory, index_path, key, shard), []).append(key)

@@ -13,6 +13,7 @@ from typing import Any
 
 from .atomic import atomic_open
 from .errors import ConfigError
+from .strict_json import parse_json
 
 CONFIG_FILE = "config.json"
 LLM_CONFIG_FILE = "llm_config.json"
@@ -55,10 +56,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{path}: config file not found (a BAGEL folder holds {CONFIG_FILES})"
         )
-    try:
-        document = json.loads(path.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: not valid UTF-8 JSON ({error})") from None
+    document = parse_json(path.read_bytes(), lambda what: ConfigError(f"{path}: {what}"))
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(document).__name__}")
     return document

@@ -67,6 +67,12 @@ class CorruptCheckpointError(BagelError, ValueError):
     """A checkpoint file that cannot be trusted (bad header, offsets, sizes)."""
 
 
+class UnsupportedTensorError(BagelError, TypeError, ValueError):
+    """A state-dict entry no safetensors file can hold: a value that is not a plain tensor with
+    memory (a meta, sparse or wrapper-subclass tensor, or no tensor at all), a dtype safetensors
+    lacks, or a name the format reserves or cannot encode. Nothing is written."""
+
+
 class StageError(BagelError, ValueError):
     """A stage value that is not one of the accepted spellings."""
 

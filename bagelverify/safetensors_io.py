@@ -28,7 +28,8 @@ from typing import Any, BinaryIO
 import torch
 
 from .atomic import atomic_open
-from .errors import CorruptCheckpointError, UnsupportedPlatformError
+from .errors import CorruptCheckpointError, UnsupportedPlatformError, UnsupportedTensorError
+from .strict_json import is_unicode, parse_json, short_repr
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return DTYPE_BY_TORCH[dtype].name
     except KeyError:
-        raise TypeError(f"torch dtype {dtype} has no safetensors equivalent") from None
+        raise UnsupportedTensorError(
+            f"torch dtype {dtype} has no safetensors equivalent (supported: "
+            f"{', '.join(str(d) for d in DTYPE_BY_TORCH)}); convert the tensor first"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -130,47 +134,49 @@ def _corrupt(path: Path, what: str) -> CorruptCheckpointError:
     )
 
 
-def reject_duplicate_keys(path: Path) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
-    """A ``json.loads`` object hook that raises on a repeated key (``json`` keeps the last)."""
-
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise CorruptCheckpointError(
-                    f"{path}: the JSON names {key!r} twice; a reader would silently keep only "
-                    "the last entry. Re-save the file."
-                )
-            out[key] = value
-        return out
-
-    return hook
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+_MAX_ELEMENTS = 2**63 - 1  # torch counts elements and strides in int64
+
+
 def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
-    where = f"tensor {name!r}"
-    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+    where = f"tensor {short_repr(name)}"
+    if not isinstance(entry, dict) or set(entry) != set(_ENTRY_FIELDS):
+        if not isinstance(entry, dict):
+            found = f"found {type(entry).__name__} {short_repr(entry)}"
+        else:
+            missing = [f for f in _ENTRY_FIELDS if f not in entry]
+            extra = [f for f in entry if f not in _ENTRY_FIELDS]
+            found = f"missing {missing}, unexpected {short_repr(extra)}"
         raise _corrupt(
-            path, f"{where}: entry must be an object with exactly dtype, shape, data_offsets"
+            path,
+            f"{where}: entry must be an object with exactly dtype, shape, data_offsets; {found}",
         )
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _corrupt(
-            path, f"{where}: unknown dtype {dtype!r} (known: {', '.join(sorted(DTYPES))})"
+            path, f"{where}: unknown dtype {short_repr(dtype)} (known: {', '.join(sorted(DTYPES))})"
         )
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise _corrupt(path, f"{where}: shape {shape!r} is not a list of non-negative integers")
+        raise _corrupt(
+            path, f"{where}: shape {short_repr(shape)} is not a list of non-negative integers"
+        )
+    if math.prod(max(d, 1) for d in shape) > _MAX_ELEMENTS:
+        raise _corrupt(path, f"{where}: shape {short_repr(shape)} overflows int64 element counts")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_int(o) and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise _corrupt(path, f"{where}: data_offsets {offsets!r} is not [begin, end], begin <= end")
+        raise _corrupt(
+            path,
+            f"{where}: data_offsets {short_repr(offsets)} is not [begin, end] with "
+            "0 <= begin <= end",
+        )
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if offsets[1] - offsets[0] != expected:
         raise _corrupt(
@@ -185,19 +191,25 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
 
 def _check_tiling(path: Path, tensors: Iterable[TensorInfo], data_start: int, size: int) -> None:
     """The tensors must cover ``[data_start, size)`` exactly, in some order."""
+
+    def span(info: TensorInfo) -> str:
+        begin, end = info.start - data_start, info.end - data_start
+        return f"tensor {short_repr(info.name)} (data bytes {begin}-{end})"
+
     cursor, previous = data_start, "the header"
     for info in sorted(tensors, key=lambda t: (t.start, t.end)):
-        if info.start < cursor:
-            raise _corrupt(path, f"tensor {info.name!r} overlaps {previous}")
-        if info.start > cursor:
-            raise _corrupt(
-                path, f"{info.start - cursor} unused bytes between {previous} and {info.name!r}"
-            )
         if info.end > size:
             raise _corrupt(
-                path, f"tensor {info.name!r} ends at byte {info.end}, past the file end {size}"
+                path,
+                f"{span(info)} ends at file byte {info.end}, past the file end ({size} bytes)",
             )
-        cursor, previous = info.end, f"tensor {info.name!r}"
+        if info.start < cursor:
+            raise _corrupt(path, f"{span(info)} overlaps {previous}")
+        if info.start > cursor:
+            raise _corrupt(
+                path, f"{info.start - cursor} unused bytes between {previous} and {span(info)}"
+            )
+        cursor, previous = info.end, span(info)
     if cursor != size:
         raise _corrupt(path, f"{size - cursor} bytes after the last tensor ({previous})")
 
@@ -205,11 +217,15 @@ def _check_tiling(path: Path, tensors: Iterable[TensorInfo], data_start: int, si
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """Parse and validate the header of a safetensors file, reading no tensor data.
 
-    Raises ``FileNotFoundError`` for a missing file and
-    :class:`~bagelverify.errors.CorruptCheckpointError` for anything malformed: a short file, a
-    header length past the file end or above :data:`MAX_HEADER_BYTES`, bad UTF-8 or JSON, a
-    duplicate name, an unknown dtype, offsets that overlap, leave holes or leave the file, a
-    byte span that disagrees with shape x dtype, or non-string metadata.
+    Raises ``FileNotFoundError`` for a missing file (other ``OSError`` s, such as a directory or
+    an unreadable file, propagate too) and :class:`~bagelverify.errors.CorruptCheckpointError`
+    for anything malformed: a short file, a header length past the file end or above
+    :data:`MAX_HEADER_BYTES`, bad UTF-8 or JSON (see :func:`~bagelverify.strict_json.parse_json`:
+    repeated names or fields, lone surrogates, too deep), a header or entry that is not an object,
+    missing or extra fields, an unknown dtype, a shape that is not a list of non-negative ints
+    (``bool`` is not an int) or that overflows int64, offsets that overlap, leave holes or leave
+    the file, a byte span that disagrees with shape x dtype, or non-string metadata. Every message
+    names the file and the offending tensor or field.
     """
     path = Path(path)
     with open(path, "rb") as handle:
@@ -223,25 +239,30 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         if 8 + length > size:
             raise _corrupt(path, f"header length {length} runs past the file end ({size} bytes)")
         raw = handle.read(length)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise _corrupt(path, f"the header is not UTF-8 ({error})") from None
-    try:
-        document = json.loads(text, object_pairs_hook=reject_duplicate_keys(path))
-    except json.JSONDecodeError as error:
-        raise _corrupt(path, f"the header is not valid JSON ({error})") from None
+    document = parse_json(raw, lambda what: _corrupt(path, f"the header is {what}"))
     if not isinstance(document, dict):
-        raise _corrupt(path, "the header is not a JSON object")
+        raise _corrupt(
+            path,
+            f"the header is {type(document).__name__} {short_repr(document)}, not a JSON object",
+        )
     data_start = 8 + length
     metadata = document.pop(METADATA_KEY, {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _corrupt(path, f"{METADATA_KEY} must map strings to strings, got {metadata!r}")
+    if not isinstance(metadata, dict):
+        raise _corrupt(
+            path, f"{METADATA_KEY} must map strings to strings, got {short_repr(metadata)}"
+        )
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise _corrupt(
+                path,
+                f"{METADATA_KEY} must map strings to strings, but {short_repr(key)} is "
+                f"{type(value).__name__} {short_repr(value)}",
+            )
     tensors = {
         name: _parse_entry(path, name, entry, data_start) for name, entry in document.items()
     }
     _check_tiling(path, tensors.values(), data_start, size)
-    return SafetensorsHeader(path, tensors, metadata, data_start, size)
+    return SafetensorsHeader(path, tensors, dict(metadata), data_start, size)
 
 
 # -- raw tensor memory -------------------------------------------------------------------------
@@ -266,16 +287,19 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
-def read_exact(fd: int, buffer: memoryview, offset: int) -> None:
-    """Fill ``buffer`` from file descriptor ``fd`` at ``offset``; short reads are retried."""
+def read_exact(fd: int, buffer: memoryview, offset: int, *, source: str = "") -> None:
+    """Fill ``buffer`` from file descriptor ``fd`` at ``offset``; short reads are retried.
+
+    ``source`` (file and tensor) starts the error message of a file that ends too early.
+    """
     done, total = 0, len(buffer)
     while done < total:
         got = os.preadv(fd, [buffer[done:]], offset + done)
         if got == 0:
             raise CorruptCheckpointError(
-                f"unexpected end of file at byte {offset + done} while reading "
-                f"{total} bytes at offset {offset}; the file was truncated after its header "
-                "was read"
+                f"{source}{': ' if source else ''}unexpected end of file at byte {offset + done} "
+                f"while reading {total} bytes at offset {offset}; the file was truncated after "
+                "its header was read. Re-download or re-save it."
             )
         done += got
 
@@ -291,7 +315,7 @@ def read_into(fd: int, info: TensorInfo, destination: torch.Tensor) -> None:
             f"{info.name!r}: destination {destination.dtype} x {destination.numel()} does not "
             f"hold {info.dtype} x {math.prod(info.shape)}"
         )
-    read_exact(fd, byte_view(destination), info.start)
+    read_exact(fd, byte_view(destination), info.start, source=f"{info.path}: {info.name!r}")
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -311,8 +335,45 @@ class TensorSpec:
         return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or name == METADATA_KEY or not is_unicode(name):
+        raise UnsupportedTensorError(
+            f"{short_repr(name)} cannot name a tensor in a safetensors file (names are str, "
+            f"valid Unicode, and {METADATA_KEY!r} is reserved); rename or drop it. Nothing was "
+            "written."
+        )
+    return name
+
+
+def check_writable(name: str, value: object) -> torch.Tensor:
+    """``value`` if a safetensors file can hold it as ``name``, else
+    :class:`~bagelverify.errors.UnsupportedTensorError` naming the key, what it is and what to do.
+
+    Accepted: dense (strided) tensors with memory on any device, of a dtype in :data:`DTYPES`,
+    contiguous or not; ``nn.Parameter`` and ``requires_grad`` tensors included.
+    """
+    _check_name(name)
+    if not isinstance(value, torch.Tensor):
+        why = f"the value is {type(value).__name__}, not a torch.Tensor"
+    elif type(value).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
+        why = (
+            f"the value is a {type(value).__name__}, a tensor subclass whose memory is not its "
+            "values (gather a DTensor with .full_tensor() first)"
+        )
+    elif value.layout != torch.strided:
+        why = f"the tensor's layout is {value.layout} (call .to_dense() first)"
+    elif value.device.type == "meta":
+        why = "the tensor is on the meta device and has no values to write"
+    elif value.dtype not in DTYPE_BY_TORCH:
+        why = f"torch dtype {value.dtype} has no safetensors equivalent (convert it first)"
+    else:
+        return value
+    raise UnsupportedTensorError(f"{name!r}: {why}. Nothing was written.")
+
+
 def spec_of(name: str, tensor: torch.Tensor) -> TensorSpec:
-    """The :class:`TensorSpec` of a tensor."""
+    """The :class:`TensorSpec` of a tensor (checked by :func:`check_writable`)."""
+    tensor = check_writable(name, tensor)
     return TensorSpec(name, dtype_name(tensor.dtype), tuple(tensor.shape))
 
 
@@ -325,6 +386,8 @@ def encode_header(specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> b
     document: dict[str, Any] = {METADATA_KEY: dict(metadata)}
     offset = 0
     for spec in specs:
+        if _check_name(spec.name) in document:
+            raise UnsupportedTensorError(f"{spec.name!r} is listed twice; names must be unique")
         document[spec.name] = {
             "dtype": spec.dtype,
             "shape": list(spec.shape),
@@ -347,12 +410,14 @@ def _write_all(handle: BinaryIO, view: memoryview) -> None:
 
 
 def _write_tensor(handle: BinaryIO, spec: TensorSpec, tensor: torch.Tensor) -> None:
+    tensor = check_writable(spec.name, tensor)
     if tensor.dtype != DTYPES[spec.dtype].torch_dtype or tuple(tensor.shape) != spec.shape:
         raise ValueError(
             f"{spec.name!r}: tensor is {tensor.dtype} {tuple(tensor.shape)}, "
             f"the header says {spec.dtype} {spec.shape}"
         )
-    tensor = tensor.detach()
+    # a lazily negated or conjugated view keeps its raw memory: materialise it (else a no-op)
+    tensor = tensor.detach().resolve_conj().resolve_neg()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     tensor = tensor.contiguous()  # a no-op for contiguous tensors

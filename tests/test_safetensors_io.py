@@ -92,7 +92,7 @@ CORRUPT: dict[str, tuple[bytes | str | dict[str, Any], bytes, str]] = {
     "hole": (
         {"a": entry("F32", [1], 0, 4), "b": entry("F32", [1], 8, 12)},
         b"\0" * 12,
-        "4 unused bytes between tensor 'a' and 'b'",
+        "4 unused bytes between tensor 'a' (data bytes 0-4) and tensor 'b'",
     ),
     "hole at start": (
         {"a": entry("F32", [1], 4, 8)},
