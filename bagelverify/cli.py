@@ -12,8 +12,8 @@ Each command lives in its own module, imported only when it runs, which provides
     does the work and returns the exit code (0 clean, 1 problems found).
 
 Conventions shared by every command: ``--json`` prints one JSON document on stdout, ``--quiet``
-prints nothing but errors, and any error is one line on stderr with exit code 2 (a traceback only
-with ``--debug``).
+prints nothing but errors, and any error -- a bad invocation included -- is one line on stderr with
+exit code 2 (a traceback only with ``--debug``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NoReturn
+
+from .errors import StageError
+from .stage import Stage, normalize_stage
 
 #: Command name -> module implementing it, in the order ``--help`` lists them.
 COMMANDS: dict[str, str] = {
@@ -41,6 +46,50 @@ class UsageError(Exception):
     """A bad invocation: reported as one line on stderr with exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _stage(text: str) -> Stage:
+    try:
+        return normalize_stage(text)
+    except StageError:
+        raise argparse.ArgumentTypeError(
+            f"invalid stage {text!r}: use 1 (understanding) or 2 (understanding + generation)"
+        ) from None
+
+
+def add_stage_argument(parser: argparse.ArgumentParser, *, default: Stage | None = None) -> None:
+    """``--stage 1|2`` (also ``stage1``/``stage2``), parsed to ``"stage1"``/``"stage2"``."""
+    parser.add_argument(
+        "--stage",
+        type=_stage,
+        default=default,
+        required=default is None,
+        metavar="{1,2}",
+        help="1: understanding keys (UND); 2: UND + generation keys (GEN)"
+        + ("" if default is None else f" (default {default[-1]})"),
+    )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bagelverify")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (multi-line messages are joined)."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return text or type(error).__name__
+
+
 def _command_module(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(COMMANDS[name])
@@ -52,10 +101,14 @@ def _command_module(name: str) -> ModuleType | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser with every available command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bagelverify",
         description="Check, convert and load BAGEL-7B-MoT checkpoints.",
+        epilog="exit codes: 0 clean, 1 problems found, 2 usage or read error.\n"
+        "start with:\n  bagelverify demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"bagelverify {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
@@ -91,10 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bagelverify: interrupted", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # e.g. `bagelverify inspect X | head`: the reader left
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- keeps the exit flush quiet
+        return EXIT_OK
     except Exception as error:  # one line, unless --debug
         if args.debug:
             raise
-        print(f"bagelverify {args.command}: error: {error}", file=sys.stderr)
+        print(f"bagelverify {args.command}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -1,0 +1,222 @@
+"""``bagelverify convert``: rewrite a checkpoint for a stage, with HF or native keys, or as DCP.
+
+Safetensors -> safetensors streams one tensor at a time
+(:func:`bagelverify.checkpoint.convert_checkpoint`): peak memory is about the largest tensor.
+The output is written into a hidden staging folder next to ``DST`` and moved into place only when
+complete, so an interrupted run never leaves a partial checkpoint under ``DST``; an existing
+checkpoint in ``DST`` is replaced only with ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import INDEX_FILE, convert_checkpoint, inspect_checkpoint
+from ..cli import UsageError, add_stage_argument
+from ..config import CONFIG_FILES, BagelConfig
+from ..manifest import MODEL_FILE
+from .render import Printer, byte_progress, human_bytes, print_json
+
+HELP = "rewrite a checkpoint for a stage with HF or native keys, or to/from DCP (streaming)"
+EXAMPLE = "bagelverify convert /ckpt/BAGEL-7B-MoT /ckpt/bagel-stage1 --stage 1 --to native"
+
+DCP_METADATA = ".metadata"
+"""The file that marks a torch.distributed.checkpoint folder."""
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """Files in ``folder`` that belong to a checkpoint and that a conversion would replace."""
+    if not folder.is_dir():
+        return []
+    names = {MODEL_FILE, INDEX_FILE, DCP_METADATA, *CONFIG_FILES}
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if path.name in names
+        or path.suffix == ".distcp"
+        or (path.name.startswith("model-") and path.suffix == ".safetensors")
+    )
+
+
+def _publish(staging: Path, target: Path, replaced: list[Path]) -> None:
+    """Move a finished staging folder to ``target``.
+
+    A new ``target`` is the renamed staging folder. Into an existing folder, the old checkpoint
+    files are removed first, then each new file is renamed in, the index (or DCP metadata) last,
+    so the folder never pairs an index with missing shards.
+    """
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    for path in replaced:
+        path.unlink()
+    last = {INDEX_FILE, DCP_METADATA}
+    for path in sorted(staging.iterdir(), key=lambda p: p.name in last):
+        os.replace(path, target / path.name)
+    staging.rmdir()
+
+
+def _check_paths(args: argparse.Namespace) -> tuple[Path, Path, list[Path]]:
+    source, target = Path(args.src), Path(args.dst)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such checkpoint folder")
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{target} exists and is not a folder")
+    if target.exists() and target.resolve() == source.resolve():
+        raise UsageError(f"SRC and DST are the same folder ({source}); write to a new folder")
+    existing = checkpoint_files(target)
+    if existing and not args.force:
+        names = ", ".join(p.name for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
+        raise FileExistsError(
+            f"{target} already holds a checkpoint ({names}); pass --force to replace it"
+        )
+    return source, target, existing
+
+
+def _check_formats(args: argparse.Namespace) -> None:
+    if args.from_format == "dcp" and args.to != "hf":
+        raise UsageError("--from dcp writes an HF-layout folder; drop --to or use --to hf")
+    if args.to == "dcp" and args.max_shard_size is not None:
+        raise UsageError("--max-shard-size applies to safetensors output, not --to dcp")
+
+
+def _convert(
+    args: argparse.Namespace, source: Path, staging: Path, config: BagelConfig | None
+) -> tuple[int, int]:
+    """Write the converted checkpoint into ``staging``; return (tensors, tensor bytes)."""
+    strict = not args.no_strict
+    if args.from_format == "dcp" or args.to == "dcp":
+        from ..distributed import dcp_to_hf, hf_to_dcp
+
+        if args.to == "dcp":
+            count = hf_to_dcp(source, staging, stage=args.stage, strict=strict, config=config)
+        else:
+            count = dcp_to_hf(
+                source,
+                staging,
+                stage=args.stage,
+                strict=strict,
+                config=config,
+                max_shard_size=args.max_shard_size,
+            )
+        return count, -1
+    report = inspect_checkpoint(source, stage=args.stage, config=config)
+    total = sum(info.nbytes for info in report.retained.values())
+    done = [0, 0]
+    with byte_progress(total, f"{args.stage} -> {args.to}", quiet=args.quiet) as advance:
+
+        def on_tensor(_: str, nbytes: int) -> None:
+            done[0] += 1
+            done[1] += nbytes
+            advance(nbytes)
+
+        convert_checkpoint(
+            source,
+            staging,
+            stage=args.stage,
+            keys=args.to,
+            max_shard_size=args.max_shard_size,
+            strict=strict,
+            config=config,
+            convert_conv_patch_embedding=args.convert_conv_patch_embedding,
+            on_tensor=on_tensor,
+        )
+    return done[0], done[1]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``bagelverify convert``."""
+    parser.add_argument("src", metavar="SRC", help="checkpoint folder to read")
+    parser.add_argument("dst", metavar="DST", help="folder to write (created if needed)")
+    add_stage_argument(parser)
+    parser.add_argument(
+        "--to",
+        choices=("hf", "native", "dcp"),
+        default="hf",
+        help="hf: HF keys (the release layout, default); native: the same keys under 'model.'; "
+        "dcp: a torch.distributed.checkpoint folder with native keys (holds the kept tensors "
+        "in memory)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_format",
+        choices=("safetensors", "dcp"),
+        default="safetensors",
+        help="safetensors: a folder with ema.safetensors or a sharded index, HF or native keys "
+        "(default); dcp: a native-layout DCP folder (written with HF keys)",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="write model-0000i-of-0000n.safetensors shards of at most SIZE (e.g. 5GB, 500MiB) "
+        "plus model.safetensors.index.json, instead of one ema.safetensors",
+    )
+    parser.add_argument(
+        "--config", metavar="DIR", help="config folder to validate against (default: SRC's)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace a checkpoint in DST")
+    parser.add_argument(
+        "--no-strict",
+        action="store_true",
+        help="drop unknown keys and accept missing ones (with warnings) instead of failing",
+    )
+    parser.add_argument(
+        "--convert-conv-patch-embedding",
+        action="store_true",
+        help="store a Conv2d (out, C, P, P) patch-embedding weight as BAGEL's Linear layout",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert; print what was written."""
+    _check_formats(args)
+    source, target, replaced = _check_paths(args)
+    config = BagelConfig.from_pretrained(args.config) if args.config else None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; DST gets the usual folder mode
+    started = time.perf_counter()
+    try:
+        count, nbytes = _convert(args, source, staging, config)
+        written = sorted(p.name for p in staging.iterdir())
+        _publish(staging, target, replaced)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    files = [target / name for name in written]
+    document: dict[str, Any] = {
+        "command": "convert",
+        "source": str(source),
+        "destination": str(target),
+        "stage": args.stage,
+        "from": args.from_format,
+        "to": args.to,
+        "tensors": count,
+        "bytes": nbytes if nbytes >= 0 else None,
+        "replaced": [p.name for p in replaced],
+        "files": [{"path": str(p), "bytes": p.stat().st_size} for p in files if p.is_file()],
+        "seconds": round(seconds, 3),
+    }
+    if args.json:
+        print_json(document)
+        return 0
+    printer = Printer(quiet=args.quiet)
+    size = f" ({human_bytes(nbytes)})" if nbytes >= 0 else ""
+    printer.line(
+        f"wrote {count:,} tensors{size} for {args.stage} to {target} in {seconds:.1f}s "
+        f"({args.from_format} -> {args.to})",
+        style="green",
+    )
+    sizes = [f"{p.name} ({human_bytes(p.stat().st_size)})" for p in files if p.is_file()]
+    printer.line("  " + ", ".join(sizes))
+    if replaced:
+        printer.line(f"  replaced the previous checkpoint ({len(replaced)} files)")
+    return 0

@@ -1,0 +1,267 @@
+"""``bagelverify inspect``: validate a checkpoint from its headers alone and show the report.
+
+Reads only the safetensors header(s) and the config files: no tensor byte is read, so it takes
+the same few milliseconds on a 29 GB file as on a 4 MB one. Every check is the library's own
+(:func:`bagelverify.checkpoint.build_report` and :meth:`CheckpointReport.problems`); this module
+only renders the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..buckets import Bucket
+from ..checkpoint import CheckpointReport, build_report, find_config, open_checkpoint
+from ..cli import EXIT_OK, EXIT_PROBLEMS, add_stage_argument
+from ..config import BagelConfig
+from ..manifest import VAE_FILE
+from ..safetensors_io import read_header
+from ..stage import STAGE_BUCKETS
+from .render import Column, Printer, human_bytes, print_json
+
+HELP = "check a checkpoint folder from its headers alone (no tensor data is read)"
+EXAMPLE = "bagelverify inspect /ckpt/BAGEL-7B-MoT --stage 2"
+
+DEFAULT_LIMIT = 10
+"""Keys listed per finding in text output (``--limit``); JSON lists every key."""
+
+
+@dataclass(frozen=True)
+class FileSummary:
+    """One safetensors file of the checkpoint: path, tensor count and size on disk."""
+
+    path: str
+    tensors: int
+    bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"path": self.path, "tensors": self.tensors, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """A report plus what the folder holds around it (files, VAE file, config source)."""
+
+    report: CheckpointReport
+    files: list[FileSummary]
+    vae_file: FileSummary | None
+    config_source: str | None
+
+    @property
+    def problems(self) -> list[Exception]:
+        """What a strict load for the report's stage would raise."""
+        return self.report.problems(strict=True)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when a strict load of the stage would succeed, else 1."""
+        return EXIT_OK if not self.problems else EXIT_PROBLEMS
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``inspect --json`` document (without ``schema_version``; see the README)."""
+        problems = self.problems
+        return {
+            "command": "inspect",
+            "stage": self.report.stage,
+            "clean": not problems,
+            "exit_code": self.exit_code,
+            "problems": [{"error": type(p).__name__, "message": str(p)} for p in problems],
+            "config_source": self.config_source,
+            "files": [f.as_dict() for f in self.files],
+            "vae_file": None if self.vae_file is None else self.vae_file.as_dict(),
+            "report": self.report.as_dict(),
+        }
+
+
+def _summary(path: Path) -> FileSummary:
+    header = read_header(path)
+    return FileSummary(str(path), len(header.tensors), header.file_size)
+
+
+def inspect_path(
+    path: str | Path, *, stage: object = "stage2", config_dir: str | Path | None = None
+) -> Inspection:
+    """Inspect a checkpoint folder (single file or sharded) or one ``.safetensors`` file.
+
+    The config is read from ``config_dir`` if given, else from the checkpoint's folder when its
+    config files exist. Reads headers and config files only.
+    """
+    path = Path(path)
+    if path.is_file():
+        header = read_header(path)
+        tensors, source, folder = header.tensors, str(path), path.parent
+        files = [FileSummary(str(path), len(header.tensors), header.file_size)]
+    else:
+        found = open_checkpoint(path)
+        tensors, source, folder = found.tensors, found.source, found.directory
+        files = [_summary(file) for file in found.files]
+    if config_dir is not None:
+        config: BagelConfig | None = BagelConfig.from_pretrained(config_dir)
+        config_source: str | None = str(config_dir)
+    else:
+        config = find_config(folder)
+        config_source = None if config is None else str(folder)
+    report = build_report(tensors, stage=stage, config=config, source=source)
+    vae = folder / VAE_FILE
+    vae_file = _summary(vae) if vae.is_file() and vae != path else None
+    return Inspection(report, files, vae_file, config_source)
+
+
+def _keys(printer: Printer, title: str, items: list[str], limit: int) -> None:
+    """A finding: its title and count, then up to ``limit`` items (0 = all)."""
+    if not items:
+        return
+    printer.heading(f"{title} ({len(items)})")
+    shown = items if limit <= 0 else items[:limit]
+    for item in shown:
+        printer.line(f"  {item}")
+    if len(shown) < len(items):
+        printer.line(f"  ... and {len(items) - len(shown)} more (--limit 0 lists all)")
+
+
+def render(printer: Printer, inspection: Inspection, *, limit: int = DEFAULT_LIMIT) -> None:
+    """Print an inspection as the ``inspect`` command does."""
+    report = inspection.report
+    plan = report.plan
+    kept_buckets = STAGE_BUCKETS[report.stage]
+    printer.line(f"{report.source}  ({len(report.tensors)} tensors, checked for {report.stage})")
+    printer.line(
+        f"config: {inspection.config_source}"
+        if inspection.config_source
+        else "config: none found; shapes and completeness are not checked (use --config DIR)",
+        style=None if inspection.config_source else "yellow",
+    )
+    rows = []
+    for bucket, summary in report.buckets.items():
+        if summary.count == 0 and bucket in (Bucket.EXTRA, Bucket.UNKNOWN, Bucket.VAE):
+            continue
+        dtypes = ", ".join(f"{name} {count}" for name, count in sorted(summary.dtypes.items()))
+        rows.append(
+            [
+                str(bucket),
+                f"{summary.count:,}",
+                human_bytes(summary.nbytes),
+                dtypes or "-",
+                "kept" if bucket in kept_buckets else "dropped",
+            ]
+        )
+    printer.table(
+        "Tensors by bucket",
+        [
+            Column("bucket"),
+            Column("tensors", numeric=True),
+            Column("bytes", numeric=True),
+            Column("dtypes"),
+            Column(report.stage),
+        ],
+        rows,
+    )
+    total = sum(s.nbytes for s in report.buckets.values())
+    share = f" ({100 * report.stage1_bytes / total:.1f}% of the tensor bytes)" if total else ""
+    printer.heading("Sizes")
+    pairs = [
+        ("stage 1 reads", human_bytes(report.stage1_bytes) + share),
+        ("stage 2 reads", human_bytes(report.stage2_bytes)),
+    ]
+    pairs += [
+        (Path(f.path).name, f"{human_bytes(f.bytes)}, {f.tensors:,} tensors")
+        for f in inspection.files
+    ]
+    if inspection.vae_file is not None:
+        vae = inspection.vae_file
+        pairs.append(
+            (
+                Path(vae.path).name,
+                f"{human_bytes(vae.bytes)}, {vae.tensors:,} tensors (VAE, loaded separately)",
+            )
+        )
+    printer.fields(pairs)
+
+    vae_merged = plan.buckets[Bucket.VAE]
+    printer.heading(f"Checks ({report.stage})")
+    checked = report.config is not None
+    printer.fields(
+        [
+            ("unknown keys", str(len(plan.unknown))),
+            ("missing expected keys", str(len(report.missing_keys)) if checked else "not checked"),
+            ("GEN keys without UND twin", str(len(plan.twin_violations))),
+            ("shape mismatches", str(len(report.shape_mismatches)) if checked else "not checked"),
+            ("keys beyond the config", str(len(report.beyond_config)) if checked else "n/a"),
+            ("keys both rooted and unrooted", str(len(plan.collisions))),
+            ("VAE keys merged into the model file", str(len(vae_merged))),
+            ("Conv2d patch embedding", report.conv_patch_embedding or "no"),
+        ]
+    )
+    _keys(printer, "Unknown keys", plan.unknown, limit)
+    _keys(printer, "Missing expected keys, by family", report.missing_summary(), limit)
+    _keys(
+        printer,
+        "GEN keys whose UND twin is absent",
+        [f"{gen}  (needs {und})" for gen, und in plan.twin_violations],
+        limit,
+    )
+    _keys(
+        printer,
+        "Shape mismatches against the config",
+        [
+            f"{m.key}: expected {list(m.expected)}, found {list(m.found)}"
+            for m in report.shape_mismatches
+        ],
+        limit,
+    )
+    _keys(printer, "Keys a model with this config does not have", report.beyond_config, limit)
+    _keys(
+        printer, "Keys both rooted and unrooted", [f"{a} / {b}" for a, b in plan.collisions], limit
+    )
+    _keys(printer, "VAE keys merged into the model file (dropped on load)", vae_merged, limit)
+
+    problems = inspection.problems
+    printer.line()
+    if not problems:
+        kept = report.stage1_bytes if report.stage == "stage1" else report.stage2_bytes
+        printer.line(
+            f"clean for {report.stage}: a strict load reads {len(plan.native):,} tensors "
+            f"({human_bytes(kept)})",
+            style="bold green",
+        )
+    else:
+        kinds = ", ".join(type(p).__name__ for p in problems)
+        printer.line(
+            f"NOT clean for {report.stage}: a strict load raises {kinds}", style="bold red"
+        )
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``bagelverify inspect``."""
+    parser.add_argument(
+        "path",
+        metavar="PATH",
+        help="checkpoint folder (ema.safetensors or a sharded index), or one .safetensors file",
+    )
+    add_stage_argument(parser, default="stage2")
+    parser.add_argument(
+        "--config",
+        metavar="DIR",
+        help="folder with config.json, llm_config.json, vit_config.json (default: PATH's own)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_LIMIT,
+        metavar="N",
+        help=f"keys listed per finding ({DEFAULT_LIMIT}; 0 lists all; JSON always lists all)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Render the report; exit 0 when clean for the stage, 1 otherwise."""
+    inspection = inspect_path(args.path, stage=args.stage, config_dir=args.config)
+    if args.json:
+        print_json(inspection.as_dict())
+    else:
+        render(Printer(quiet=args.quiet), inspection, limit=args.limit)
+    return inspection.exit_code

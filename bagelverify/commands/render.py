@@ -1,0 +1,137 @@
+"""Output shared by the commands: rich on a terminal, plain text when piped, silent when quiet.
+
+Tables and styled lines go to stdout through :class:`Printer`; progress bars go to stderr and
+only when stderr is a terminal (:func:`byte_progress`), so piped stdout and ``--json`` output
+never contain control codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+SCHEMA_VERSION = 1
+"""Version of every ``--json`` document (``"schema_version"``); bumped on incompatible change."""
+
+
+def is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is an interactive terminal that may receive control codes."""
+    return stream.isatty() and os.environ.get("TERM") != "dumb"
+
+
+def human_bytes(count: int) -> str:
+    """``16_106_127_360`` -> ``"16.1 GB"`` (decimal units, as file managers and the design use)."""
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(value) < 1000 or unit == "GB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def print_json(document: dict[str, Any], stream: TextIO | None = None) -> None:
+    """One JSON document with the ``schema_version`` field first."""
+    out = {"schema_version": SCHEMA_VERSION, **document}
+    print(json.dumps(out, indent=2, ensure_ascii=False), file=stream or sys.stdout)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its header and whether its cells are right-aligned (numbers)."""
+
+    header: str
+    numeric: bool = False
+
+
+class Printer:
+    """Writes a command's human-readable output: rich when stdout is a terminal, else plain."""
+
+    def __init__(self, *, quiet: bool = False, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.quiet = quiet
+        self.rich = is_terminal(self.stream)
+        self._console: Any = None
+        if self.rich and not quiet:
+            from rich.console import Console
+
+            self._console = Console(file=self.stream, highlight=False)
+
+    def line(self, text: str = "", style: str | None = None) -> None:
+        """One line of text (``style`` is a rich style, ignored in plain mode)."""
+        if self.quiet:
+            return
+        if self._console is not None:
+            from rich.text import Text
+
+            self._console.print(Text(text, style=style or ""))
+        else:
+            print(text, file=self.stream)
+
+    def heading(self, text: str) -> None:
+        """A section heading preceded by a blank line."""
+        self.line()
+        self.line(text, style="bold")
+
+    def fields(self, pairs: Sequence[tuple[str, str]], indent: int = 2) -> None:
+        """``name  value`` lines with the names padded to one width."""
+        width = max((len(name) for name, _ in pairs), default=0)
+        for name, value in pairs:
+            self.line(" " * indent + f"{name:<{width}}  {value}")
+
+    def table(self, title: str, columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> None:
+        """A table: rich box drawing on a terminal, space-aligned columns otherwise."""
+        if self.quiet:
+            return
+        if self._console is not None:
+            from rich.table import Table
+
+            table = Table(title=title, title_justify="left", title_style="bold")
+            for column in columns:
+                table.add_column(column.header, justify="right" if column.numeric else "left")
+            for row in rows:
+                table.add_row(*row)
+            self.line()
+            self._console.print(table)
+            return
+        self.heading(title)
+        cells = [[c.header for c in columns], *[list(row) for row in rows]]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+        for row in cells:
+            parts = [
+                cell.rjust(width) if column.numeric else cell.ljust(width)
+                for cell, width, column in zip(row, widths, columns, strict=True)
+            ]
+            self.line(("  " + "  ".join(parts)).rstrip())
+
+
+@contextlib.contextmanager
+def byte_progress(total: int, description: str, *, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(nbytes)``; draws a bytes progress bar on stderr when it is a terminal."""
+    if quiet or not is_terminal(sys.stderr):
+        yield lambda _: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    ) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda nbytes: progress.advance(task, nbytes)
