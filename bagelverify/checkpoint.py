@@ -13,6 +13,7 @@ that does not describe ``ema.safetensors``, so the index is only used without it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from .adapter import BagelStateDictAdapter, Plan, plan, strip_root, to_native_key
-from .atomic import atomic_open
+from .atomic import atomic_open, remove_durably
 from .buckets import Bucket
 from .config import CONFIG_FILES, BagelConfig
 from .errors import (
@@ -48,6 +49,7 @@ from .safetensors_io import (
     read_header,
     read_into,
     spec_of,
+    stream_safetensors,
     write_safetensors,
 )
 from .stage import STAGE_BUCKETS, Stage
@@ -825,11 +827,19 @@ def write_bagel_checkpoint(
             )
         shards = _shards(kept, parse_size(max_shard_size))
         weight_map: dict[str, str] = {}
-        for number, shard in enumerate(shards, start=1):
-            name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(directory / name, shard, fetch_by_name)
-            weight_map.update((spec.name, name) for spec in shard)
-            written.append(directory / name)
+        # Every shard is complete and fsync'ed under a temporary name before the old index is
+        # removed and the shards renamed: a crash leaves the previous checkpoint, or no index
+        # (a loud FileNotFoundError), never an index over a mix of old and new shards.
+        with contextlib.ExitStack() as renames:
+            for number, shard in enumerate(shards, start=1):
+                name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+                handle = renames.enter_context(atomic_open(directory / name))
+                stream_safetensors(handle, shard, fetch_by_name)
+                handle.flush()
+                os.fsync(handle.fileno())
+                weight_map.update((spec.name, name) for spec in shard)
+                written.append(directory / name)
+            remove_durably(directory / INDEX_FILE)
         index = {
             "metadata": {"total_size": sum(spec.nbytes for spec in kept)},
             "weight_map": {spec.name: weight_map[spec.name] for spec in kept},

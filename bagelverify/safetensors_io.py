@@ -436,13 +436,23 @@ def write_safetensors(
     ``fetch(name)`` must return the tensor described by each spec; it is called in file order
     and the result is released after writing, so a producer can generate tensors on the fly.
     """
+    with atomic_open(path) as handle:
+        stream_safetensors(handle, specs, fetch, metadata=metadata)
+
+
+def stream_safetensors(
+    handle: BinaryIO,
+    specs: Sequence[TensorSpec],
+    fetch: Callable[[str], torch.Tensor],
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a whole safetensors file to an open ``handle`` (as :func:`write_safetensors`)."""
     require_little_endian()
     ordered = layout_order(specs)
-    header = encode_header(ordered, DEFAULT_METADATA if metadata is None else metadata)
-    with atomic_open(path) as handle:
-        handle.write(header)
-        for spec in ordered:
-            _write_tensor(handle, spec, fetch(spec.name))
+    handle.write(encode_header(ordered, DEFAULT_METADATA if metadata is None else metadata))
+    for spec in ordered:
+        _write_tensor(handle, spec, fetch(spec.name))
 
 
 def save_tensors(
