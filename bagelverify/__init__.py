@@ -34,6 +34,7 @@ from .partition import classify, partition
 from .patch_embedding import conv_patch_weight_to_linear, linear_patch_weight_to_conv
 from .stage import normalize_stage
 from .synthetic import make_synthetic_checkpoint
+from .verify import check_patterns
 
 if TYPE_CHECKING:
     from .distributed import (
@@ -95,6 +96,7 @@ __all__ = [
     "StageError",
     "UnknownKeysError",
     "classify",
+    "check_patterns",
     "compile_matcher",
     "conv_patch_weight_to_linear",
     "dcp_to_hf",

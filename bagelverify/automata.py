@@ -38,10 +38,10 @@ import re
 import sys
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .errors import BagelError
 
@@ -58,6 +58,9 @@ SEMANTICS = ("fullmatch", "match", "search")
 """The ``re`` functions whose languages the engine models."""
 MAX_REPEAT_EXPANSION = 1000
 """Bounded repeats ``{m,n}`` are expanded; bounds above this are refused (size, not meaning)."""
+
+NodeT = TypeVar("NodeT", bound=Hashable)
+EdgeT = TypeVar("EdgeT")
 
 Intervals = tuple[tuple[int, int], ...]
 """A set of code points as sorted, disjoint, non-adjacent inclusive ``(lo, hi)`` intervals."""
@@ -419,7 +422,10 @@ class Alphabet:
             for intervals in charsets
         ]
         self._ascii = [self.piece_atom[bisect_right(self.starts, o) - 1] for o in range(128)]
-        self.representatives = self._pick_representatives()
+        self.representatives: list[str] = [c or "" for c in self._pick("")]
+        """One member of each atom (readable when possible), for witnesses."""
+        self.non_digit_representatives = self._pick(ASCII_DIGITS)
+        """One member of each atom that is not an ASCII digit; ``None`` if the atom is digits."""
 
     def atom_of(self, char: str) -> int:
         """The atom of one character."""
@@ -437,15 +443,23 @@ class Alphabet:
             if owner == atom
         ]
 
-    def _pick_representatives(self) -> list[str]:
-        """A readable member of each atom: for witnesses, a letter, digit or '.' when possible."""
+    def _pick(self, avoid: str) -> list[str | None]:
+        """A readable member of each atom outside ``avoid`` (``None`` if the atom has none):
+        for witnesses, a letter, digit or '.' when possible."""
         preferred = "abcdefghijklmnopqrstuvwxyz0123456789._ABCDEFGHIJKLMNOPQRSTUVWXYZ-/:"
         chosen: dict[int, str] = {}
         for char in preferred:
-            chosen.setdefault(self.atom_of(char), char)
-        for piece, start in enumerate(self.starts):
-            chosen.setdefault(self.piece_atom[piece], chr(start))
-        return [chosen[atom] for atom in range(self.size)]
+            if char not in avoid:
+                chosen.setdefault(self.atom_of(char), char)
+        ends = [*self.starts[1:], MAX_CHAR + 1]
+        for start, end, atom in zip(self.starts, ends, self.piece_atom, strict=True):
+            if atom not in chosen:
+                # at most len(avoid) members of a piece are avoided
+                for code in range(start, min(end, start + len(avoid) + 1)):
+                    if chr(code) not in avoid:
+                        chosen[atom] = chr(code)
+                        break
+        return [chosen.get(atom) for atom in range(self.size)]
 
 
 # -- DFA ---------------------------------------------------------------------------------------
@@ -575,31 +589,50 @@ class DFA:
         self, accept: Callable[[Hashable | None], bool], start: int | None = None
     ) -> str | None:
         """A shortest string leading from ``start`` to a state whose label satisfies ``accept``."""
-        origin = self.start if start is None else start
-        parent: dict[int, tuple[int, str] | None] = {origin: None}
-        queue = deque([origin])
-        while queue:
-            state = queue.popleft()
+        search = BreadthFirst(self.start if start is None else start, self.successors)
+        for state in search:
             if accept(self.labels[state]):
-                return _path(parent, state)
-            for atom, target in enumerate(self.delta[state]):
-                if target not in parent:
-                    parent[target] = (state, self.alphabet.representatives[atom])
-                    queue.append(target)
+                return "".join(search.path(state))
         return None
+
+    def successors(self, state: int) -> list[tuple[str, int]]:
+        """``(representative char, target)`` for each atom (targets may repeat)."""
+        return list(zip(self.alphabet.representatives, self.delta[state], strict=True))
 
     def __repr__(self) -> str:
         return f"<DFA {self.num_states} states, {self.alphabet.size} atoms>"
 
 
-def _path(parent: dict[Any, tuple[Any, str] | None], node: Any) -> str:
-    chars: list[str] = []
-    link = parent[node]
-    while link is not None:
-        node, char = link
-        chars.append(char)
-        link = parent[node]
-    return "".join(reversed(chars))
+class BreadthFirst(Generic[NodeT, EdgeT]):
+    """Breadth-first search from ``start``: iterating yields nodes in order of distance, each
+    once; :meth:`path` gives the edge labels of a shortest path to a yielded node."""
+
+    def __init__(
+        self, start: NodeT, successors: Callable[[NodeT], Iterable[tuple[EdgeT, NodeT]]]
+    ) -> None:
+        self.start = start
+        self.successors = successors
+        self.parent: dict[NodeT, tuple[NodeT, EdgeT] | None] = {start: None}
+
+    def __iter__(self) -> Iterator[NodeT]:
+        queue = deque([self.start])
+        while queue:
+            node = queue.popleft()
+            yield node
+            for edge, target in self.successors(node):
+                if target not in self.parent:
+                    self.parent[target] = (node, edge)
+                    queue.append(target)
+
+    def path(self, node: NodeT) -> list[EdgeT]:
+        """Edge labels from ``start`` to ``node`` (a node already yielded)."""
+        edges: list[EdgeT] = []
+        link = self.parent[node]
+        while link is not None:
+            node, edge = link
+            edges.append(edge)
+            link = self.parent[node]
+        return edges[::-1]
 
 
 def _closure(nfa: _NFA, configs: Iterable[int], at_start: bool) -> frozenset[int]:
@@ -744,6 +777,14 @@ def _minimise(
     return new_delta, new_labels, 0
 
 
+def template_step(dfa: DFA, state: int, char: str, placeholder: str) -> int | None:
+    """One step of the template walk: ``step`` on a literal; on ``placeholder``, ``None``
+    (unsafe) unless all ten ASCII digits agree at ``state``, then ``step(state, "0")``."""
+    if char != placeholder:
+        return dfa.step(state, char)
+    return dfa.step(state, "0") if dfa.digits_agree(state) else None
+
+
 def template_verdict(dfa: DFA, template: str, placeholder: str) -> tuple[bool, Hashable | None]:
     """``(safe, label)`` of a digit template (see the module docstring for the rule).
 
@@ -753,12 +794,10 @@ def template_verdict(dfa: DFA, template: str, placeholder: str) -> tuple[bool, H
     """
     state = dfa.start
     for char in template:
-        if char == placeholder:
-            if not dfa.digits_agree(state):
-                return False, None
-            state = dfa.step(state, "0")
-        else:
-            state = dfa.step(state, char)
-        if dfa.is_dead(state):
+        after = template_step(dfa, state, char, placeholder)
+        if after is None:
+            return False, None
+        if dfa.is_dead(after):  # the dead state absorbs every continuation: verdict None
             return True, None
+        state = after
     return True, dfa.label(state)
