@@ -4,10 +4,10 @@
 in place from an HF-layout BAGEL folder. Validation is the single-process loader's own code
 (:mod:`bagelverify.checkpoint`), run from the safetensors headers on every rank; the ranks then
 agree on the verdict in one small collective, so a bad checkpoint raises the same error on every
-rank and none is left waiting in DCP. The bytes are read by DCP's
-:class:`~torch.distributed.checkpoint.HuggingFaceStorageReader`: DCP plans, per rank, the pieces
-of each stored tensor that overlap the rank's local shards, and the reader copies exactly those
-slices out of the memory-mapped file, so a rank touches only the pages of its own shards.
+rank and none is left waiting in DCP. DCP then plans, per rank, the pieces of each stored tensor
+that overlap the rank's local shards, and :class:`BagelHFStorageReader` (DCP's
+:class:`~torch.distributed.checkpoint.HuggingFaceStorageReader`, fed the validated headers) reads
+each piece's byte range into the shard, so a rank reads the bytes of its own shards only.
 
 :func:`hf_to_dcp` and :func:`dcp_to_hf` convert between an HF-layout folder and a DCP checkpoint
 in native (``model.``-rooted) layout, the form sharded training saves and resumes from.
@@ -279,7 +279,9 @@ def _fingerprint(destinations: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for key in sorted(destinations):
         value = destinations[key]
-        digest.update(f"{key}\0{tuple(value.shape)}\0{value.dtype}\n".encode())
+        shape = tuple(getattr(value, "shape", ()))
+        kind = getattr(value, "dtype", type(value).__name__)
+        digest.update(f"{key}\0{shape}\0{kind}\n".encode())
     return digest.hexdigest()
 
 
@@ -342,7 +344,7 @@ def load_bagel_checkpoint_distributed(
             jobs, destinations, checkpoint_dir, strict=strict, cast=cast
         )
         missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
-    except (BagelError, OSError, ValueError, TypeError) as caught:
+    except Exception as caught:  # any failure must reach the other ranks, not strand them
         error = caught
     _agree(error, _fingerprint(destinations), process_group)
 
@@ -363,17 +365,18 @@ def load_bagel_checkpoint_distributed(
         no_dist=not coordinated,
     )
     _fill_converted(converted, destinations)
+    bytes_read = reader.bytes_read + sum(info.nbytes for info, _ in converted.values())
     total = sum(info.nbytes for info, _ in common.values())
     logger.info(
         "rank %d: loaded %d tensors from %s, reading %d of their %d bytes (%.1f%%)",
         rank,
         len(common),
         checkpoint_dir,
-        reader.bytes_read,
+        bytes_read,
         total,
-        100.0 * reader.bytes_read / total if total else 0.0,
+        100.0 * bytes_read / total if total else 0.0,
     )
-    return DistributedLoadResult(missing, unexpected, reader.bytes_read, total)
+    return DistributedLoadResult(missing, unexpected, bytes_read, total)
 
 
 # -- DCP <-> HF conversion -------------------------------------------------------------------
