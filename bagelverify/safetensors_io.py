@@ -29,7 +29,7 @@ import torch
 
 from .atomic import atomic_open
 from .errors import CorruptCheckpointError, UnsupportedPlatformError, UnsupportedTensorError
-from .strict_json import is_unicode, parse_json, short_repr
+from .strict_json import is_unicode, json_type, parse_json, short_repr
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     where = f"tensor {short_repr(name)}"
     if not isinstance(entry, dict) or set(entry) != set(_ENTRY_FIELDS):
         if not isinstance(entry, dict):
-            found = f"found {type(entry).__name__} {short_repr(entry)}"
+            found = f"found {json_type(entry)} {short_repr(entry)}"
         else:
             missing = [f for f in _ENTRY_FIELDS if f not in entry]
             extra = [f for f in entry if f not in _ENTRY_FIELDS]
@@ -239,11 +239,11 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         if 8 + length > size:
             raise _corrupt(path, f"header length {length} runs past the file end ({size} bytes)")
         raw = handle.read(length)
-    document = parse_json(raw, lambda what: _corrupt(path, f"the header is {what}"))
+    document = parse_json(raw, lambda what: _corrupt(path, f"unusable header JSON: {what}"))
     if not isinstance(document, dict):
         raise _corrupt(
             path,
-            f"the header is {type(document).__name__} {short_repr(document)}, not a JSON object",
+            f"the header is {json_type(document)} {short_repr(document)}, not a JSON object",
         )
     data_start = 8 + length
     metadata = document.pop(METADATA_KEY, {})
@@ -256,7 +256,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             raise _corrupt(
                 path,
                 f"{METADATA_KEY} must map strings to strings, but {short_repr(key)} is "
-                f"{type(value).__name__} {short_repr(value)}",
+                f"{json_type(value)} {short_repr(value)}",
             )
     tensors = {
         name: _parse_entry(path, name, entry, data_start) for name, entry in document.items()

@@ -45,6 +45,16 @@ def short_repr(value: object, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type: ``object``, ``array``, ``string``, ``null``, ..."""
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "boolean"), (dict, "object"), (list, "array"), (str, "string")):
+        if isinstance(value, kind):
+            return name
+    return "number"
+
+
 def describe_location(path: tuple[str, ...]) -> str:
     """``('a', 'dtype')`` -> ``"'a' > 'dtype'"``; ``()`` -> ``"the top level"``."""
     return " > ".join(short_repr(part) for part in path) if path else "the top level"
