@@ -484,6 +484,7 @@ class DFA:
         digit_atoms = sorted({alphabet.atom_of(d) for d in ASCII_DIGITS})
         self._digit_atoms = digit_atoms
         self._agree = [len({row[a] for a in digit_atoms}) == 1 for row in delta]
+        self._distinct_labels = list(dict.fromkeys(labels))
         self._dead = [labels[s] is None and all(t == s for t in row) for s, row in enumerate(delta)]
 
     # -- construction
@@ -589,6 +590,8 @@ class DFA:
         self, accept: Callable[[Hashable | None], bool], start: int | None = None
     ) -> str | None:
         """A shortest string leading from ``start`` to a state whose label satisfies ``accept``."""
+        if not any(accept(label) for label in self._distinct_labels):
+            return None  # no state at all qualifies: skip the search
         search = BreadthFirst(self.start if start is None else start, self.successors)
         for state in search:
             if accept(self.labels[state]):

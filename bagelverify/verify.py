@@ -518,27 +518,30 @@ class _Checker:
     ) -> Iterable[tuple[tuple[str, str], tuple[int, int]]]:
         """Two keys with one template: same non-digit chars, any ASCII digits each."""
         p, q = node
+        p_row, q_row = m.delta[p], m.delta[q]
         for atom, char in enumerate(m.alphabet.non_digit_representatives):
             if char is not None:
-                yield (char, char), (m.delta[p][atom], m.delta[q][atom])
-        for d1 in ASCII_DIGITS:
-            for d2 in ASCII_DIGITS:
-                yield (d1, d2), (m.step(p, d1), m.step(q, d2))
+                yield (char, char), (p_row[atom], q_row[atom])
+        # one digit per distinct successor on each side covers every pair of successors
+        p_digits = {m.step(p, d): d for d in reversed(ASCII_DIGITS)}
+        q_digits = {m.step(q, d): d for d in reversed(ASCII_DIGITS)}
+        for p_next, d1 in p_digits.items():
+            for q_next, d2 in q_digits.items():
+                yield (d1, d2), (p_next, q_next)
 
     def _sensitive_pairs(self) -> dict[int, tuple[str, str]]:
-        """For each digit-sensitive pattern: a shortest pair (in, out) of keys with one template."""
+        """For each digit-sensitive pattern: a shortest pair (in, out) of keys with one template,
+        searched on the pattern's own minimal DFA (small, so the pair space stays small)."""
         found: dict[int, tuple[str, str]] = {}
-        search = BreadthFirst(
-            (self.dfa.start, self.dfa.start), lambda n: self._pair_successors(self.dfa, n)
-        )
-        for p, q in search:
-            inside = {t for t in self.tags_of(p) - self.tags_of(q) if t < self.n and t not in found}
-            if inside:
-                edges = search.path((p, q))
-                pair = ("".join(a for a, _ in edges), "".join(b for _, b in edges))
-                for tag in inside:
-                    found[tag] = pair
-        return dict(sorted(found.items()))
+        for tag, (_, pattern) in enumerate(self.entries):
+            own = DFA.membership([pattern])
+            search = BreadthFirst((own.start, own.start), partial(self._pair_successors, own))
+            for p, q in search:
+                if own.label(p) is not None and own.label(q) is None:
+                    edges = search.path((p, q))
+                    found[tag] = ("".join(a for a, _ in edges), "".join(b for _, b in edges))
+                    break
+        return found
 
     def _verdict_pairs(self, m: DFA) -> list[tuple[str, str]]:
         """A shortest key pair with one template for each pair of different verdicts."""
