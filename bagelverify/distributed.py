@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import mmap
 import os
 import pickle
 import shutil
@@ -382,6 +383,35 @@ def load_bagel_checkpoint_distributed(
 # -- DCP <-> HF conversion -------------------------------------------------------------------
 
 
+def _mapped_state_dict(jobs: Mapping[str, tuple[TensorInfo, bool]]) -> dict[str, torch.Tensor]:
+    """Native key -> tensor viewing its bytes in a copy-on-write map of the file (no read yet).
+
+    Each view owns a storage of exactly its bytes, so DCP's writer does not copy it; pages are
+    read as the writer reaches them and stay clean, evictable page cache, not process memory.
+    A tensor whose offset is not a multiple of its element size, or a Conv2d patch weight to
+    convert, is read into memory instead.
+    """
+    maps: dict[Path, mmap.mmap] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, (info, convert) in jobs.items():
+        itemsize = info.torch_dtype.itemsize
+        if convert or info.nbytes == 0 or info.start % itemsize:
+            out[key] = torch.empty(_target_shape(info, convert), dtype=info.torch_dtype)
+            _fill({key: (info, convert)}, out)
+            continue
+        if info.path not in maps:
+            with open(info.path, "rb") as handle:
+                maps[info.path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(
+            maps[info.path],
+            dtype=info.torch_dtype,
+            count=info.nbytes // itemsize,
+            offset=info.start,
+        )
+        out[key] = flat.view(info.shape)
+    return out
+
+
 def hf_to_dcp(
     src_dir: str | os.PathLike[str],
     dst_dir: str | os.PathLike[str],
@@ -389,20 +419,21 @@ def hf_to_dcp(
     stage: object = "stage2",
     strict: bool = True,
     config: Any = None,
+    convert_conv_patch_embedding: bool = False,
 ) -> int:
     """Convert an HF-layout BAGEL folder to a DCP checkpoint in native layout; return the count
     of tensors written.
 
-    The source is validated and loaded like :func:`bagelverify.load_bagel_checkpoint_state_dict`
-    (``stage`` chooses what is kept; the default keeps UND and GEN); the tensors are written
-    unchanged (same dtype, same bytes) with :class:`~torch.distributed.checkpoint.FileSystemWriter`
-    from this process alone, so it needs memory for the kept tensors. The config files (``config``
-    if given, else the source folder's) are written next to DCP's files so that
-    :func:`dcp_to_hf` validates shapes on the way back.
+    The source is validated exactly as :func:`bagelverify.load_bagel_checkpoint_state_dict`
+    validates it (``stage`` chooses what is kept; the default keeps UND and GEN), before anything
+    is written. The kept tensors are then written unchanged (same dtype, same bytes) by
+    :class:`~torch.distributed.checkpoint.FileSystemWriter` from this process alone, streamed
+    from a memory map of the source: the process holds no copy of the checkpoint. The config
+    files (``config`` if given, else the source folder's) are written next to DCP's files so
+    that :func:`dcp_to_hf` validates shapes on the way back.
     """
-    from .checkpoint import load_bagel_checkpoint_state_dict
-
-    state = load_bagel_checkpoint_state_dict(src_dir, stage=stage, strict=strict, config=config)
+    _, jobs = _open_report(src_dir, stage, strict, config, convert_conv_patch_embedding)
+    state = _mapped_state_dict(jobs)
     target = Path(dst_dir)
     target.mkdir(parents=True, exist_ok=True)
     _quietly(dcp_save, state, storage_writer=FileSystemWriter(str(target)), no_dist=True)

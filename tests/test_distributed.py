@@ -324,3 +324,17 @@ def test_byte_span_is_the_slice_bytes_exactly_when_they_are_contiguous(
     assert (span is not None) == run
     if span is not None:
         assert span == (1000 + 8 * int(picked[0]), 8 * picked.numel())
+
+
+def test_hf_to_dcp_converts_a_conv_patch_weight_when_asked(
+    folders: dict[str, str], tmp_path: Path
+) -> None:
+    """The Conv2d patch weight is refused by default, and converted to the Linear layout with
+    the flag: the DCP checkpoint then equals the one made from the Linear original."""
+    with pytest.raises(bv.ShapeMismatchError, match="convert_conv_patch_embedding"):
+        hf_to_dcp(folders["conv"], tmp_path / "refused")
+    hf_to_dcp(folders["conv"], tmp_path / "dcp", convert_conv_patch_embedding=True)
+    dcp_to_hf(tmp_path / "dcp", tmp_path / "hf")
+    assert raw(tmp_path / "hf" / "ema.safetensors") == raw(
+        Path(folders["checkpoint"]) / "ema.safetensors"
+    )
