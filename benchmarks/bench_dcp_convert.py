@@ -1,0 +1,121 @@
+"""Memory and time of HF -> DCP conversion: ``hf_to_dcp`` against loading first, then saving.
+
+Builds a synthetic BAGEL-shaped checkpoint (scale 4 by default: ~1.8 GB model file), then runs
+each flow in a fresh subprocess and prints one side-by-side table:
+
+- ``load+save``: :func:`bagelverify.load_bagel_checkpoint_state_dict`, then
+  ``torch.distributed.checkpoint.save`` of the loaded tensors;
+- ``hf_to_dcp``: :func:`bagelverify.hf_to_dcp` (same validation, tensors streamed from a
+  copy-on-write map of the source).
+
+Memory is the peak of ``RssAnon`` (``/proc/self/status``: process memory that is not page
+cache) above its value before the conversion, sampled every 5 ms by a thread; ``VmHWM`` growth
+(which also counts mapped page-cache pages, reclaimable) is shown next to it. Linux only.
+
+Run: ``python benchmarks/bench_dcp_convert.py`` (``--scale``, ``--stage``, ``--dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def measure(flow: str, source: str, target: str, stage: str) -> dict[str, float]:
+    """Run one flow in this process; return peak RssAnon / VmHWM growth and seconds."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    import bagelverify as bv
+
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    anon0, hwm0 = _status("RssAnon"), _status("VmHWM")
+    peak = [anon0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _status("RssAnon"))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    if flow == "load+save":
+        state = bv.load_bagel_checkpoint_state_dict(source, stage=stage)
+        dcp.save(state, checkpoint_id=target, no_dist=True)
+        del state
+    else:
+        bv.hf_to_dcp(source, target, stage=stage)
+    seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    return {
+        "anon": max(peak[0], _status("RssAnon")) - anon0,
+        "hwm": _status("VmHWM") - hwm0,
+        "seconds": seconds,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=4.0, help="width divisor (1 = 29 GB)")
+    parser.add_argument("--stage", default="stage2")
+    parser.add_argument("--dir", help="reuse or create the synthetic checkpoint here")
+    parser.add_argument("--flow", help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.flow:
+        print(json.dumps(measure(args.flow, args.dir, args.target, args.stage)))
+        return 0
+
+    from bagelverify import inspect_checkpoint, make_synthetic_checkpoint
+
+    work = Path(tempfile.mkdtemp(prefix="bagelverify-dcp-bench-"))
+    source = Path(args.dir) if args.dir else work / "checkpoint"
+    try:
+        if not (source / "ema.safetensors").is_file():
+            make_synthetic_checkpoint(source, scale=args.scale, seed=0, with_vae=False)
+        report = inspect_checkpoint(source, stage=args.stage)
+        kept = sum(info.nbytes for info in report.retained.values())
+        rows = {}
+        for flow in ("load+save", "hf_to_dcp"):
+            target = work / flow.replace("+", "_")
+            command = [sys.executable, __file__, "--flow", flow, "--dir", str(source)]
+            command += ["--target", str(target), "--stage", args.stage]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                sys.stderr.write(done.stdout + done.stderr)
+                return done.returncode
+            rows[flow] = json.loads(done.stdout.strip().splitlines()[-1])
+            shutil.rmtree(target)
+        print(f"{args.stage}: kept tensors {kept / 1e6:.1f} MB")
+        print(f"{'flow':>10} {'peak RssAnon MB':>16} {'x kept':>7} {'VmHWM MB':>9} {'seconds':>8}")
+        for flow, row in rows.items():
+            print(
+                f"{flow:>10} {row['anon'] / 1e6:>16.1f} {row['anon'] / kept:>7.2f} "
+                f"{row['hwm'] / 1e6:>9.1f} {row['seconds']:>8.2f}"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
