@@ -145,7 +145,13 @@ Candidates = tuple[tuple[Any, Bucket], ...]
 
 class _Refinement(NamedTuple):
     """For an unsafe template: the placeholder positions that stay literal, and a getter that
-    reads the key's characters at those positions (the second half of the refined memo key)."""
+    reads the key's characters at those positions.
+
+    A refined memo entry is keyed ``(getter, characters)``. The getter object stands for this
+    template *and* this mask: the mask depends on the key it was first computed from, so after
+    an eviction the same template may get another mask, and entries made under the old one must
+    never answer for the new one (the entry's key keeps the old getter alive, so no new getter can
+    reuse its identity)."""
 
     literal: Callable[[str], object]
     mask: tuple[int, ...]
@@ -187,7 +193,7 @@ class Matcher:
         self._memo_size = memo_size if self._dfa is not None else 0
         self._memo: dict[bytes, Bucket] = {}
         self._masks: dict[bytes, _Refinement] = {}
-        self._refined: dict[tuple[bytes, object], Bucket] = {}
+        self._refined: dict[tuple[Callable[[str], object], object], Bucket] = {}
         self._write_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -203,7 +209,8 @@ class Matcher:
                 return hit
             refinement = self._masks.get(template)
             if refinement is not None:
-                hit = self._refined.get((template, refinement[0](key)))
+                literal = refinement[0]
+                hit = self._refined.get((literal, literal(key)))
                 if hit is not None:
                     return hit
             return self._classify_miss(key, template, refinement)
@@ -255,7 +262,7 @@ class Matcher:
         for index in refinement.mask:
             refined[index] = ord(key[index])
         if self._proven(bytes(refined), bucket):
-            self._store(self._refined, (template, refinement.literal(key)), bucket)
+            self._store(self._refined, (refinement.literal, refinement.literal(key)), bucket)
         return bucket
 
     def _safe(self, template: bytes | bytearray) -> tuple[bool, Any]:

@@ -194,14 +194,18 @@ def keys_hitting(draw: st.DrawFn, patterns: dict[Bucket, list[str]]) -> list[str
 
 
 @settings(deadline=None)
-@given(pattern_sets.flatmap(lambda ps: st.tuples(st.just(ps), keys_hitting(ps))))
+@given(
+    pattern_sets.flatmap(lambda ps: st.tuples(st.just(ps), keys_hitting(ps))),
+    st.sampled_from([1, 2, 3, 4, 5, 8192]),
+)
 def test_compiled_equals_naive_on_generated_pattern_sets(
-    case: tuple[dict[Bucket, list[str]], list[str]],
+    case: tuple[dict[Bucket, list[str]], list[str]], memo_size: int
 ) -> None:
+    """Also with tiny memos, so that entries are evicted and proven again in every order."""
     patterns, keys = case
     naive = NaiveMatcher(patterns)
-    compiled = Matcher(patterns)
-    for key in keys + keys:  # the second round meets a warm memo
+    compiled = Matcher(patterns, memo_size=memo_size)
+    for key in keys + keys[::-1] + keys:  # later rounds meet a warm (or churned) memo
         assert compiled.classify(key) is naive.classify(key), (key, patterns)
 
 
@@ -259,6 +263,16 @@ def test_memo_stays_bounded_under_a_stream_of_distinct_templates() -> None:
         assert matcher.classify(key) is NAIVE.classify(key)
         stats = matcher.memo_stats()
         assert max(stats.safe, stats.unsafe, stats.refined) <= stats.limit == 16
+
+
+def test_refined_entries_never_answer_under_a_mask_recomputed_after_eviction() -> None:
+    """The literal positions of an unsafe template depend on the key they were computed from
+    ("1x2": positions 0, 2; "21x": positions 0, 1). After the masks are evicted and "###" gets
+    the other mask, the entry "1#2" -> und must not answer "123" (digits 1, 2 at 0, 1)."""
+    patterns = {Bucket.UND: [r"\A1[0-9][12][0-9]*\Z", r"\A2[12][0-9][0-9]*\Z"]}
+    matcher, naive = Matcher(patterns, memo_size=4), NaiveMatcher(patterns)
+    sequence = ["1122", "11222", "111222", "1132", "1142", "112", "1111222", "215", "123"]
+    assert [matcher.classify(k) for k in sequence] == [naive.classify(k) for k in sequence]
 
 
 def test_concurrent_readers_get_identical_answers() -> None:
