@@ -23,6 +23,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from types import ModuleType
 from typing import NoReturn
@@ -84,6 +85,13 @@ def _version() -> str:
         return "unknown"
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Log records as one line each (multi-line messages are joined), tracebacks aside."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return " ".join(part.strip() for part in super().formatMessage(record).splitlines())
+
+
 def one_line(error: BaseException) -> str:
     """An error's message on one line (multi-line messages are joined)."""
     text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
@@ -123,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         command.add_argument("--json", action="store_true", help="print one JSON document")
-        command.add_argument("--quiet", action="store_true", help="print nothing but errors")
-        command.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        command.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+        command.add_argument(  # SUPPRESS: do not reset a `bagelverify --debug COMMAND`
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
         module.configure(command)
         command.set_defaults(run=module.run)
     return parser
@@ -134,11 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
+    quiet = getattr(args, "quiet", False)
+    level = logging.DEBUG if args.debug else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, handlers=[handler])
     try:
         return int(args.run(args))
     except KeyboardInterrupt:
@@ -147,9 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `bagelverify inspect X | head`: the reader left
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- keeps the exit flush quiet
         return EXIT_OK
-    except Exception as error:  # one line, unless --debug
+    except Exception as error:  # one line; --debug adds the traceback, the exit code stays 2
         if args.debug:
-            raise
+            traceback.print_exc()
         print(f"bagelverify {args.command}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -18,13 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import INDEX_FILE, convert_checkpoint, inspect_checkpoint
-from ..cli import UsageError, add_stage_argument
+from ..cli import UsageError, add_stage_argument, one_line
 from ..config import CONFIG_FILES, BagelConfig
+from ..errors import BagelError
 from ..manifest import MODEL_FILE
 from .render import Printer, byte_progress, human_bytes, print_json
 
 HELP = "rewrite a checkpoint for a stage with HF or native keys, or to/from DCP (streaming)"
 EXAMPLE = "bagelverify convert /ckpt/BAGEL-7B-MoT /ckpt/bagel-stage1 --stage 1 --to native"
+
+
+class NotCleanError(BagelError, ValueError):
+    """The source checkpoint would not load strictly for the stage (see ``inspect``)."""
+
 
 DCP_METADATA = ".metadata"
 """The file that marks a torch.distributed.checkpoint folder."""
@@ -107,6 +113,15 @@ def _convert(
             )
         return count, -1
     report = inspect_checkpoint(source, stage=args.stage, config=config)
+    problems = report.problems(strict=strict, convert_conv=args.convert_conv_patch_embedding)
+    if problems:
+        kinds = ", ".join(type(p).__name__ for p in problems)
+        raise NotCleanError(
+            f"{source} is not clean for {args.stage} ({kinds}); nothing was written. First: "
+            f"{one_line(problems[0])} Run `bagelverify inspect {source} --stage "
+            f"{args.stage[-1]}` for the full report; --no-strict drops unknown keys and accepts "
+            "missing ones."
+        )
     total = sum(info.nbytes for info in report.retained.values())
     done = [0, 0]
     with byte_progress(total, f"{args.stage} -> {args.to}", quiet=args.quiet) as advance:

@@ -111,11 +111,19 @@ def inspect_path(
     return Inspection(report, files, vae_file, config_source)
 
 
-def _keys(printer: Printer, title: str, items: list[str], limit: int) -> None:
+def shown_key(key: str) -> str:
+    """A key as printed: escaped (``ascii``) unless it is plain printable ASCII, so a key with
+    a newline, a terminal control code or a look-alike Unicode digit cannot pass for another."""
+    return key if key.isascii() and key.isprintable() else ascii(key)
+
+
+def _keys(
+    printer: Printer, title: str, items: list[str], limit: int, count: str | None = None
+) -> None:
     """A finding: its title and count, then up to ``limit`` items (0 = all)."""
     if not items:
         return
-    printer.heading(f"{title} ({len(items)})")
+    printer.heading(f"{title} ({count or len(items)})")
     shown = items if limit <= 0 else items[:limit]
     for item in shown:
         printer.line(f"  {item}")
@@ -196,28 +204,49 @@ def render(printer: Printer, inspection: Inspection, *, limit: int = DEFAULT_LIM
             ("Conv2d patch embedding", report.conv_patch_embedding or "no"),
         ]
     )
-    _keys(printer, "Unknown keys", plan.unknown, limit)
-    _keys(printer, "Missing expected keys, by family", report.missing_summary(), limit)
+    k = shown_key
+    _keys(printer, "Unknown keys", [k(key) for key in plan.unknown], limit)
+    missing = report.missing_summary()
+    _keys(
+        printer,
+        "Missing expected keys",
+        missing,
+        limit,
+        count=f"{len(report.missing_keys)} in {len(missing)} families",
+    )
     _keys(
         printer,
         "GEN keys whose UND twin is absent",
-        [f"{gen}  (needs {und})" for gen, und in plan.twin_violations],
+        [f"{k(gen)}  (needs {k(und)})" for gen, und in plan.twin_violations],
         limit,
     )
     _keys(
         printer,
         "Shape mismatches against the config",
         [
-            f"{m.key}: expected {list(m.expected)}, found {list(m.found)}"
+            f"{k(m.key)}: expected {list(m.expected)}, found {list(m.found)}"
             for m in report.shape_mismatches
         ],
         limit,
     )
-    _keys(printer, "Keys a model with this config does not have", report.beyond_config, limit)
     _keys(
-        printer, "Keys both rooted and unrooted", [f"{a} / {b}" for a, b in plan.collisions], limit
+        printer,
+        "Keys a model with this config does not have",
+        [k(key) for key in report.beyond_config],
+        limit,
     )
-    _keys(printer, "VAE keys merged into the model file (dropped on load)", vae_merged, limit)
+    _keys(
+        printer,
+        "Keys both rooted and unrooted",
+        [f"{k(a)} / {k(b)}" for a, b in plan.collisions],
+        limit,
+    )
+    _keys(
+        printer,
+        "VAE keys merged into the model file (dropped on load)",
+        [k(key) for key in vae_merged],
+        limit,
+    )
 
     problems = inspection.problems
     printer.line()
