@@ -51,6 +51,10 @@ except ImportError:  # pragma: no cover - Python 3.10
 DEFAULT_MEMO_SIZE = 8192
 """Default bound on memoised templates (each bounded separately: safe, refined, unsafe)."""
 
+MAX_REFINED_DIGITS = 32
+"""An unsafe template with more digits than this is not refined (each digit costs one verdict,
+a walk over the whole key): its keys take the regex path. Real keys have a handful."""
+
 PLACEHOLDER = "\x80"
 """What every ASCII digit of a key becomes in its template. It is not ASCII, so it can never be
 part of a key that takes the memo path (only ASCII keys do): templates cannot collide with keys
@@ -157,6 +161,14 @@ class _Refinement(NamedTuple):
     mask: tuple[int, ...]
 
 
+def _never_memoised(key: str) -> object:
+    return _UNREFINED  # no refined entry is ever keyed with it
+
+
+_UNREFINED = _Refinement(_never_memoised, ())
+"""The refinement of an unsafe template that is not refined (too many digits): regex path."""
+
+
 class Matcher:
     """Fast, thread-safe classification of keys; build it with :func:`compile_matcher`.
 
@@ -247,17 +259,20 @@ class Matcher:
     def _classify_miss(self, key: str, template: bytes, refinement: _Refinement | None) -> Bucket:
         """Classify a key whose (refined) template is not memoised, and memoise what is proven."""
         bucket = self.classify_uncached(key)
-        if not self._memo_size:
+        if not self._memo_size or refinement is _UNREFINED:
             return bucket
         if refinement is None:
             if self._proven(template, bucket):
                 self._store(self._memo, template, bucket)
                 return bucket
-            mask = self._literal_positions(template, key)
-            if not mask:  # cannot happen with a deterministic verdict; never memoise then
-                return bucket
-            refinement = _Refinement(itemgetter(*mask), mask)
+            mask: tuple[int, ...] = ()
+            if template.count(_PLACEHOLDER_BYTE) <= MAX_REFINED_DIGITS:
+                mask = self._literal_positions(template, key)
+            # An empty mask cannot come from a deterministic verdict; never refine then.
+            refinement = _Refinement(itemgetter(*mask), mask) if mask else _UNREFINED
             self._store(self._masks, template, refinement)
+            if refinement is _UNREFINED:
+                return bucket
         refined = bytearray(template)
         for index in refinement.mask:
             refined[index] = ord(key[index])

@@ -275,6 +275,15 @@ def test_refined_entries_never_answer_under_a_mask_recomputed_after_eviction() -
     assert [matcher.classify(k) for k in sequence] == [naive.classify(k) for k in sequence]
 
 
+def test_a_key_with_thousands_of_digits_is_answered_without_refining_it() -> None:
+    matcher = compile_matcher()
+    key = "vit_model.vision_model.encoder.layers.1.layer_norm" + "1" * 5000
+    for _ in range(2):
+        assert matcher.classify(key) is Bucket.UNKNOWN
+    assert matcher.memo_stats() == (0, 1, 0, matcher.memo_stats().limit)  # unsafe, not refined
+    assert matcher.classify(key[:-4999] + ".weight") is Bucket.UND
+
+
 def test_concurrent_readers_get_identical_answers() -> None:
     keys = [*REAL_KEYS, *bst.FIXED_NEAR_MISSES, *_distinct_templates(50)]
     expected = [NAIVE.classify(key) for key in keys]
