@@ -17,6 +17,7 @@ from .buckets import Bucket
 from .errors import (
     KeyCollisionError,
     MissingKeysError,
+    PatternError,
     RootError,
     UnknownKeysError,
     format_examples,
@@ -59,7 +60,10 @@ def _compile_exclude(pattern: object) -> re.Pattern[str] | None:
     try:
         return re.compile(pattern)
     except re.error as error:
-        raise ValueError(f"exclude_key_regex {pattern!r} is not a valid regex: {error}") from error
+        raise PatternError(
+            f"exclude_key_regex {pattern!r} is not a valid regex: {error}; fix the pattern "
+            "(it is matched with re.match against native, model.-rooted keys)"
+        ) from error
 
 
 @dataclass

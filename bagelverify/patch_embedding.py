@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ShapeMismatchError
+
 PATCH_EMBEDDING_WEIGHT = "vit_model.vision_model.embeddings.patch_embedding.weight"
 """HF key of the patch-embedding weight."""
 
@@ -17,9 +19,9 @@ PATCH_EMBEDDING_WEIGHT = "vit_model.vision_model.embeddings.patch_embedding.weig
 def conv_patch_weight_to_linear(weight: torch.Tensor) -> torch.Tensor:
     """Conv2d ``(out, C, P, P)`` -> Linear ``(out, P*P*C)`` in channel-last patch order."""
     if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
-        raise ValueError(
-            "expected a Conv2d weight (out, C, P, P) with square patches, "
-            f"got {tuple(weight.shape)}"
+        raise ShapeMismatchError(
+            f"{PATCH_EMBEDDING_WEIGHT}: expected a Conv2d weight (out, C, P, P) with square "
+            f"patches, got {tuple(weight.shape)}; pass the SigLIP Conv2d weight"
         )
     out = weight.shape[0]
     return weight.permute(0, 2, 3, 1).reshape(out, -1).contiguous()
@@ -31,9 +33,10 @@ def linear_patch_weight_to_conv(
     """Linear ``(out, P*P*C)`` in channel-last patch order -> Conv2d ``(out, C, P, P)``."""
     expected = patch_size * patch_size * channels
     if weight.dim() != 2 or weight.shape[1] != expected:
-        raise ValueError(
-            f"expected a Linear weight (out, {expected}) for patch_size={patch_size}, "
-            f"channels={channels}, got {tuple(weight.shape)}"
+        raise ShapeMismatchError(
+            f"{PATCH_EMBEDDING_WEIGHT}: expected a Linear weight (out, {expected}) for "
+            f"patch_size={patch_size}, channels={channels}, got {tuple(weight.shape)}; check "
+            "patch_size and channels against the config"
         )
     out = weight.shape[0]
     return weight.reshape(out, patch_size, patch_size, channels).permute(0, 3, 1, 2).contiguous()
