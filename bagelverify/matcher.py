@@ -213,9 +213,16 @@ class Matcher:
         return f"Matcher({counts}, memo_size={self._memo_size})"
 
     def classify(self, key: str) -> Bucket:
-        """Bucket of ``key``; ``Bucket.UNKNOWN`` when no pattern fully matches."""
-        if key.isascii():
-            template = key.encode().translate(_DIGITS_TO_PLACEHOLDER)
+        """Bucket of ``key``; ``Bucket.UNKNOWN`` when no pattern fully matches. Non-``str``
+        keys raise ``TypeError``."""
+        try:
+            template = key.encode().translate(_DIGITS_TO_PLACEHOLDER) if key.isascii() else None
+        except AttributeError:
+            from .partition import check_key
+
+            check_key(key)  # raises TypeError naming the key
+            raise
+        if template is not None:
             hit = self._memo.get(template)
             if hit is not None:
                 return hit

@@ -358,6 +358,12 @@ def test_bad_patterns_raise_pattern_error_naming_them(kwargs: dict, message: str
         compile_matcher(**kwargs)
 
 
+@pytest.mark.parametrize("key", [b"connector.fc1.weight", 12, None])
+def test_non_str_keys_raise_type_error_naming_them(key: object) -> None:
+    with pytest.raises(TypeError, match=re.escape(repr(key))):
+        SHARED.classify(key)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("memo_size", [-1, 1.5, True])
 def test_bad_memo_size_is_rejected(memo_size: object) -> None:
     with pytest.raises(ValueError, match="memo_size"):
