@@ -9,11 +9,13 @@ from .buckets import Bucket
 from .checkpoint import (
     CheckpointReport,
     IncompatibleKeys,
+    convert_checkpoint,
     inspect_checkpoint,
     load_bagel_checkpoint_state_dict,
     load_bagel_vae_state_dict,
     load_into,
     save_bagel_checkpoint,
+    write_bagel_checkpoint,
 )
 from .config import BagelConfig
 from .errors import (
@@ -99,6 +101,7 @@ __all__ = [
     "check_patterns",
     "compile_matcher",
     "conv_patch_weight_to_linear",
+    "convert_checkpoint",
     "dcp_to_hf",
     "expected_shapes",
     "hf_to_dcp",
@@ -114,4 +117,5 @@ __all__ = [
     "plan",
     "save_bagel_checkpoint",
     "und_twin",
+    "write_bagel_checkpoint",
 ]
