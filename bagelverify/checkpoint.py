@@ -762,7 +762,11 @@ def save_bagel_checkpoint(
     the three config files are written too. Without ``max_shard_size`` one ``ema.safetensors``
     is written; with it, ``model-0000i-of-0000n.safetensors`` shards and
     ``model.safetensors.index.json`` (written last). Every file is written atomically
-    (temporary file, fsync, rename), with ``__metadata__ {"format": "pt"}``.
+    (temporary file, fsync, rename), with ``__metadata__ {"format": "pt"}``; shards are all
+    written before any is renamed and the old index is removed first, so a crash never leaves
+    an index over shards of two saves. Every value (except dropped ``._extra_state``) must be a
+    tensor a safetensors file can hold, kept by the stage or not:
+    :class:`~bagelverify.errors.UnsupportedTensorError` otherwise, before anything is written.
     """
     hf = BagelStateDictAdapter().to_hf(native_state_dict, strict=strict)
     specs = {key: spec_of(key, tensor) for key, tensor in hf.items()}
