@@ -643,7 +643,8 @@ class _Checker:
                 )
         return (
             _verdict(witnesses),
-            f"{self.n} patterns non-empty, none redundant within its bucket",
+            f"{self.n} patterns, "
+            f"{sum(len(t) * (len(t) - 1) for t in self.tags.values())} same-bucket ordered pairs",
             witnesses,
         )
 
@@ -931,7 +932,8 @@ def run(args: argparse.Namespace) -> int:
         z3_timeout=args.z3_timeout,
     )
     if args.json:
-        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+        # ASCII escapes: a witness may hold a lone surrogate, which no terminal encoding prints
+        print(json.dumps(report.to_json(), indent=2))
     elif not args.quiet:
         print(report.format())
     elif not report.ok:
