@@ -422,10 +422,9 @@ class Alphabet:
             for intervals in charsets
         ]
         self._ascii = [self.piece_atom[bisect_right(self.starts, o) - 1] for o in range(128)]
-        self.representatives: list[str] = [c or "" for c in self._pick("")]
+        self._avoiding: dict[str, list[str | None]] = {}
+        self.representatives: list[str] = [c or "" for c in self.members_avoiding("")]
         """One member of each atom (readable when possible), for witnesses."""
-        self.non_digit_representatives = self._pick(ASCII_DIGITS)
-        """One member of each atom that is not an ASCII digit; ``None`` if the atom is digits."""
 
     def atom_of(self, char: str) -> int:
         """The atom of one character."""
@@ -443,9 +442,15 @@ class Alphabet:
             if owner == atom
         ]
 
-    def _pick(self, avoid: str) -> list[str | None]:
+    def members_avoiding(self, avoid: str) -> list[str | None]:
         """A readable member of each atom outside ``avoid`` (``None`` if the atom has none):
-        for witnesses, a letter, digit or '.' when possible."""
+        for witnesses, a letter, digit or '.' when possible. Cached per ``avoid``."""
+        found = self._avoiding.get(avoid)
+        if found is None:
+            found = self._avoiding[avoid] = self._pick(avoid)
+        return found
+
+    def _pick(self, avoid: str) -> list[str | None]:
         preferred = "abcdefghijklmnopqrstuvwxyz0123456789._ABCDEFGHIJKLMNOPQRSTUVWXYZ-/:"
         chosen: dict[int, str] = {}
         for char in preferred:

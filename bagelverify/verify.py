@@ -64,6 +64,7 @@ from .automata import (
 from .buckets import MATCH_ORDER, Bucket
 from .families import FAMILIES, MOE_SUFFIX
 from .manifest import VAE_FILE, load_manifest
+from .matcher import PLACEHOLDER as MEMO_PLACEHOLDER
 from .matcher import _build_dfa, compile_matcher, shipped_patterns
 
 logger = logging.getLogger(__name__)
@@ -80,8 +81,10 @@ MAX_WITNESSES = 5
 
 #: Flow-matching parts of the generation path, by the design document (they have no UND twin).
 FLOW_MATCHING_PREFIXES = ("time_embedder.", "vae2llm.", "llm2vae.", "latent_pos_embed.")
-#: Placeholder the P3 checks put in templates (never in a witness key: keys are built from atoms).
-PLACEHOLDER = "\x00"
+PLACEHOLDER = MEMO_PLACEHOLDER
+"""The compiled matcher's placeholder. Template rule precondition: no key contains it (the matcher
+memoises ASCII keys only and its placeholder is not ASCII); P3's literal characters avoid it."""
+_LITERALS_AVOID = ASCII_DIGITS + PLACEHOLDER
 
 
 def expected_bucket(file_name: str, key: str) -> Bucket:
@@ -502,7 +505,7 @@ class _Checker:
         m: DFA, node: tuple[int, int]
     ) -> Iterable[tuple[tuple[str, str], tuple[int, int]]]:
         p, q = node
-        for char in m.alphabet.non_digit_representatives:
+        for char in m.alphabet.members_avoiding(_LITERALS_AVOID):
             if char is not None:
                 after = template_step(m, p, char, PLACEHOLDER)
                 assert after is not None
@@ -519,7 +522,7 @@ class _Checker:
         """Two keys with one template: same non-digit chars, any ASCII digits each."""
         p, q = node
         p_row, q_row = m.delta[p], m.delta[q]
-        for atom, char in enumerate(m.alphabet.non_digit_representatives):
+        for atom, char in enumerate(m.alphabet.members_avoiding(_LITERALS_AVOID)):
             if char is not None:
                 yield (char, char), (p_row[atom], q_row[atom])
         # one digit per distinct successor on each side covers every pair of successors
