@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bagelverify as bv
 from bagelverify import verify
@@ -134,6 +136,39 @@ def test_z3_alphabet_stops_at_0x2ffff_and_the_automaton_does_not() -> None:
     assert engine.common(engine.regex(high), engine.regex(".")).status == "unsat"
     witness = DFA.membership([high]).shortest(lambda label: label is not None)
     assert witness is not None and re.fullmatch(high, witness)
+
+
+_Z3_LEAVES = st.sampled_from(
+    ["a", "b", "0", "1", "\\n", "\\.", "\u0663", ".", "[ab]", "[^a]", "[0-9]", "\\d", "\\w", ""]
+)
+Z3_PATTERNS = st.recursive(
+    _Z3_LEAVES,
+    lambda children: st.one_of(
+        st.tuples(children, children).map("".join),
+        st.tuples(children, children).map(lambda ab: f"(?:{ab[0]}|{ab[1]})"),
+        st.tuples(children, st.sampled_from(["*", "+", "?", "{1,2}"])).map(
+            lambda ab: f"(?:{ab[0]}){ab[1]}"
+        ),
+    ),
+    max_leaves=5,
+).flatmap(lambda body: st.sampled_from([body, f"\\A{body}\\Z", f"^{body}$"]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    pattern=Z3_PATTERNS,
+    subjects=st.lists(st.text(alphabet="ab01\n.\u0663", max_size=5), min_size=1, max_size=8),
+)
+def test_z3_translation_accepts_exactly_what_re_fullmatch_accepts(
+    pattern: str, subjects: list[str]
+) -> None:
+    """Invariant: for strings over z3's alphabet, s in z3regex(p) iff re.fullmatch(p, s)."""
+    engine = Z3Engine()
+    regex = engine.regex(pattern)
+    for text in subjects:
+        single = engine.regex(re.escape(text))
+        expected = re.fullmatch(pattern, text) is not None
+        assert (engine.common(regex, single).status == "sat") == expected, (pattern, text)
 
 
 # -- planted bugs (mutation tests) -------------------------------------------------------------
