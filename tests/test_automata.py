@@ -138,6 +138,32 @@ def test_safe_template_verdict_is_every_key_verdict(
             assert label == first_match(labelled, key), (labelled, key)
 
 
+def moore_classes(dfa: DFA) -> int:
+    """Number of Myhill-Nerode classes, by plain Moore refinement (independent of Hopcroft)."""
+    block: dict[int, object] = {s: dfa.label(s) for s in range(dfa.num_states)}
+    while True:
+        signature = {s: (block[s], tuple(block[t] for t in dfa.delta[s])) for s in block}
+        ids = {sig: i for i, sig in enumerate(dict.fromkeys(signature.values()))}
+        refined = {s: ids[signature[s]] for s in block}
+        if len(set(refined.values())) == len(set(block.values())):
+            return len(ids)
+        block = dict(refined)
+
+
+@settings(max_examples=100, deadline=None)
+@given(groups=st.lists(st.lists(PATTERNS, min_size=1, max_size=3), min_size=1, max_size=3))
+def test_dfa_is_minimal_and_every_state_reachable(groups: list[list[str]]) -> None:
+    """Invariant: no two states are equivalent, and BFS from start reaches every state."""
+    dfa = DFA.from_patterns([(f"g{i}", patterns) for i, patterns in enumerate(groups)])
+    assert moore_classes(dfa) == dfa.num_states
+    reached = {dfa.start}
+    frontier = [dfa.start]
+    while frontier:
+        frontier = [t for s in frontier for t in dfa.delta[s] if t not in reached]
+        reached.update(frontier)
+    assert len(reached) == dfa.num_states
+
+
 TRICKY = [
     r"\Aa$",
     r"a$",
