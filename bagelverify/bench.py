@@ -6,7 +6,7 @@ scale every layered family of the table to many layers, with Mixture-of-Experts 
 1% of every synthetic set are near misses (unknown keys). Before each repetition the keys are
 rebuilt as fresh ``str`` objects, so no method profits from a cached string hash.
 
-Methods, each timed as ``for key in keys: classify(key)``:
+Methods, each timed as ``for key in keys: classify(key)`` (process CPU time):
 
 ``naive``        every pattern of every bucket in turn (:class:`~bagelverify.matcher.NaiveMatcher`)
 ``alternation``  one ``(?:p1)|(?:p2)|...`` regex per bucket, buckets in match order
@@ -243,47 +243,57 @@ class SetResult:
     methods: dict[str, MethodResult]
 
 
+_clock = time.process_time_ns
+"""CPU time of this process: time the scheduler gives to other processes is not counted, which
+keeps the ratios stable on a busy machine (every timed section is single-threaded)."""
+
+
 def _fresh(encoded: Sequence[bytes], copies: int) -> list[str]:
     """``copies`` fresh copies of the keys: new ``str`` objects whose hashes are not cached."""
     return [raw.decode() for _ in range(copies) for raw in encoded]
 
 
 def _timed_pass(classify: Classify, keys: Sequence[str]) -> float:
-    start = time.perf_counter_ns()
+    start = _clock()
     for key in keys:
         classify(key)
-    return (time.perf_counter_ns() - start) / len(keys)
+    return (_clock() - start) / len(keys)
 
 
 def run_set(key_set: KeySet, repeat: int, min_pass: int = MIN_PASS_KEYS) -> SetResult:
     """Time every method on one key set.
 
-    Per method: build it (timed), one first pass over fresh keys (timed; for the compiled
-    matcher the memo is empty) whose answers must equal the naive ones, then ``repeat`` passes
-    over fresh keys (at least ``min_pass`` keys per pass, repeating small sets) whose
-    median is the result.
+    Per method: build it (timed), then one first pass over fresh keys (timed; for the compiled
+    matcher the memo is empty) whose answers must equal the naive ones. Then ``repeat`` rounds,
+    each timing one pass of every method in turn over fresh keys (at least ``min_pass`` keys,
+    repeating small sets), so that a load change on the machine hits all methods alike; the
+    median pass is the result.
     """
     encoded = [key.encode() for key in key_set.keys]
     copies = max(1, math.ceil(min_pass / len(encoded)))
     answers: dict[str, Bucket | None] = {}
+    classifiers: dict[str, Classify] = {}
     results: dict[str, MethodResult] = {}
     for name in METHOD_NAMES:  # naive first: its answers check the others and feed the floor
-        start = time.perf_counter_ns()
-        classify = build_method(name, key_set, answers)
-        build_ms = (time.perf_counter_ns() - start) / 1e6
+        start = _clock()
+        classify = classifiers[name] = build_method(name, key_set, answers)
+        build_ms = (_clock() - start) / 1e6
         keys = _fresh(encoded, 1)
-        start = time.perf_counter_ns()
+        start = _clock()
         got = list(map(classify, keys))
-        first_ns = (time.perf_counter_ns() - start) / len(keys)
+        first_ns = (_clock() - start) / len(keys)
         if not answers:
-            answers.update(zip(key_set.keys, got, strict=True))  # naive runs first
+            answers.update(zip(key_set.keys, got, strict=True))
         wrong = [k for k, g in zip(key_set.keys, got, strict=True) if g is not answers[k]]
         if wrong:
             raise AssertionError(f"{name} disagrees with naive on {len(wrong)} keys: {wrong[:3]}")
-        runs = [_timed_pass(classify, _fresh(encoded, copies)) for _ in range(repeat)]
-        results[name] = MethodResult(build_ms, first_ns, statistics.median(runs), runs)
-    naive, floor = results["naive"].median_ns, results["dict.get"].median_ns
+        results[name] = MethodResult(build_ms, first_ns, 0.0)
+    for _ in range(repeat):
+        for name, classify in classifiers.items():
+            results[name].runs_ns.append(_timed_pass(classify, _fresh(encoded, copies)))
+    naive, floor = (statistics.median(results[n].runs_ns) for n in ("naive", "dict.get"))
     for result in results.values():
+        result.median_ns = statistics.median(result.runs_ns)
         result.vs_naive = naive / result.median_ns
         result.vs_floor = result.median_ns / floor
     unknown = sum(answer is Bucket.UNKNOWN for answer in answers.values())
