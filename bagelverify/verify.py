@@ -65,7 +65,7 @@ from .buckets import MATCH_ORDER, Bucket
 from .families import FAMILIES, MOE_SUFFIX
 from .manifest import VAE_FILE, load_manifest
 from .matcher import PLACEHOLDER as MEMO_PLACEHOLDER
-from .matcher import _build_dfa, compile_matcher, shipped_patterns
+from .matcher import NaiveMatcher, _build_dfa, compile_matcher, shipped_patterns
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +263,7 @@ class _Checker:
             parse(pattern)  # refuse untranslatable patterns before any proof starts
         self.n = len(self.entries)
         self.compiled = {b: [re.compile(p) for p in self.patterns[b]] for b in MATCH_ORDER}
+        self.reference = NaiveMatcher(self.patterns)
         self.tags = {
             b: frozenset(i for i, (o, _) in enumerate(self.entries) if o is b) for b in MATCH_ORDER
         }
@@ -290,10 +291,8 @@ class _Checker:
         return {b for b, regexes in self.compiled.items() if any(r.fullmatch(key) for r in regexes)}
 
     def re_classify(self, key: str) -> Bucket:
-        for b in MATCH_ORDER:
-            if any(r.fullmatch(key) for r in self.compiled[b]):
-                return b
-        return Bucket.UNKNOWN
+        """First-match bucket by Python's ``re`` (the reference matcher)."""
+        return self.reference.classify(key)
 
     def re_patterns(self, key: str, bucket: Bucket) -> list[str]:
         return [
@@ -313,7 +312,7 @@ class _Checker:
         witnesses = []
         for bucket, pattern in self.entries:
             dfa = DFA.membership([pattern] * 3, semantics=["fullmatch", "match", "search"])
-            found = dfa.shortest(lambda label: label is not None and len(label) != 3)  # type: ignore[arg-type]
+            found = dfa.shortest(lambda label: isinstance(label, frozenset) and len(label) != 3)
             if found is None:
                 continue
             accepted = [
