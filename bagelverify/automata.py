@@ -16,7 +16,8 @@ accepts ``"a\\n"``: the trap that :meth:`DFA.membership`'s ``semantics`` lets a 
 running interpreter's ``re`` (in ``str`` mode: hundreds of Unicode digits; with ``(?a)``: ASCII).
 
 The digit-template rule (shared with the compiled matcher; one implementation,
-:func:`template_verdict`, proved sound by ``bagelverify.verify`` obligation P3):
+:func:`template_verdict`, built from :func:`template_step`, which ``bagelverify.verify``
+obligation P3 explores to prove the rule sound):
 
 * a key's *template* replaces every ASCII digit ``0``-``9`` by one placeholder character
   (Unicode digits are not replaced);
@@ -28,7 +29,12 @@ The digit-template rule (shared with the compiled matcher; one implementation,
   digit successors coincide, so every such key runs through the very same states).
 * precondition: the template was made from a key that does not itself contain the placeholder
   character. No ``str`` character is impossible in a key, so a matcher must send keys that
-  contain its placeholder past the memo (otherwise ``"a#"`` and ``"a1"`` share template ``"a#"``).
+  contain its placeholder past the memo (otherwise ``"a#"`` and ``"a1"`` share template ``"a#"``);
+  the compiled matcher memoises ASCII keys only, with a non-ASCII placeholder.
+
+The parse (:func:`parse`, a small IR of :class:`Chars`, :class:`Seq`, :class:`Alt`,
+:class:`Repeat`, :class:`Anchor`) is the one place that decides what is translatable; the NFA
+builder here and the z3 translation in :mod:`bagelverify.smt` both read it.
 """
 
 from __future__ import annotations
