@@ -115,6 +115,7 @@ def load_scenarios(rank: int, world_size: int, folders: dict[str, str]) -> dict[
         }
 
     reference = load_bagel_checkpoint_state_dict(ckpt, stage="stage1")
+    out["ranges"] = file_ranges(rank, world_size, ckpt, mesh)
     # the checkpoint lacks a key the model has: every rank must raise the same error
     out["missing"] = _error(
         lambda: load_bagel_checkpoint_distributed(
@@ -160,3 +161,50 @@ def load_scenarios(rank: int, world_size: int, folders: dict[str, str]) -> dict[
         )
     ]
     return out
+
+
+def file_ranges(rank: int, world_size: int, ckpt: str, mesh: Any) -> dict[str, Any]:
+    """Record every byte range the loader reads from the file during a stage-1 load and compare
+    it with the ranges of this rank's rows, computed from the header alone."""
+    import bagelverify.distributed as distributed
+    from bagelverify.checkpoint import inspect_checkpoint, load_bagel_checkpoint_state_dict
+
+    report = inspect_checkpoint(ckpt, stage="stage1")
+    reference = load_bagel_checkpoint_state_dict(ckpt, stage="stage1")
+    sharded = shard_like(reference, mesh)
+    calls: list[tuple[int, int]] = []
+    original = distributed.read_exact
+
+    def recording(fd: int, buffer: memoryview, offset: int) -> None:
+        calls.append((offset, len(buffer)))
+        original(fd, buffer, offset)
+
+    distributed.read_exact = recording
+    try:
+        distributed.load_bagel_checkpoint_distributed(sharded, ckpt, stage="stage1")
+    finally:
+        distributed.read_exact = original
+    expected: list[tuple[int, int]] = []
+    column_sharded_bytes = 0
+    for native, info in report.retained.items():
+        placement = sharded[native].placements[0]
+        local = sharded[native].to_local()
+        if placement.is_shard(0):
+            rows = info.shape[0]
+            per = -(-rows // world_size)  # torch.chunk: ceil-sized chunks, the last ones empty
+            first, count = min(rank * per, rows), max(0, min(per, rows - rank * per))
+            row_bytes = info.nbytes // rows
+            if count:
+                expected.append((info.start + first * row_bytes, count * row_bytes))
+        elif placement.is_replicate():
+            expected.append((info.start, info.nbytes))
+        else:
+            column_sharded_bytes += local.numel() * local.element_size()
+    outside = [c for c in calls if c not in expected]
+    return {
+        "missing": sorted(set(expected) - set(calls)),
+        "unexpected": outside,
+        "unexpected_bytes": sum(n for _, n in outside),
+        "column_sharded_bytes": column_sharded_bytes,
+        "repeated": len(calls) - len(set(calls)),
+    }

@@ -174,6 +174,19 @@ def test_each_rank_reads_exactly_the_bytes_of_its_own_shards(
     assert sum(o["result"][2] for o in outcomes) < 2 * total
 
 
+def test_each_rank_reads_exactly_the_file_ranges_of_its_rows(
+    rank_results: list[dict[str, Any]],
+) -> None:
+    """Recorded reads (offset, length) equal the byte ranges of the rank's rows of each
+    row-sharded tensor (computed from the header) and the whole of each replicated one; the only
+    other reads are single-row column slices of column-sharded tensors, within their share."""
+    for result in rank_results:
+        ranges = result["ranges"]
+        assert ranges["missing"] == []
+        assert ranges["repeated"] == 0
+        assert ranges["unexpected_bytes"] <= ranges["column_sharded_bytes"]
+
+
 def test_f32_destinations_read_the_bf16_bytes_once(rank_results: list[dict[str, Any]]) -> None:
     for result in rank_results:
         outcome = result["stage2-torch.float32"]
