@@ -8,6 +8,8 @@ each test below asserts one of its outcomes.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -351,3 +353,16 @@ def test_hf_to_dcp_converts_a_conv_patch_weight_when_asked(
     assert raw(tmp_path / "hf" / "ema.safetensors") == raw(
         Path(folders["checkpoint"]) / "ema.safetensors"
     )
+
+
+def test_importing_the_package_neither_loads_dcp_nor_starts_distributed() -> None:
+    """The distributed names are exported lazily: importing bagelverify stays light."""
+    code = (
+        "import sys, bagelverify, torch.distributed as d; "
+        "assert 'bagelverify.distributed' not in sys.modules; "
+        "assert 'torch.distributed.checkpoint' not in sys.modules; "
+        "assert not d.is_initialized(); "
+        "assert bagelverify.load_bagel_checkpoint_distributed.__module__ == "
+        "'bagelverify.distributed'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
