@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from _multiprocess import run_ranks
+from _multiprocess import RankFailure, run_ranks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -366,3 +366,10 @@ def test_importing_the_package_neither_loads_dcp_nor_starts_distributed() -> Non
         "'bagelverify.distributed'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_harness_reports_a_failing_rank_instead_of_hanging() -> None:
+    """Rank 1 raises while rank 0 waits in a barrier: run_ranks returns the traceback promptly
+    (the waiting rank is released by gloo or killed at the deadline), never hangs."""
+    with pytest.raises(RankFailure, match="rank one broke"):
+        run_ranks(workers.fail_on_rank_one, timeout=60)
