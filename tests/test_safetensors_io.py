@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from bagelverify.errors import CorruptCheckpointError
+from bagelverify.errors import CorruptCheckpointError, UnsupportedPlatformError
 from bagelverify.safetensors_io import (
     DTYPES,
     MAX_HEADER_BYTES,
@@ -247,3 +248,19 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path: Path) -> None:
         save_tensors(path, fetch_then_fail())
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_big_endian_hosts_are_refused_before_any_byte_moves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "x.safetensors"
+    save_tensors(path, {"a": torch.arange(4, dtype=torch.int32)})
+    info = read_header(path).tensors["a"]
+    monkeypatch.setattr(sys, "byteorder", "big")
+    out = torch.zeros(4, dtype=torch.int32)
+    with open(path, "rb") as handle, pytest.raises(UnsupportedPlatformError, match="little-endian"):
+        read_into(handle.fileno(), info, out)
+    assert torch.equal(out, torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(UnsupportedPlatformError, match="big-endian"):
+        save_tensors(tmp_path / "y.safetensors", {"a": out})
+    assert not (tmp_path / "y.safetensors").exists()
