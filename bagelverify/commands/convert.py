@@ -72,6 +72,8 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path, list[Path]]:
     source, target = Path(args.src), Path(args.dst)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such checkpoint folder")
+    if args.from_format != "dcp" and (source / DCP_METADATA).is_file():
+        raise UsageError(f"{source} is a DCP checkpoint (it has {DCP_METADATA}); add --from dcp")
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target} exists and is not a folder")
     if target.exists() and target.resolve() == source.resolve():
