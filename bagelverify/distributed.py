@@ -237,7 +237,7 @@ def _transportable(error: BaseException) -> BaseException:
 
 def _agree(
     error: BaseException | None,
-    fingerprint: str,
+    destinations: Mapping[str, Any],
     process_group: dist.ProcessGroup | None,
 ) -> None:
     """Raise on every rank if any rank failed its checks or requests different tensors.
@@ -254,7 +254,7 @@ def _agree(
     size = dist.get_world_size(process_group)
     verdicts: list[Any] = [None] * size
     sent = None if error is None else _transportable(error)
-    dist.all_gather_object(verdicts, (sent, fingerprint), group=process_group)
+    dist.all_gather_object(verdicts, (sent, _fingerprint(destinations)), group=process_group)
     if error is not None:
         raise error
     for other, (remote, _) in enumerate(verdicts):
@@ -262,28 +262,52 @@ def _agree(
             if hasattr(remote, "add_note"):
                 remote.add_note(f"(raised by the checks on rank {other}; this is rank {rank})")
             raise remote
-    prints = [remote_print for _, remote_print in verdicts]
-    if len(set(prints)) > 1:
-        groups: dict[str, list[int]] = {}
-        for other, value in enumerate(prints):
-            groups.setdefault(value, []).append(other)
+    if len({remote_print for _, remote_print in verdicts}) > 1:
+        # every rank sees the same fingerprints, so every rank takes this second gather
+        described: list[Any] = [None] * size
+        dist.all_gather_object(described, _describe(destinations), group=process_group)
         raise DistributedMismatchError(
-            f"the ranks pass different state dicts (keys, shapes or dtypes): rank groups "
-            f"{sorted(groups.values())} each agree only among themselves. Every rank must pass "
-            "the same model's full state dict (sharded values are fine); DCP would hang or fail "
-            "otherwise."
+            "the ranks pass different state dicts: "
+            + "; ".join(_differences(described))
+            + ". Every rank must pass the same model's full state dict (sharded values are "
+            "fine); DCP would hang or fail otherwise."
         )
 
 
-def _fingerprint(destinations: Mapping[str, torch.Tensor]) -> str:
-    """A digest of the requested keys with their global shapes and dtypes."""
-    digest = hashlib.sha256()
-    for key in sorted(destinations):
-        value = destinations[key]
-        shape = tuple(getattr(value, "shape", ()))
+def _describe(destinations: Mapping[str, Any]) -> dict[str, str]:
+    """Key -> ``"<global shape> <dtype>"`` (the type name for non-tensors)."""
+    out = {}
+    for key, value in destinations.items():
         kind = getattr(value, "dtype", type(value).__name__)
-        digest.update(f"{key}\0{shape}\0{kind}\n".encode())
+        out[key] = f"{list(getattr(value, 'shape', ()))} {kind}"
+    return out
+
+
+def _fingerprint(destinations: Mapping[str, Any]) -> str:
+    """A digest of :func:`_describe`, in key order."""
+    digest = hashlib.sha256()
+    for key, text in sorted(_describe(destinations).items()):
+        digest.update(f"{key}\0{text}\n".encode())
     return digest.hexdigest()
+
+
+def _differences(described: Sequence[Mapping[str, str]]) -> list[str]:
+    """How each rank's state dict differs from rank 0's, one phrase per differing rank."""
+    base = described[0]
+    phrases = []
+    for rank, other in enumerate(described[1:], start=1):
+        parts = []
+        if lacks := [k for k in base if k not in other]:
+            parts.append(f"lacks {len(lacks)} of rank 0's keys ({format_examples(lacks)})")
+        if extra := [k for k in other if k not in base]:
+            parts.append(f"has {len(extra)} keys rank 0 lacks ({format_examples(extra)})")
+        if changed := [
+            f"{k} {base[k]} vs {other[k]}" for k in base if other.get(k, base[k]) != base[k]
+        ]:
+            parts.append(f"{len(changed)} differ from rank 0's ({format_examples(changed)})")
+        if parts:
+            phrases.append(f"rank {rank} " + ", ".join(parts))
+    return phrases
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -347,7 +371,7 @@ def load_bagel_checkpoint_distributed(
         missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
     except Exception as caught:  # any failure must reach the other ranks, not strand them
         error = caught
-    _agree(error, _fingerprint(destinations), process_group)
+    _agree(error, destinations, process_group)
 
     converted = {key: job for key, job in common.items() if job[1]}
     direct = {key: job for key, job in common.items() if not job[1]}

@@ -31,6 +31,7 @@ from bagelverify import strategies as bst
 from bagelverify.buckets import Bucket
 from bagelverify.distributed import (
     _byte_span,
+    _differences,
     dcp_to_hf,
     hf_to_dcp,
     load_bagel_checkpoint_distributed,
@@ -222,7 +223,16 @@ def test_ranks_passing_different_keys_are_refused_on_every_rank(
     errors = [r["keys_differ"] for r in rank_results]
     assert errors[0] == errors[1]
     assert errors[0][0] == "DistributedMismatchError"
-    assert "[[0], [1]]" in errors[0][1]
+    assert "rank 1 lacks 1 of rank 0's keys ('model.language_model." in errors[0][1]
+
+
+def test_rank_differences_name_the_keys_that_differ() -> None:
+    base = {"a": "[2, 3] torch.bfloat16", "b": "[4] torch.float32"}
+    assert _differences([base, dict(base)]) == []
+    assert _differences([base, {"a": "[3, 3] torch.bfloat16", "c": "[] int"}]) == [
+        "rank 1 lacks 1 of rank 0's keys ('b'), has 1 keys rank 0 lacks ('c'), "
+        "1 differ from rank 0's ('a [2, 3] torch.bfloat16 vs [3, 3] torch.bfloat16')"
+    ]
 
 
 @pytest.mark.parametrize("scenario", ["sharded_wrong", "conv_wrong", "dcp_resume_wrong"])
