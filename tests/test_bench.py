@@ -6,13 +6,19 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
+
+import pytest
 
 from bagelverify import Bucket
 from bagelverify.bench import (
     METHOD_NAMES,
     NEAR_MISS_EVERY,
     AlternationMatcher,
+    KeySet,
     moe_patterns,
+    plot,
+    run_set,
     scaled_keys,
 )
 from bagelverify.matcher import NaiveMatcher, shipped_patterns
@@ -56,3 +62,19 @@ def test_alternation_baseline_agrees_with_naive_on_real_and_scaled_keys() -> Non
     naive, alternation = NaiveMatcher(patterns), AlternationMatcher(patterns)
     for key in scaled_keys(3_000, experts=2):
         assert alternation.classify(key) is naive.classify(key), key
+
+
+def test_plot_without_matplotlib_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(RuntimeError, match=r"pip install 'bagelverify\[bench\]'"):
+        plot([], str(tmp_path / "chart.png"))
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    result = run_set(KeySet("tiny", ["connector.fc1.weight", "x"], shipped_patterns()), 1, 10)
+    path = tmp_path / "chart.png"
+    plot([result], str(path))
+    assert path.read_bytes().startswith(b"\x89PNG")
