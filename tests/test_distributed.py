@@ -387,3 +387,18 @@ def test_harness_reports_a_failing_rank_instead_of_hanging() -> None:
     (the waiting rank is released by gloo or killed at the deadline), never hangs."""
     with pytest.raises(RankFailure, match="rank one broke"):
         run_ranks(workers.fail_on_rank_one, timeout=60)
+
+
+def test_without_strict_the_common_keys_load_and_the_rest_is_reported(
+    folders: dict[str, str],
+) -> None:
+    reference = bv.load_bagel_checkpoint_state_dict(folders["checkpoint"], stage="stage1")
+    dropped = next(iter(reference))
+    model = {k: torch.zeros_like(v) for k, v in reference.items() if k != dropped}
+    model["model.vit_model.vision_model.encoder.layers.99.mlp.fc1.bias"] = torch.zeros(3)
+    result = load_bagel_checkpoint_distributed(
+        model, folders["checkpoint"], stage="stage1", strict=False
+    )
+    assert result.missing_keys == ["model.vit_model.vision_model.encoder.layers.99.mlp.fc1.bias"]
+    assert result.unexpected_keys == [dropped]
+    assert all(torch.equal(model[k], reference[k]) for k in reference if k != dropped)
