@@ -69,6 +69,24 @@ def shipped_patterns() -> dict[Bucket, list[str]]:
     return {bucket: patterns_of(bucket) for bucket in MATCH_ORDER}
 
 
+def pattern_lists(patterns: PatternSets) -> dict[Bucket, tuple[str, ...]]:
+    """Every matchable bucket (in match order) -> its patterns; keys may be buckets or their
+    values (``"und"``). Raises :class:`PatternError` for another key or a bare ``str`` list."""
+    lists: dict[Bucket, tuple[str, ...]] = dict.fromkeys(MATCH_ORDER, ())
+    for name, given in patterns.items():
+        bucket = next((b for b in MATCH_ORDER if b == name), None)
+        if bucket is None:
+            raise PatternError(
+                f"patterns given for {name!r}; only {[b.value for b in MATCH_ORDER]} take patterns"
+            )
+        if isinstance(given, str):
+            raise PatternError(
+                f"{bucket.value} patterns must be a list of regex strings, not one str {given!r}"
+            )
+        lists[bucket] = tuple(given)
+    return lists
+
+
 class NaiveMatcher:
     """The reference semantics: the first bucket (in match order) with a fully matching pattern.
 
@@ -76,9 +94,9 @@ class NaiveMatcher:
     """
 
     def __init__(self, patterns: PatternSets | None = None) -> None:
-        patterns = shipped_patterns() if patterns is None else patterns
+        lists = pattern_lists(shipped_patterns() if patterns is None else patterns)
         self._compiled = [
-            (bucket, [_compile(p, bucket, i) for i, p in enumerate(patterns.get(bucket, ()))])
+            (bucket, [_compile(p, bucket, i) for i, p in enumerate(lists[bucket])])
             for bucket in MATCH_ORDER
         ]
 
@@ -180,20 +198,7 @@ class Matcher:
     def __init__(self, patterns: PatternSets, *, memo_size: int = DEFAULT_MEMO_SIZE) -> None:
         if isinstance(memo_size, bool) or not isinstance(memo_size, int) or memo_size < 0:
             raise ValueError(f"memo_size must be an int >= 0, got {memo_size!r}")
-        unknown = [str(bucket) for bucket in patterns if bucket not in MATCH_ORDER]
-        if unknown:
-            raise PatternError(
-                f"patterns given for bucket(s) {unknown}; only "
-                f"{[b.value for b in MATCH_ORDER]} take patterns"
-            )
-        for bucket in MATCH_ORDER:
-            if isinstance(patterns.get(bucket, ()), str):
-                raise PatternError(
-                    f"{bucket.value} patterns must be a list of regex strings, not one str"
-                )
-        self.patterns: dict[Bucket, tuple[str, ...]] = {
-            bucket: tuple(patterns.get(bucket, ())) for bucket in MATCH_ORDER
-        }
+        self.patterns: dict[Bucket, tuple[str, ...]] = pattern_lists(patterns)
         """The pattern lists this matcher was built from, per bucket, in match order."""
         compiled = [
             (bucket, pattern, _compile(pattern, bucket, index))

@@ -358,6 +358,16 @@ def test_bad_patterns_raise_pattern_error_naming_them(kwargs: dict, message: str
         compile_matcher(**kwargs)
 
 
+def test_pattern_sets_may_name_buckets_by_value_but_not_unknown_ones() -> None:
+    by_value = Matcher({"und": [r"\Aa\Z"], "extra": [r"\Ab\Z"]})  # type: ignore[dict-item]
+    assert [by_value.classify(k) for k in "abc"] == [Bucket.UND, Bucket.EXTRA, Bucket.UNKNOWN]
+    for name in ("unknown", Bucket.UNKNOWN, "UND", 1):
+        with pytest.raises(PatternError, match="only \\['und', 'gen', 'vae', 'extra'\\]"):
+            Matcher({name: [r"\Aa\Z"]})  # type: ignore[dict-item]
+        with pytest.raises(PatternError):
+            NaiveMatcher({name: [r"\Aa\Z"]})  # type: ignore[dict-item]
+
+
 @pytest.mark.parametrize("key", [b"connector.fc1.weight", 12, None])
 def test_non_str_keys_raise_type_error_naming_them(key: object) -> None:
     with pytest.raises(TypeError, match=re.escape(repr(key))):
