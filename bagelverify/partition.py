@@ -6,11 +6,20 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar, overload
 
 from .buckets import Bucket
-from .matcher import compile_matcher
+from .matcher import Matcher, compile_matcher
 
 V = TypeVar("V")
 
-_MATCHER = compile_matcher()
+_MATCHER: Matcher | None = None
+"""The compiled matcher of the shipped patterns, built on first use (its automaton takes about
+0.1 s, which ``import bagelverify`` should not pay)."""
+
+
+def _default_matcher() -> Matcher:
+    global _MATCHER
+    if _MATCHER is None:
+        _MATCHER = compile_matcher()  # threads racing here each build an equal one: harmless
+    return _MATCHER
 
 
 def check_key(key: object) -> str:
@@ -22,7 +31,7 @@ def check_key(key: object) -> str:
 
 def classify(key: str) -> Bucket:
     """The bucket of one HF-layout (unrooted) key. Non-``str`` keys raise ``TypeError``."""
-    return _MATCHER.classify(check_key(key))
+    return (_MATCHER or _default_matcher()).classify(check_key(key))
 
 
 @overload
