@@ -414,10 +414,13 @@ def compile_matcher(
 
     Each argument left as ``None`` takes the shipped patterns of that bucket; pass ``[]`` for a
     bucket with no patterns. Patterns mean what ``re.fullmatch(pattern, key)`` means, and a key
-    goes to the first bucket (und, gen, vae, extra) with a matching pattern. ``memo_size``
-    bounds the digit-template memo (0 turns it off). A pattern that does not compile raises
-    :class:`~bagelverify.errors.PatternError`. Patterns the safety automaton cannot model
-    exactly (lookarounds, backreferences, flags) still work: the memo is then off.
+    goes to the first bucket (und, gen, vae, extra) with a matching pattern. A pattern that
+    does not compile raises :class:`~bagelverify.errors.PatternError`.
+
+    ``memo_size`` bounds each table of the digit-template memo. ``0`` turns the memo off and
+    skips building its automaton, which is the way out for patterns whose minimal DFA is huge
+    (``.*a.{30}`` needs some 2**31 states). Patterns the automaton cannot model exactly
+    (lookarounds, backreferences, inline flags) still work: the memo is then off.
     """
     shipped = shipped_patterns()
     given = dict(zip(MATCH_ORDER, (und, gen, vae, extra), strict=True))
