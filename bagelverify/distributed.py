@@ -47,16 +47,15 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.futures import Future
 
-from .adapter import BagelStateDictAdapter, strip_root
+from .adapter import BagelStateDictAdapter, strip_root, to_native_key
 from .checkpoint import (
     Cast,
     _fill,
     _open_report,
     _target_shape,
-    build_report,
     check_destinations,
     find_config,
-    save_bagel_checkpoint,
+    write_bagel_checkpoint,
 )
 from .config import CONFIG_FILES
 from .errors import BagelError, CorruptCheckpointError, DistributedMismatchError, format_examples
@@ -489,6 +488,20 @@ def _dcp_tensor_specs(metadata: Metadata, source: str) -> dict[str, TensorSpec]:
     return specs
 
 
+class _MetadataOnceReader(FileSystemReader):
+    """DCP's file-system reader that parses ``.metadata`` once for many loads."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self._metadata: Metadata | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """The checkpoint's metadata, read on the first call."""
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
 def dcp_to_hf(
     src_dir: str | os.PathLike[str],
     dst_dir: str | os.PathLike[str],
@@ -501,27 +514,36 @@ def dcp_to_hf(
     """Convert a native-layout DCP checkpoint to an HF-layout BAGEL folder; return the count of
     tensors written.
 
-    The DCP metadata is validated first, with the checks :func:`bagelverify.save_bagel_checkpoint`
-    applies (keys under the ``model.`` root, known families, config shapes and completeness;
-    ``config`` defaults to config files found in ``src_dir``); only the tensors ``stage`` keeps
-    are then loaded (whole, in this process) and written by ``save_bagel_checkpoint`` (atomic
-    files, plus the config files when there is a config).
+    Validation is :func:`bagelverify.save_bagel_checkpoint`'s, run on the DCP metadata before any
+    tensor is read: keys under the ``model.`` root (``to_hf``), known families, config shapes and
+    completeness (``config`` defaults to config files found in ``src_dir``). The tensors
+    ``stage`` keeps are then streamed by :func:`bagelverify.checkpoint.write_bagel_checkpoint`:
+    each is loaded from DCP, written and released, so memory holds about two copies of the
+    largest tensor (DCP deserialises, then copies into the buffer). Files are written atomically,
+    with the config files when there is a config.
     """
     source = Path(src_dir)
     if not (source / ".metadata").is_file():
         raise FileNotFoundError(f"{source / '.metadata'}: not found; is {source} a DCP checkpoint?")
-    reader = FileSystemReader(str(source))
+    reader = _MetadataOnceReader(str(source))
     native = _dcp_tensor_specs(reader.read_metadata(), str(source))
     specs = BagelStateDictAdapter().to_hf(native, strict=strict)
-    config = config if config is not None else find_config(source)
-    report = build_report(specs, stage=stage, config=config, source=str(source))
-    report.raise_for_problems(strict=strict)
-    wanted = {
-        key: torch.empty(specs[hf_key].shape, dtype=DTYPES[specs[hf_key].dtype].torch_dtype)
-        for hf_key, key in report.plan.native.items()
-    }
-    _quietly(dcp_load, wanted, storage_reader=reader, no_dist=True)
-    save_bagel_checkpoint(
-        wanted, dst_dir, stage=stage, strict=strict, config=config, max_shard_size=max_shard_size
+    fetched = [0]
+
+    def fetch(hf_key: str) -> torch.Tensor:
+        spec = specs[hf_key]
+        out = {to_native_key(hf_key): torch.empty(spec.shape, dtype=DTYPES[spec.dtype].torch_dtype)}
+        _quietly(dcp_load, out, storage_reader=reader, no_dist=True)
+        fetched[0] += 1
+        return out[to_native_key(hf_key)]
+
+    write_bagel_checkpoint(
+        specs,
+        fetch,
+        dst_dir,
+        stage=stage,
+        max_shard_size=max_shard_size,
+        strict=strict,
+        config=config if config is not None else find_config(source),
     )
-    return len(wanted)
+    return fetched[0]

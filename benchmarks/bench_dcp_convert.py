@@ -1,12 +1,16 @@
-"""Memory and time of HF -> DCP conversion: ``hf_to_dcp`` against loading first, then saving.
+"""Memory and time of HF <-> DCP conversion: the library's converters against load-then-save.
 
-Builds a synthetic BAGEL-shaped checkpoint (scale 4 by default: ~1.8 GB model file), then runs
-each flow in a fresh subprocess and prints one side-by-side table:
+Builds a synthetic BAGEL-shaped checkpoint (scale 4 by default: ~1.8 GB model file) and a DCP
+copy of it, then runs each flow in a fresh subprocess and prints one side-by-side table:
 
-- ``load+save``: :func:`bagelverify.load_bagel_checkpoint_state_dict`, then
+- ``load+dcp.save``: :func:`bagelverify.load_bagel_checkpoint_state_dict`, then
   ``torch.distributed.checkpoint.save`` of the loaded tensors;
 - ``hf_to_dcp``: :func:`bagelverify.hf_to_dcp` (same validation, tensors streamed from a
-  copy-on-write map of the source).
+  copy-on-write map of the source);
+- ``dcp.load+save``: ``torch.distributed.checkpoint.load`` of every tensor, then
+  :func:`bagelverify.save_bagel_checkpoint`;
+- ``dcp_to_hf``: :func:`bagelverify.dcp_to_hf` (one tensor loaded, written and released at a
+  time).
 
 Memory is the peak of ``RssAnon`` (``/proc/self/status``: process memory that is not page
 cache) above its value before the conversion, sampled every 5 ms by a thread; ``VmHWM`` growth
@@ -40,6 +44,7 @@ def measure(flow: str, source: str, target: str, stage: str) -> dict[str, float]
     """Run one flow in this process; return peak RssAnon / VmHWM growth and seconds."""
     import warnings
 
+    import torch
     import torch.distributed.checkpoint as dcp
 
     import bagelverify as bv
@@ -57,12 +62,23 @@ def measure(flow: str, source: str, target: str, stage: str) -> dict[str, float]
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    if flow == "load+save":
+    if flow == "load+dcp.save":
         state = bv.load_bagel_checkpoint_state_dict(source, stage=stage)
         dcp.save(state, checkpoint_id=target, no_dist=True)
         del state
-    else:
+    elif flow == "hf_to_dcp":
         bv.hf_to_dcp(source, target, stage=stage)
+    elif flow == "dcp.load+save":
+        metadata = dcp.FileSystemReader(source).read_metadata().state_dict_metadata
+        state = {
+            key: torch.empty(entry.size, dtype=entry.properties.dtype)
+            for key, entry in metadata.items()
+        }
+        dcp.load(state, checkpoint_id=source, no_dist=True)
+        bv.save_bagel_checkpoint(state, target, stage=stage)
+        del state
+    else:
+        bv.dcp_to_hf(source, target, stage=stage)
     seconds = time.perf_counter() - start
     stop.set()
     sampler.join()
@@ -85,7 +101,7 @@ def main() -> int:
         print(json.dumps(measure(args.flow, args.dir, args.target, args.stage)))
         return 0
 
-    from bagelverify import inspect_checkpoint, make_synthetic_checkpoint
+    from bagelverify import hf_to_dcp, inspect_checkpoint, make_synthetic_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="bagelverify-dcp-bench-"))
     source = Path(args.dir) if args.dir else work / "checkpoint"
@@ -94,10 +110,13 @@ def main() -> int:
             make_synthetic_checkpoint(source, scale=args.scale, seed=0, with_vae=False)
         report = inspect_checkpoint(source, stage=args.stage)
         kept = sum(info.nbytes for info in report.retained.values())
+        dcp_source = work / "dcp"
+        hf_to_dcp(source, dcp_source, stage=args.stage)
         rows = {}
-        for flow in ("load+save", "hf_to_dcp"):
+        for flow in ("load+dcp.save", "hf_to_dcp", "dcp.load+save", "dcp_to_hf"):
             target = work / flow.replace("+", "_")
-            command = [sys.executable, __file__, "--flow", flow, "--dir", str(source)]
+            origin = dcp_source if flow.startswith("dcp") else source
+            command = [sys.executable, __file__, "--flow", flow, "--dir", str(origin)]
             command += ["--target", str(target), "--stage", args.stage]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -106,10 +125,10 @@ def main() -> int:
             rows[flow] = json.loads(done.stdout.strip().splitlines()[-1])
             shutil.rmtree(target)
         print(f"{args.stage}: kept tensors {kept / 1e6:.1f} MB")
-        print(f"{'flow':>10} {'peak RssAnon MB':>16} {'x kept':>7} {'VmHWM MB':>9} {'seconds':>8}")
+        print(f"{'flow':>14} {'peak RssAnon MB':>16} {'x kept':>7} {'VmHWM MB':>9} {'seconds':>8}")
         for flow, row in rows.items():
             print(
-                f"{flow:>10} {row['anon'] / 1e6:>16.1f} {row['anon'] / kept:>7.2f} "
+                f"{flow:>14} {row['anon'] / 1e6:>16.1f} {row['anon'] / kept:>7.2f} "
                 f"{row['hwm'] / 1e6:>9.1f} {row['seconds']:>8.2f}"
             )
     finally:
