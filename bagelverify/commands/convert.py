@@ -2,6 +2,8 @@
 
 Safetensors -> safetensors streams one tensor at a time
 (:func:`bagelverify.checkpoint.convert_checkpoint`): peak memory is about the largest tensor.
+To DCP (:func:`bagelverify.hf_to_dcp`) the tensors are written from a memory map of the source;
+from DCP (:func:`bagelverify.dcp_to_hf`) one tensor at a time.
 The output is written into a hidden staging folder next to ``DST`` and moved into place only when
 complete, so an interrupted run never leaves a partial checkpoint under ``DST``; an existing
 checkpoint in ``DST`` is replaced only with ``--force``.
@@ -157,8 +159,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=("hf", "native", "dcp"),
         default="hf",
         help="hf: HF keys (the release layout, default); native: the same keys under 'model.'; "
-        "dcp: a torch.distributed.checkpoint folder with native keys (holds the kept tensors "
-        "in memory)",
+        "dcp: a torch.distributed.checkpoint folder with native keys (written from a memory "
+        "map of the source: no copy in process memory)",
     )
     parser.add_argument(
         "--from",
