@@ -402,3 +402,14 @@ def test_without_strict_the_common_keys_load_and_the_rest_is_reported(
     assert result.missing_keys == ["model.vit_model.vision_model.encoder.layers.99.mlp.fc1.bias"]
     assert result.unexpected_keys == [dropped]
     assert all(torch.equal(model[k], reference[k]) for k in reference if k != dropped)
+
+
+def test_hf_to_dcp_from_a_sharded_folder_round_trips_to_the_single_file(
+    folders: dict[str, str], tmp_path: Path
+) -> None:
+    """Index + shards are mapped file by file; the way back gives the single-file checkpoint."""
+    hf_to_dcp(folders["sharded"], tmp_path / "dcp")
+    dcp_to_hf(tmp_path / "dcp", tmp_path / "hf")
+    assert raw(tmp_path / "hf" / "ema.safetensors") == raw(
+        Path(folders["checkpoint"]) / "ema.safetensors"
+    )
