@@ -212,6 +212,7 @@ def main() -> None:
         runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
         for round_ in range(args.repeat):  # interleaved, so background load hits every mode
             for mode in modes:
+                os.sync()  # no writeback of an earlier save may overlap this measurement
                 if args.cold:
                     _evict(model_file)
                 out = None
