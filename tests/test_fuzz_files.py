@@ -295,15 +295,19 @@ TORCH_DTYPES = [
 NEGATABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64)
 
 
+WRITABLE_DTYPES = [dtype for dtype in TORCH_DTYPES if dtype in safetensors_io.DTYPE_BY_TORCH]
+
+
 @st.composite
-def odd_tensors(draw: st.DrawFn) -> object:
+def odd_tensors(draw: st.DrawFn, *, writable: bool = False) -> object:
     """Tensors of every dtype and many memory layouts (transposed, strided, expanded, offset,
     lazily negated or conjugated, zero-size, 0-d, Parameters), plus values that are no dense
-    tensor at all."""
-    kind = draw(st.sampled_from(["tensor"] * 6 + ["meta", "sparse", "none", "number", "list"]))
-    if kind in ("none", "number", "list"):
-        return {"none": None, "number": 1.5, "list": [1.0, 2.0]}[kind]
-    dtype = draw(st.sampled_from(TORCH_DTYPES))
+    tensor at all; with ``writable``, only dense tensors of safetensors dtypes."""
+    kinds = ["tensor"] if writable else ["tensor"] * 25 + ["meta", "sparse", "none", "num", "list"]
+    kind = draw(st.sampled_from(kinds))
+    if kind in ("none", "num", "list"):
+        return {"none": None, "num": 1.5, "list": [1.0, 2.0]}[kind]
+    dtype = draw(st.sampled_from(WRITABLE_DTYPES if writable else TORCH_DTYPES))
     shape = draw(st.lists(st.integers(0, 4), max_size=3))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
     base = (torch.randn(shape, generator=generator) * 100).to(dtype)
@@ -333,19 +337,16 @@ def odd_tensors(draw: st.DrawFn) -> object:
     return base
 
 
-native_keys = st.one_of(
-    st.sampled_from(UND + GEN).map(lambda k: "model." + k),
-    st.sampled_from(
-        [
-            "model.__metadata__",
-            "model.unknown.weight",
-            "model.\ud800",
-            "no_root",
-            "model.language_model.model.layers.0.self_attn.q_proj._extra_state",
-        ]
-    ),
-    st.integers(0, 3),
-)
+ODD_KEYS = [
+    "model.__metadata__",
+    "model.unknown.weight",
+    "model.\ud800",
+    "no_root",
+    "model.language_model.model.layers.0.self_attn.q_proj._extra_state",
+    0,
+]
+_real_keys = st.sampled_from(UND + GEN).map(lambda k: "model." + k)
+native_keys = st.one_of(_real_keys, _real_keys, _real_keys, st.sampled_from(ODD_KEYS))
 
 
 def _expected_bytes(value: torch.Tensor) -> bytes:
@@ -367,11 +368,25 @@ def _fingerprint(sd: dict[Any, Any]) -> list[tuple[Any, Any, bytes | None]]:
     ]
 
 
+def assert_round_trip(folder: Path, sd: dict[str, Any]) -> None:
+    """The saved folder loads back as the UND/GEN entries of ``sd``, with their values."""
+    loaded = bv.load_bagel_checkpoint_state_dict(folder, stage=2, strict=False)
+    kept = (Bucket.UND, Bucket.GEN)
+    assert loaded.keys() == {k for k in sd if k.startswith("model.") and classify(k[6:]) in kept}
+    for key, tensor in loaded.items():
+        value = sd[key]
+        assert tensor.dtype == value.dtype and tensor.shape == value.shape
+        assert bytes(safetensors_io.byte_view(tensor)) == _expected_bytes(value)
+
+
+shard_sizes = st.sampled_from([None, 1, "1KB"])
+
+
 @FUZZ
 @given(
     sd=st.dictionaries(native_keys, odd_tensors(), max_size=5),
     strict=st.booleans(),
-    shard_size=st.sampled_from([None, 1, "1KB"]),
+    shard_size=shard_sizes,
 )
 def test_save_with_odd_values(
     workdir: Path, sd: dict[Any, Any], strict: bool, shard_size: int | str | None
@@ -392,24 +407,54 @@ def test_save_with_odd_values(
             p for p in folder.iterdir() if not p.name.startswith(".")
         ]
     else:
-        loaded = bv.load_bagel_checkpoint_state_dict(folder, stage=2, strict=False)
-        kept = (Bucket.UND, Bucket.GEN)
-        assert loaded.keys() == {
-            k for k in sd if k.startswith("model.") and classify(k[6:]) in kept
-        }
-        for key, tensor in loaded.items():
-            value = sd[key]
-            assert tensor.dtype == value.dtype and tensor.shape == value.shape
-            assert bytes(safetensors_io.byte_view(tensor)) == _expected_bytes(value)
+        assert_round_trip(folder, sd)
     after = _fingerprint(sd)
     assert [(k, v) for k, v, _ in after] == [(k, v) for k, v, _ in before]  # same objects
     assert [b for *_, b in after] == [b for *_, b in before]  # same values
+
+
+@FUZZ
+@given(
+    sd=st.dictionaries(_real_keys, odd_tensors(writable=True), min_size=1, max_size=5),
+    shard_size=shard_sizes,
+)
+def test_writable_values_round_trip_whatever_their_layout(
+    workdir: Path, sd: dict[str, torch.Tensor], shard_size: int | str | None
+) -> None:
+    """Every dense tensor of a safetensors dtype saves and loads back with its values,
+    whatever its memory layout; the input is never changed."""
+    folder = workdir / "writable"
+    shutil.rmtree(folder, ignore_errors=True)
+    before = _fingerprint(sd)
+    # strict=False: a random key set may hold a GEN key without its UND twin
+    bv.save_bagel_checkpoint(sd, folder, stage=2, strict=False, max_shard_size=shard_size)
+    assert_round_trip(folder, sd)
+    assert _fingerprint(sd) == before
 
 
 def test_unsupported_dtype_error_names_key_and_remedy(tmp_path: Path) -> None:
     key = UND[0]  # the saver checks HF keys: the native key without its model. root
     with pytest.raises(UnsupportedTensorError, match=rf"'{key}': torch dtype torch.complex64 has"):
         bv.save_bagel_checkpoint({"model." + key: torch.ones(1, dtype=torch.complex64)}, tmp_path)
+
+
+VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "negated": torch._neg_view,
+    "transposed": lambda t: t.t(),
+    "expanded": lambda t: t[:1].expand(3, 4),
+    "offset": lambda t: t[1:],
+    "parameter": lambda t: torch.nn.Parameter(t.clone()),
+}
+
+
+@pytest.mark.parametrize("view", list(VIEWS))
+def test_views_are_written_as_their_values(tmp_path: Path, view: str) -> None:
+    """What is written is the tensor's values, not its raw memory."""
+    key = "model." + UND[0]
+    value = VIEWS[view](torch.arange(12, dtype=torch.float32).reshape(3, 4) + 1)
+    bv.save_bagel_checkpoint({key: value}, tmp_path, strict=False)
+    loaded = bv.load_bagel_checkpoint_state_dict(tmp_path, strict=False)
+    assert torch.equal(loaded[key], value.detach().resolve_neg())
 
 
 # -- aliasing on the key-only paths ---------------------------------------------------------------
