@@ -62,10 +62,12 @@ from .automata import (
     unicode_non_ascii_digits,
 )
 from .buckets import MATCH_ORDER, Bucket
+from .errors import PatternError
 from .families import FAMILIES, MOE_SUFFIX
 from .manifest import VAE_FILE, load_manifest
 from .matcher import PLACEHOLDER as MEMO_PLACEHOLDER
 from .matcher import NaiveMatcher, _build_dfa, compile_matcher, shipped_patterns
+from .strict_json import json_type, parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -917,17 +919,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def read_pattern_file(path: str) -> dict[str, Any]:
+    """The bucket -> pattern-list object of a ``--patterns`` JSON file, checked for shape."""
+    with open(path, "rb") as handle:
+        document = parse_json(handle.read(), lambda what: PatternError(f"{path}: {what}"))
+    if not isinstance(document, dict):
+        raise PatternError(
+            f"{path}: expected a JSON object with keys und, gen, vae, extra; "
+            f"found {json_type(document)}"
+        )
+    unknown = sorted(set(document) - {b.value for b in MATCH_ORDER})
+    if unknown:
+        raise PatternError(f"{path}: expected keys und, gen, vae, extra; found {unknown}")
+    return document
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the certificate; exit 1 if any obligation failed."""
-    lists: dict[str, Any] = {}
-    if args.patterns:
-        with open(args.patterns, encoding="utf-8") as handle:
-            lists = json.load(handle)
-        unknown = set(lists) - {b.value for b in MATCH_ORDER}
-        if not isinstance(lists, dict) or unknown:
-            raise ValueError(
-                f"{args.patterns}: expected keys und, gen, vae, extra; found {sorted(unknown)}"
-            )
+    lists = read_pattern_file(args.patterns) if args.patterns else {}
     report = check_patterns(
         **{b.value: lists.get(b.value) for b in MATCH_ORDER},
         use_z3=False if args.no_z3 else None,

@@ -17,10 +17,18 @@ from bagelverify import verify
 from bagelverify.automata import DFA, UnsupportedPattern, template_verdict
 from bagelverify.buckets import MATCH_ORDER
 from bagelverify.cli import main
+from bagelverify.errors import PatternError
 from bagelverify.families import FAMILY_BY_NAME
 from bagelverify.manifest import load_manifest
 from bagelverify.smt import Z3_MAX_CHAR, Z3Engine
-from bagelverify.verify import FAILED, PROVED, SKIPPED, PatternReport, check_patterns
+from bagelverify.verify import (
+    FAILED,
+    PROVED,
+    SKIPPED,
+    PatternReport,
+    check_patterns,
+    read_pattern_file,
+)
 
 ALL_SHIPPED = bv.UND_PATTERNS + bv.GEN_PATTERNS + bv.VAE_PATTERNS + bv.EXTRA_PATTERNS
 DIGIT_SENSITIVE_FAMILIES = [
@@ -299,6 +307,27 @@ def test_cli_rejects_unknown_bucket_names(
     patterns.write_text(json.dumps({"udn": []}))
     assert main(["verify", "--patterns", str(patterns)]) == 2
     assert "udn" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "complaint"),
+    [
+        (b"[1, 2]", "found array"),
+        (b'{"und": [], "und": []}', "'und'"),
+        (b"{not json", "not valid JSON"),
+        (b"\xff", "not UTF-8"),
+    ],
+)
+def test_cli_pattern_file_faults_are_one_line_pattern_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, complaint: str
+) -> None:
+    patterns = tmp_path / "patterns.json"
+    patterns.write_bytes(content)
+    assert main(["verify", "--patterns", str(patterns)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(patterns) in err and complaint in err
+    with pytest.raises(PatternError, match=complaint):
+        read_pattern_file(str(patterns))
 
 
 def test_proofs_script_prints_the_certificate(
