@@ -39,7 +39,7 @@ from .errors import (
     format_examples,
 )
 from .families import FAMILIES
-from .manifest import MODEL_FILE, VAE_FILE
+from .manifest import MODEL_FILE, VAE_FILE, load_manifest
 from .partition import classify
 from .patch_embedding import PATCH_EMBEDDING_WEIGHT, conv_patch_weight_to_linear
 from .safetensors_io import (
@@ -681,11 +681,13 @@ def load_bagel_vae_state_dict(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    strict: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Load ``ae.safetensors`` (the FLUX VAE): its ``encoder.*``/``decoder.*`` keys as stored.
 
     Any other key is an :class:`~bagelverify.errors.UnknownKeysError`: this file holds the VAE
-    only.
+    only. Under ``strict``, every key of the released VAE must be present
+    (:class:`~bagelverify.errors.MissingKeysError` otherwise).
     """
     directory = Path(checkpoint_dir)
     _require_directory(directory, VAE_FILE)
@@ -699,6 +701,15 @@ def load_bagel_vae_state_dict(
             f"{path}: {len(other)} keys are not VAE (encoder./decoder.) keys: "
             f"{format_examples(other)}. Is this the model file rather than ae.safetensors?",
             other,
+        )
+    expected = load_manifest()[VAE_FILE]
+    missing = [key for key in expected if key not in header.tensors]
+    if strict and missing:
+        raise MissingKeysError(
+            f"{path}: {len(missing)} of the {len(expected)} VAE keys are missing: "
+            f"{format_examples(missing)}. The file is incomplete; pass strict=False to load "
+            "the keys it has.",
+            missing,
         )
     jobs = {key: (info, False) for key, info in header.tensors.items()}
     out = {

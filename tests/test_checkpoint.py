@@ -148,6 +148,20 @@ def test_vae_loader(synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path) -
     assert info.value.keys == [UND[0]]
 
 
+def test_vae_loader_refuses_an_incomplete_file_unless_not_strict(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    expected = reference(synthetic_checkpoint.path, "ae.safetensors")
+    lost = "decoder.conv_out.bias"
+    save_tensors(tmp_path / "ae.safetensors", {k: v for k, v in expected.items() if k != lost})
+    with pytest.raises(MissingKeysError, match=f"1 of the 244 VAE keys are missing: '{lost}'"):
+        bv.load_bagel_vae_state_dict(tmp_path)
+    assert len(bv.load_bagel_vae_state_dict(tmp_path, strict=False)) == 243
+    save_tensors(tmp_path / "ae.safetensors", {})
+    with pytest.raises(MissingKeysError, match="244 of the 244"):
+        bv.load_bagel_vae_state_dict(tmp_path)
+
+
 def test_missing_folder_and_files_name_the_expected_file(tmp_path: Path) -> None:
     with pytest.raises(
         FileNotFoundError, match=re.escape(str(tmp_path / "nope" / "ema.safetensors"))
