@@ -195,6 +195,42 @@ def plan(keys: Iterable[str], *, stage: object = "stage1") -> Plan:
     return result
 
 
+def unroot(state_dict: Mapping[str, V], *, exclude_key_regex: str | None = None) -> dict[str, V]:
+    """Native keys -> HF keys, with no check of what the keys name.
+
+    Keys matched by ``re.match(exclude_key_regex, key)`` are skipped; every other key must be
+    under the ``model.`` root (:class:`~bagelverify.errors.RootError` listing all that are not);
+    ``._extra_state`` entries are dropped.
+    """
+    state_dict = _require_mapping(state_dict, "state_dict")
+    exclude = _compile_exclude(exclude_key_regex)
+    out: dict[str, V] = {}
+    unrooted: list[str] = []
+    extra = 0
+    for key, value in state_dict.items():
+        check_key(key)
+        if exclude is not None and exclude.match(key):
+            continue
+        if not key.startswith(ROOT):
+            unrooted.append(key)
+            continue
+        hf_key = key[len(ROOT) :]
+        if classify(hf_key) is Bucket.EXTRA:
+            extra += 1
+            continue
+        out[hf_key] = value
+    if unrooted:
+        raise RootError(
+            f"{len(unrooted)} native keys are not under the {ROOT!r} root: "
+            f"{format_examples(unrooted)}. to_hf takes the module's own state dict; "
+            "HF-layout keys need no conversion.",
+            unrooted,
+        )
+    if extra:
+        logger.info("dropping %d Transformer-Engine ._extra_state entries", extra)
+    return out
+
+
 class BagelStateDictAdapter:
     """HF <-> native state-dict converter for BAGEL-7B-MoT.
 
@@ -249,34 +285,8 @@ class BagelStateDictAdapter:
         be an UND or GEN key (:class:`~bagelverify.errors.UnknownKeysError` otherwise); without
         it such keys are kept with a warning.
         """
-        state_dict = _require_mapping(state_dict, "state_dict")
-        exclude = _compile_exclude(exclude_key_regex)
-        out: dict[str, V] = {}
-        unrooted: list[str] = []
-        unknown: list[str] = []
-        extra = 0
-        for key, value in state_dict.items():
-            check_key(key)
-            if exclude is not None and exclude.match(key):
-                continue
-            if not key.startswith(ROOT):
-                unrooted.append(key)
-                continue
-            hf_key = key[len(ROOT) :]
-            bucket = classify(hf_key)
-            if bucket is Bucket.EXTRA:
-                extra += 1
-                continue
-            if bucket not in (Bucket.UND, Bucket.GEN):
-                unknown.append(key)
-            out[hf_key] = value
-        if unrooted:
-            raise RootError(
-                f"{len(unrooted)} native keys are not under the {ROOT!r} root: "
-                f"{format_examples(unrooted)}. to_hf takes the module's own state dict; "
-                "HF-layout keys need no conversion.",
-                unrooted,
-            )
+        out = unroot(state_dict, exclude_key_regex=exclude_key_regex)
+        unknown = [ROOT + k for k in out if classify(k) not in (Bucket.UND, Bucket.GEN)]
         if unknown:
             message = (
                 f"{len(unknown)} native keys are not BAGEL UND or GEN keys: "
@@ -284,13 +294,11 @@ class BagelStateDictAdapter:
             )
             if strict:
                 raise UnknownKeysError(
-                    message + ". Pass strict=False to write them anyway, or exclude them with "
+                    message + ". Pass strict=False to convert them anyway, or exclude them with "
                     "exclude_key_regex.",
                     unknown,
                 )
-            logger.warning("%s; writing them unchanged", message)
-        if extra:
-            logger.info("dropping %d Transformer-Engine ._extra_state entries", extra)
+            logger.warning("%s; converting them unchanged", message)
         return out
 
     def convert_single_tensor_to_hf(

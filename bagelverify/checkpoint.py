@@ -27,7 +27,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from .adapter import BagelStateDictAdapter, Plan, plan, strip_root, to_native_key
+from .adapter import Plan, plan, strip_root, to_native_key, unroot
 from .atomic import atomic_open, remove_durably
 from .buckets import Bucket
 from .config import CONFIG_FILES, BagelConfig
@@ -776,8 +776,10 @@ def save_bagel_checkpoint(
 ) -> list[Path]:
     """Write a native state dict as an HF-layout BAGEL checkpoint; return the files written.
 
-    Keys go through :meth:`BagelStateDictAdapter.to_hf`; ``stage`` chooses what is written
-    (``"stage2"``, the default, writes every UND and GEN tensor; ``"stage1"`` only UND). With a
+    Keys must be under the ``model.`` root (``._extra_state`` entries are dropped); ``stage``
+    chooses what is written (``"stage2"``, the default, writes every UND and GEN tensor;
+    ``"stage1"`` only UND). Unknown keys raise under ``strict`` and are dropped with a warning
+    otherwise, as on loading. With a
     ``config`` the tensors are validated like a load (shapes, missing keys under ``strict``) and
     the three config files are written too. Without ``max_shard_size`` one ``ema.safetensors``
     is written; with it, ``model-0000i-of-0000n.safetensors`` shards and
@@ -788,7 +790,7 @@ def save_bagel_checkpoint(
     tensor a safetensors file can hold, kept by the stage or not:
     :class:`~bagelverify.errors.UnsupportedTensorError` otherwise, before anything is written.
     """
-    hf = BagelStateDictAdapter().to_hf(native_state_dict, strict=strict)
+    hf = unroot(native_state_dict)  # the report below checks the keys, strict or not
     specs = {key: spec_of(key, tensor) for key, tensor in hf.items()}
     return write_bagel_checkpoint(
         specs,

@@ -179,7 +179,7 @@ def test_to_hf_strict_refuses_non_model_keys_non_strict_keeps_them(
     with caplog.at_level(logging.WARNING, logger="bagelverify"):
         out = bv.BagelStateDictAdapter().to_hf(native, strict=False)
     assert list(out) == [Q, "encoder.conv_in.weight", "head.weight"]
-    assert "writing them unchanged" in caplog.text
+    assert "converting them unchanged" in caplog.text
 
 
 def test_to_hf_exclude_key_regex_uses_re_match_on_native_key() -> None:
