@@ -180,7 +180,7 @@ class BagelHFStorageReader(HuggingFaceStorageReader):
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, span[0], span[1], os.POSIX_FADV_RANDOM)
             require_little_endian()
-            read_exact(fd, byte_view(buffer), span[0])
+            read_exact(fd, byte_view(buffer), span[0], source=f"{info.path}: {info.name!r}")
         finally:
             os.close(fd)
         if not direct:
