@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from .adapter import BagelStateDictAdapter, Plan, plan
 from .buckets import Bucket
-from .checkpoint import (
-    CheckpointReport,
-    IncompatibleKeys,
-    convert_checkpoint,
-    inspect_checkpoint,
-    load_bagel_checkpoint_state_dict,
-    load_bagel_vae_state_dict,
-    load_into,
-    save_bagel_checkpoint,
-    write_bagel_checkpoint,
-)
 from .config import BagelConfig
 from .errors import (
     BagelError,
@@ -33,34 +23,74 @@ from .errors import (
 from .families import FAMILIES, Family, expected_shapes, patterns_of, und_twin
 from .matcher import Matcher, compile_matcher
 from .partition import classify, partition
-from .patch_embedding import conv_patch_weight_to_linear, linear_patch_weight_to_conv
 from .stage import normalize_stage
-from .synthetic import make_synthetic_checkpoint
 from .verify import check_patterns
 
 if TYPE_CHECKING:
+    from .checkpoint import (
+        CheckpointReport,
+        IncompatibleKeys,
+        convert_checkpoint,
+        inspect_checkpoint,
+        load_bagel_checkpoint_state_dict,
+        load_bagel_vae_state_dict,
+        load_into,
+        save_bagel_checkpoint,
+        write_bagel_checkpoint,
+    )
     from .distributed import (
         DistributedLoadResult,
         dcp_to_hf,
         hf_to_dcp,
         load_bagel_checkpoint_distributed,
     )
+    from .patch_embedding import conv_patch_weight_to_linear, linear_patch_weight_to_conv
+    from .synthetic import make_synthetic_checkpoint
 
-_DISTRIBUTED = (
-    "DistributedLoadResult",
-    "dcp_to_hf",
-    "hf_to_dcp",
-    "load_bagel_checkpoint_distributed",
-)
+#: Names whose modules import torch, loaded on first use so that ``import bagelverify`` (and the
+#: key-only API: adapter, classify, patterns, proofs) stays light.
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "CheckpointReport",
+            "IncompatibleKeys",
+            "convert_checkpoint",
+            "inspect_checkpoint",
+            "load_bagel_checkpoint_state_dict",
+            "load_bagel_vae_state_dict",
+            "load_into",
+            "save_bagel_checkpoint",
+            "write_bagel_checkpoint",
+        ),
+        "checkpoint",
+    ),
+    **dict.fromkeys(
+        (
+            "DistributedLoadResult",
+            "dcp_to_hf",
+            "hf_to_dcp",
+            "load_bagel_checkpoint_distributed",
+        ),
+        "distributed",
+    ),
+    "conv_patch_weight_to_linear": "patch_embedding",
+    "linear_patch_weight_to_conv": "patch_embedding",
+    "make_synthetic_checkpoint": "synthetic",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """Import :mod:`bagelverify.distributed` (torch.distributed.checkpoint) on first use only."""
-    if name in _DISTRIBUTED:
-        from . import distributed
+    """Import the module behind a torch-dependent name on first use."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return getattr(distributed, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 UND_PATTERNS: list[str] = patterns_of(Bucket.UND)

@@ -175,9 +175,9 @@ def file_ranges(rank: int, world_size: int, ckpt: str, mesh: Any) -> dict[str, A
     calls: list[tuple[int, int]] = []
     original = distributed.read_exact
 
-    def recording(fd: int, buffer: memoryview, offset: int) -> None:
+    def recording(fd: int, buffer: memoryview, offset: int, *, source: str = "") -> None:
         calls.append((offset, len(buffer)))
-        original(fd, buffer, offset)
+        original(fd, buffer, offset, source=source)
 
     distributed.read_exact = recording
     try:

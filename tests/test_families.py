@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -133,3 +135,13 @@ def test_partition_keeps_order_and_returns_same_values() -> None:
 def test_partition_refuses_a_single_string() -> None:
     with pytest.raises(TypeError, match="single key"):
         bv.partition("language_model.lm_head.weight")
+
+
+def test_import_stays_light_until_a_torch_name_is_used() -> None:
+    code = (
+        "import sys, bagelverify as bv; assert 'torch' not in sys.modules; "
+        "bv.classify('vae2llm.bias'); bv.BagelStateDictAdapter().from_hf({}); "
+        "assert 'torch' not in sys.modules; bv.load_into; assert 'torch' in sys.modules; "
+        "assert set(bv.__all__) <= set(dir(bv))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
