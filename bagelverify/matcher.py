@@ -87,6 +87,19 @@ def pattern_lists(patterns: PatternSets) -> dict[Bucket, tuple[str, ...]]:
     return lists
 
 
+def choose_patterns(
+    und: Sequence[str] | None = None,
+    gen: Sequence[str] | None = None,
+    vae: Sequence[str] | None = None,
+    extra: Sequence[str] | None = None,
+) -> dict[Bucket, tuple[str, ...]]:
+    """Per-bucket pattern lists from keyword arguments: ``None`` takes the shipped list of that
+    bucket, ``[]`` means no patterns; checked as :func:`pattern_lists` checks them."""
+    shipped = shipped_patterns()
+    given = dict(zip(MATCH_ORDER, (und, gen, vae, extra), strict=True))
+    return pattern_lists({b: shipped[b] if p is None else p for b, p in given.items()})
+
+
 class NaiveMatcher:
     """The reference semantics: the first bucket (in match order) with a fully matching pattern.
 
@@ -422,7 +435,4 @@ def compile_matcher(
     (``.*a.{30}`` needs some 2**31 states). Patterns the automaton cannot model exactly
     (lookarounds, backreferences, inline flags) still work: the memo is then off.
     """
-    shipped = shipped_patterns()
-    given = dict(zip(MATCH_ORDER, (und, gen, vae, extra), strict=True))
-    chosen = {b: shipped[b] if p is None else p for b, p in given.items()}
-    return Matcher(chosen, memo_size=memo_size)
+    return Matcher(choose_patterns(und, gen, vae, extra), memo_size=memo_size)

@@ -66,7 +66,7 @@ from .errors import PatternError
 from .families import FAMILIES, MOE_SUFFIX
 from .manifest import VAE_FILE, load_manifest
 from .matcher import PLACEHOLDER as MEMO_PLACEHOLDER
-from .matcher import NaiveMatcher, _build_dfa, compile_matcher, shipped_patterns
+from .matcher import NaiveMatcher, _build_dfa, choose_patterns, compile_matcher
 from .strict_json import json_type, parse_json
 
 logger = logging.getLogger(__name__)
@@ -838,14 +838,7 @@ def check_patterns(
     from .smt import z3_version
 
     began = time.perf_counter()
-    shipped = shipped_patterns()
-    given = {Bucket.UND: und, Bucket.GEN: gen, Bucket.VAE: vae, Bucket.EXTRA: extra}
-    patterns: dict[Bucket, list[str]] = {}
-    for bucket in MATCH_ORDER:
-        items = given[bucket]
-        if isinstance(items, str):
-            raise TypeError(f"{bucket.value} must be a list of patterns, not the string {items!r}")
-        patterns[bucket] = list(shipped[bucket] if items is None else items)
+    patterns = {b: list(p) for b, p in choose_patterns(und, gen, vae, extra).items()}
     z3v = z3_version()
     if use_z3 and z3v is None:
         raise ModuleNotFoundError("use_z3=True needs z3-solver: pip install 'bagelverify[proofs]'")

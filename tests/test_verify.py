@@ -20,6 +20,7 @@ from bagelverify.cli import main
 from bagelverify.errors import PatternError
 from bagelverify.families import FAMILY_BY_NAME
 from bagelverify.manifest import load_manifest
+from bagelverify.matcher import shipped_patterns
 from bagelverify.smt import Z3_MAX_CHAR, Z3Engine
 from bagelverify.verify import (
     FAILED,
@@ -82,7 +83,7 @@ def test_digit_sensitive_patterns_are_exactly_the_literal_digit_families(
     witnesses = shipped.obligation("P3 digit symmetry").witnesses
     named = {FAMILY_BY_NAME[name].pattern for name in DIGIT_SENSITIVE_FAMILIES}
     assert {p for p in ALL_SHIPPED for w in witnesses if repr(p) in w.claim} == named
-    dfa = DFA.from_patterns([(b, verify.shipped_patterns()[b]) for b in MATCH_ORDER])
+    dfa = DFA.from_patterns([(b, shipped_patterns()[b]) for b in MATCH_ORDER])
     for w in witnesses:
         inside, outside = w.keys
         pattern = next(p for p in named if repr(p) in w.claim)
@@ -275,7 +276,7 @@ def test_report_repr_shows_each_failed_obligation_with_witness_keys() -> None:
 
 
 def test_check_patterns_rejects_a_bare_string() -> None:
-    with pytest.raises(TypeError, match="list of patterns"):
+    with pytest.raises(PatternError, match="must be a list of regex strings, not one str"):
         check_patterns(und=bv.UND_PATTERNS[0])  # type: ignore[arg-type]
 
 
