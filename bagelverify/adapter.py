@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .buckets import Bucket
+from .config import BagelConfig
 from .errors import (
     KeyCollisionError,
     MissingKeysError,
@@ -257,6 +258,11 @@ class BagelStateDictAdapter:
     ) -> dict[str, V]:
         """Convert an HF-layout state dict to native layout, keeping the stage's buckets.
 
+        With a :class:`~bagelverify.config.BagelConfig` as the adapter's ``config``, the values'
+        shapes are checked like a checkpoint load's (:class:`~bagelverify.errors.
+        ShapeMismatchError` listing every mismatch; under ``strict`` expected keys the stage keeps
+        must all be present); any other config object is kept for reference only.
+
         Raises :class:`~bagelverify.errors.KeyCollisionError` when a key occurs both unrooted and
         rooted; under ``strict``, :class:`~bagelverify.errors.UnknownKeysError` (a ``KeyError``)
         for unknown keys and :class:`~bagelverify.errors.MissingKeysError` for a stage-2 GEN key
@@ -264,8 +270,16 @@ class BagelStateDictAdapter:
         (DTensors included) are returned as they are.
         """
         hf_state_dict = _require_mapping(hf_state_dict, "hf_state_dict")
-        report = self.plan(hf_state_dict, stage=stage)
-        report.raise_for_problems(strict=strict)
+        stage = self.stage if stage is None else stage
+        if isinstance(self.config, BagelConfig):
+            from .checkpoint import state_dict_report  # torch is needed only with a config
+
+            checked = state_dict_report(hf_state_dict, stage=stage, config=self.config)
+            checked.raise_for_problems(strict=strict)
+            report = checked.plan
+        else:
+            report = self.plan(hf_state_dict, stage=stage)
+            report.raise_for_problems(strict=strict)
         report.log(strict=strict)
         return {native: hf_state_dict[key] for key, native in report.native.items()}
 

@@ -45,6 +45,7 @@ from .patch_embedding import PATCH_EMBEDDING_WEIGHT, conv_patch_weight_to_linear
 from .safetensors_io import (
     TensorInfo,
     TensorSpec,
+    dtype_name,
     layout_order,
     read_header,
     read_into,
@@ -445,6 +446,21 @@ def build_report(
         beyond,
         conv,
     )
+
+
+def state_dict_report(
+    state_dict: Mapping[str, object], *, stage: object, config: BagelConfig
+) -> CheckpointReport:
+    """:func:`build_report` for an in-memory HF state dict, reading shapes and dtypes from its
+    values (the global shape of a DTensor). A value that is not a tensor counts as an empty one:
+    only its key is checked."""
+    specs = {
+        key: TensorSpec(key, dtype_name(value.dtype), tuple(value.shape))
+        if isinstance(value, torch.Tensor)
+        else TensorSpec(key, "U8", (0,))
+        for key, value in state_dict.items()
+    }
+    return build_report(specs, stage=stage, config=config)
 
 
 def inspect_checkpoint(

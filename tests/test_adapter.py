@@ -15,12 +15,15 @@ from bagelverify.errors import (
     KeyCollisionError,
     MissingKeysError,
     RootError,
+    ShapeMismatchError,
     StageError,
     StageTypeError,
     UnknownKeysError,
 )
+from bagelverify.families import expected_shapes
 from bagelverify.manifest import load_manifest
 from bagelverify.strategies import STAGE_SPELLINGS, FakeTensor
+from bagelverify.synthetic import scaled_config
 
 EMA = list(load_manifest()["ema.safetensors"])
 AE = list(load_manifest()["ae.safetensors"])
@@ -278,3 +281,29 @@ def test_foreign_config_objects_are_accepted_and_stage_is_assignable() -> None:
     adapter = bv.BagelStateDictAdapter(config=SimpleNamespace(text_config=None), stage="stage1")
     adapter.stage = "stage2"  # type: ignore[assignment]
     assert list(adapter.from_hf(fake([Q_GEN, Q]))) == ["model." + Q_GEN, "model." + Q]
+
+
+# -- a BagelConfig turns on shape and completeness checks -------------------------------------
+
+
+def test_adapter_with_a_config_checks_shapes_and_completeness_like_a_load() -> None:
+    config = scaled_config(64)
+    shapes = expected_shapes(config)
+    sd = {k: torch.empty(shape, dtype=torch.bfloat16) for k, shape in shapes.items()}
+    adapter = bv.BagelStateDictAdapter(config=config, stage=2)
+    out = adapter.from_hf(sd)
+    assert len(out) == 1223 and all(out["model." + k] is v for k, v in sd.items())
+
+    wrong = {**sd, Q: torch.empty(3, 3), "vae2llm.bias": torch.empty(1)}
+    with pytest.raises(ShapeMismatchError) as info:
+        adapter.from_hf(wrong, strict=False)
+    message = str(info.value)
+    expected_q = list(shapes[Q])
+    assert f"{Q}: expected {expected_q}, found [3, 3]" in message
+    assert "vae2llm.bias: expected" in message  # every mismatch, not only the first
+
+    del sd["vit_model.vision_model.post_layernorm.bias"]
+    with pytest.raises(MissingKeysError, match=r"vit.post_layernorm: 1 key missing"):
+        adapter.from_hf(sd)
+    assert len(adapter.from_hf(sd, strict=False)) == 1222
+    assert len(adapter.from_hf(sd, stage=1, strict=False)) == 820
