@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from .errors import ShapeMismatchError
+from .families import FAMILY_BY_NAME
 
-PATCH_EMBEDDING_WEIGHT = "vit_model.vision_model.embeddings.patch_embedding.weight"
-"""HF key of the patch-embedding weight."""
+PATCH_EMBEDDING_WEIGHT = FAMILY_BY_NAME["vit.patch_embedding"].template.format(param="weight")
+"""HF key of the patch-embedding weight (from the family table)."""
 
 
 def conv_patch_weight_to_linear(weight: torch.Tensor) -> torch.Tensor:
