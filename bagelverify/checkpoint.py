@@ -419,10 +419,11 @@ def build_report(
         for family in FAMILIES:
             if family.shape is None or family.bucket not in kept_buckets:
                 continue
-            for hf_key in family.keys(config):
-                expected[hf_key] = family.shape(config, hf_key.rsplit(".", 1)[1])
-                if hf_key not in present:
-                    missing.setdefault(family.name, []).append(hf_key)
+            shapes = family.expected_shapes(config)
+            expected.update(shapes)
+            absent = [hf_key for hf_key in shapes if hf_key not in present]
+            if absent:
+                missing[family.name] = absent
     for key in key_plan.native:
         hf_key, shape = strip_root(key), tuple(tensors[key].shape)
         want = expected.get(hf_key)

@@ -99,6 +99,13 @@ class Family:
             for param in self.params:
                 yield self.template.format(layer=layer, param=param)
 
+    def expected_shapes(self, config: BagelConfig) -> dict[str, tuple[int, ...]]:
+        """Every key of this family for ``config`` with its shape."""
+        shape = self.shape
+        if shape is None:
+            raise ValueError(f"family {self.name!r} has no enumerable keys")
+        return {key: shape(config, key.rsplit(".", 1)[1]) for key in self.keys(config)}
+
 
 # -- shape helpers: dimensions are named by BagelConfig attributes ------------------------------
 
@@ -368,9 +375,6 @@ def expected_shapes(config: BagelConfig | None = None) -> dict[str, tuple[int, .
     config = config or BagelConfig()
     shapes: dict[str, tuple[int, ...]] = {}
     for family in FAMILIES:
-        if family.shape is None:
-            continue
-        for key in family.keys(config):
-            param = key.rsplit(".", 1)[1]
-            shapes[key] = family.shape(config, param)
+        if family.shape is not None:
+            shapes.update(family.expected_shapes(config))
     return shapes
