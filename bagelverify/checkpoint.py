@@ -180,9 +180,25 @@ def open_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> CheckpointFiles:
     )
 
 
-def find_config(checkpoint_dir: str | os.PathLike[str]) -> BagelConfig | None:
-    """The folder's config if any of its three config files exists, else ``None``."""
+def find_config(checkpoint_dir: str | os.PathLike[str], given: object = None) -> BagelConfig | None:
+    """The config to validate a checkpoint folder with.
+
+    ``given`` as is when it is a :class:`BagelConfig`; the config files of ``given`` when it is
+    a folder path; otherwise the checkpoint folder's own files if any of the three exists, else
+    ``None``. Any other ``given`` object (a training framework's own config, which the reference
+    adapter took for log context only) is noted in the log and the folder's files are used.
+    """
+    if isinstance(given, BagelConfig):
+        return given
+    if isinstance(given, (str, os.PathLike)):
+        return BagelConfig.from_pretrained(given)
     directory = Path(checkpoint_dir)
+    if given is not None:
+        logger.info(
+            "config of type %s is not a BagelConfig; validating with %s's own config files",
+            type(given).__name__,
+            directory,
+        )
     if any((directory / name).exists() for name in CONFIG_FILES):
         return BagelConfig.from_pretrained(directory)
     return None
@@ -476,7 +492,7 @@ def inspect_checkpoint(
     only the key checks run (no shapes, no missing-key listing).
     """
     files = open_checkpoint(checkpoint_dir)
-    config = config if config is not None else find_config(files.directory)
+    config = find_config(files.directory, config)
     if config is None:
         logger.warning(
             "%s: no config given and no %s in the folder; shapes and completeness are not checked",
@@ -678,8 +694,10 @@ def load_bagel_checkpoint_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Load the tensors a stage keeps as a native (``model.``-rooted) state dict.
 
-    Validates like :func:`inspect_checkpoint` before reading anything (``config`` defaults to the
-    folder's config files), allocates each kept tensor on ``device`` (as ``dtype`` if given, else
+    Validates like :func:`inspect_checkpoint` before reading anything (``config``: a
+    :class:`BagelConfig`, a folder holding the config files, or ``None`` for the checkpoint
+    folder's own; another object, such as a training framework's config, is noted and the
+    folder's files are used), allocates each kept tensor on ``device`` (as ``dtype`` if given, else
     the file's dtype) and reads it in place; dropped tensors' bytes are never read.
     """
     _, jobs = _open_report(checkpoint_dir, stage, strict, config, convert_conv_patch_embedding)
@@ -843,6 +861,11 @@ def write_bagel_checkpoint(
     are those of :func:`save_bagel_checkpoint`; ``keys="native"`` names the tensors by their
     native (``model.``-rooted) keys instead of their HF keys.
     """
+    if config is not None and not isinstance(config, BagelConfig):
+        raise TypeError(
+            f"config must be a bagelverify.BagelConfig (written as the checkpoint's config "
+            f"files), got {type(config).__name__}; use BagelConfig.from_pretrained(folder)"
+        )
     report = build_report(specs, stage=stage, config=config, source=str(out_dir))
     report.raise_for_problems(strict=strict)
     report.plan.log(strict=strict)

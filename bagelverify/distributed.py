@@ -544,6 +544,6 @@ def dcp_to_hf(
         stage=stage,
         max_shard_size=max_shard_size,
         strict=strict,
-        config=config if config is not None else find_config(source),
+        config=find_config(source, config),
     )
     return fetched[0]

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -627,3 +628,18 @@ def test_load_of_save_is_bit_identical(sd: dict[str, torch.Tensor], shard_size: 
         got = loaded[key]
         assert got.dtype == tensor.dtype and got.shape == tensor.shape
         assert bytes(safetensors_io.byte_view(got)) == bytes(safetensors_io.byte_view(tensor))
+
+
+def test_config_may_be_a_folder_or_a_foreign_object(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = synthetic_checkpoint.path
+    by_path = bv.load_bagel_checkpoint_state_dict(folder, config=str(folder))
+    with caplog.at_level(logging.INFO, logger="bagelverify"):
+        foreign = bv.load_bagel_checkpoint_state_dict(
+            folder, config=types.SimpleNamespace(text_config=None)
+        )
+    assert by_path.keys() == foreign.keys() and len(foreign) == 821
+    assert "config of type SimpleNamespace is not a BagelConfig" in caplog.text
+    with pytest.raises(TypeError, match=r"config must be a bagelverify\.BagelConfig"):
+        bv.save_bagel_checkpoint(by_path, tmp_path / "out", config={"hidden_size": 8})
