@@ -35,7 +35,6 @@ from .families import EXTRA_STATE, FAMILIES, MOE_SUFFIX, SLOT_REGEX, Family
 from .manifest import load_manifest
 from .matcher import Matcher, NaiveMatcher, PatternSets, shipped_patterns
 
-HELP = "benchmark the compiled key matcher against naive regex matching"
 EXAMPLE = "bagelverify bench --sizes 100000 1000000 --plot matcher.png"
 
 DEFAULT_SIZES = (100_000, 1_000_000)

@@ -1,9 +1,8 @@
 """Command line: ``bagelverify <command>`` and ``python -m bagelverify <command>``.
 
-Each command lives in its own module, imported only when it runs, which provides:
+Each command lives in its own module, imported only when that command runs (so ``--help`` and
+the torch-free commands start fast), which provides:
 
-``HELP``
-    one line for the command list;
 ``EXAMPLE``
     an example invocation, shown at the end of ``--help``;
 ``configure(parser)``
@@ -25,19 +24,33 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from types import ModuleType
 from typing import NoReturn
 
 from .errors import StageError
 from .stage import Stage, normalize_stage
 
-#: Command name -> module implementing it, in the order ``--help`` lists them.
-COMMANDS: dict[str, str] = {
-    "inspect": "bagelverify.commands.inspect",
-    "convert": "bagelverify.commands.convert",
-    "verify": "bagelverify.verify",
-    "bench": "bagelverify.bench",
-    "demo": "bagelverify.commands.demo",
+#: Command name -> (module implementing it, one line for the command list), in list order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": (
+        "bagelverify.commands.inspect",
+        "check a checkpoint folder from its headers alone (no tensor data is read)",
+    ),
+    "convert": (
+        "bagelverify.commands.convert",
+        "rewrite a checkpoint for a stage with HF or native keys (streaming), or to/from DCP",
+    ),
+    "verify": (
+        "bagelverify.verify",
+        "prove properties of the key patterns for every string (disjoint, covering, digit-safe)",
+    ),
+    "bench": (
+        "bagelverify.bench",
+        "benchmark the compiled key matcher against naive regex matching",
+    ),
+    "demo": (
+        "bagelverify.commands.demo",
+        "build a small synthetic BAGEL checkpoint and run inspect, loads, round trips and proofs",
+    ),
 }
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
@@ -98,17 +111,9 @@ def one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-def _command_module(name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(COMMANDS[name])
-    except ModuleNotFoundError as error:
-        if error.name and COMMANDS[name].startswith(error.name):
-            return None  # not built yet: the command is left out of the list
-        raise
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The parser with every available command."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command. With ``only``, just that command's module is imported and
+    configured, the others are listed with their one-line help (``""``: none is configured)."""
     parser = _Parser(
         prog="bagelverify",
         description="Check, convert and load BAGEL-7B-MoT checkpoints.",
@@ -119,15 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bagelverify {_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        module = _command_module(name)
-        if module is None:
-            continue
+    for name, (module_name, summary) in COMMANDS.items():
         command = sub.add_parser(
             name,
-            help=module.HELP,
-            description=module.HELP,
-            epilog=f"example:\n  {module.EXAMPLE}",
+            help=summary,
+            description=summary,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         command.add_argument("--json", action="store_true", help="print one JSON document")
@@ -135,15 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(  # SUPPRESS: do not reset a `bagelverify --debug COMMAND`
             "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
-        module.configure(command)
-        command.set_defaults(run=module.run)
+        if only is None or name == only:
+            module = importlib.import_module(module_name)
+            command.epilog = f"example:\n  {module.EXAMPLE}"
+            module.configure(command)
+            command.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    first = next((word for word in words if not word.startswith("-")), None)
+    parser = build_parser(first if first in COMMANDS else "")  # "": list the commands only
+    args = parser.parse_args(words)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
     quiet = getattr(args, "quiet", False)

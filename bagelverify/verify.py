@@ -71,7 +71,6 @@ from .strict_json import json_type, parse_json
 
 logger = logging.getLogger(__name__)
 
-HELP = "prove properties of the key patterns for every string (disjoint, covering, digit-safe)"
 EXAMPLE = "bagelverify verify --json"
 
 PROVED, FAILED, UNKNOWN, SKIPPED = "proved", "failed", "unknown", "skipped"

@@ -556,3 +556,17 @@ def assert_schema(document: dict[str, Any], schema: dict[str, Any]) -> None:
     for name, kind in schema.items():
         assert isinstance(document[name], kind), (name, document[name])
         assert not isinstance(document[name], bool) or kind is bool, name
+
+
+def test_listing_commands_and_running_verify_never_import_torch() -> None:
+    code = (
+        "import sys; from bagelverify.cli import main\n"
+        "for argv in (['--version'], ['--help'], ['verify', '--help']):\n"
+        "    try: main(argv)\n"
+        "    except SystemExit: pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+    assert done.returncode == 0, done.stderr

@@ -26,7 +26,6 @@ from ..errors import BagelError
 from ..manifest import MODEL_FILE
 from .render import Printer, byte_progress, human_bytes, print_json
 
-HELP = "rewrite a checkpoint for a stage with HF or native keys (streaming), or to/from DCP"
 EXAMPLE = "bagelverify convert /ckpt/BAGEL-7B-MoT /ckpt/bagel-stage1 --stage 1 --to native"
 
 

@@ -34,7 +34,6 @@ from ..synthetic import make_synthetic_checkpoint
 from .inspect import Inspection, inspect_path, render
 from .render import Column, Printer, human_bytes, print_json
 
-HELP = "build a small synthetic BAGEL checkpoint and run inspect, loads, round trips and proofs"
 EXAMPLE = "bagelverify demo            # about 15 s; --keep DIR leaves the checkpoint in DIR"
 
 DEFAULT_SCALE = 32

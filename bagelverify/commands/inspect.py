@@ -22,7 +22,6 @@ from ..safetensors_io import read_header
 from ..stage import STAGE_BUCKETS
 from .render import Column, Printer, human_bytes, print_json
 
-HELP = "check a checkpoint folder from its headers alone (no tensor data is read)"
 EXAMPLE = "bagelverify inspect /ckpt/BAGEL-7B-MoT --stage 2"
 
 DEFAULT_LIMIT = 10
