@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .adapter import BagelStateDictAdapter, Plan, plan
+from .adapter import BagelStateDictAdapter
 from .buckets import Bucket
 from .config import BagelConfig
 from .errors import (
@@ -23,6 +23,7 @@ from .errors import (
 from .families import FAMILIES, Family, expected_shapes, patterns_of, und_twin
 from .matcher import Matcher, compile_matcher
 from .partition import classify, partition
+from .plan import Plan, plan
 from .stage import normalize_stage
 from .verify import check_patterns
 

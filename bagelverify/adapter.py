@@ -8,228 +8,22 @@ untouched: the adapter converts keys, never tensors.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .buckets import Bucket
 from .config import BagelConfig
-from .errors import (
-    KeyCollisionError,
-    MissingKeysError,
-    PatternError,
-    RootError,
-    UnknownKeysError,
-    format_examples,
-)
-from .families import und_twin
-from .partition import check_key, classify
-from .stage import STAGE_BUCKETS, Stage, normalize_stage
+from .errors import UnknownKeysError, format_examples
+from .keys import ROOT, strip_root, to_native_key
+from .partition import classify
+from .plan import Plan, plan, require_mapping, unroot
+from .stage import Stage, normalize_stage
 
 logger = logging.getLogger(__name__)
 
 V = TypeVar("V")
 
-ROOT = "model."
-"""Prefix of every native key."""
-
-
-def to_native_key(hf_key: str) -> str:
-    """``language_model.x`` -> ``model.language_model.x``."""
-    return ROOT + hf_key
-
-
-def strip_root(key: str) -> str:
-    """Remove one leading ``model.`` if present; other keys are returned unchanged."""
-    return key[len(ROOT) :] if key.startswith(ROOT) else key
-
-
-def _require_mapping(state_dict: object, what: str) -> Mapping[Any, Any]:
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(
-            f"{what} must be a mapping of str keys to tensors, got {type(state_dict).__name__}"
-        )
-    return state_dict
-
-
-def _compile_exclude(pattern: object) -> re.Pattern[str] | None:
-    if pattern is None:
-        return None
-    if not isinstance(pattern, str):
-        raise TypeError(f"exclude_key_regex must be a str, got {type(pattern).__name__}")
-    try:
-        return re.compile(pattern)
-    except re.error as error:
-        raise PatternError(
-            f"exclude_key_regex {pattern!r} is not a valid regex: {error}; fix the pattern "
-            "(it is matched with re.match against native, model.-rooted keys)"
-        ) from error
-
-
-@dataclass
-class Plan:
-    """What :meth:`BagelStateDictAdapter.from_hf` does with a set of input keys, before doing it.
-
-    Keys in every list are the caller's input keys, in input order.
-    """
-
-    stage: Stage
-    buckets: dict[Bucket, list[str]] = field(default_factory=lambda: {b: [] for b in Bucket})
-    """Input keys per bucket (classified after the ``model.`` root is removed)."""
-    native: dict[str, str] = field(default_factory=dict)
-    """Kept input key -> native key."""
-    collisions: list[tuple[str, str]] = field(default_factory=list)
-    """Pairs ``(X, model.X)`` of known keys that both occur in the input (the second is not
-    classified further; unknown pairs are simply unknown)."""
-    twin_violations: list[tuple[str, str]] = field(default_factory=list)
-    """Stage 2 only: ``(GEN key, its absent UND twin)`` as HF keys."""
-
-    @property
-    def kept(self) -> list[str]:
-        """Input keys the stage returns."""
-        return list(self.native)
-
-    @property
-    def unknown(self) -> list[str]:
-        """Input keys of no known family."""
-        return self.buckets[Bucket.UNKNOWN]
-
-    @property
-    def dropped(self) -> dict[Bucket, list[str]]:
-        """Input keys the stage does not return, per bucket (unknown keys included)."""
-        kept = STAGE_BUCKETS[self.stage]
-        return {b: keys for b, keys in self.buckets.items() if b not in kept}
-
-    def problems(self, *, strict: bool = True) -> list[Exception]:
-        """The errors :meth:`raise_for_problems` would raise, first one first."""
-        found: list[Exception] = []
-        if self.collisions:
-            found.append(
-                KeyCollisionError(
-                    f"{len(self.collisions)} keys occur both unrooted and under the {ROOT!r} root: "
-                    f"{format_examples(self.collisions)}; both would load into the same parameter. "
-                    "Remove one of each pair from the state dict.",
-                    self.collisions,
-                )
-            )
-        if strict and self.unknown:
-            found.append(
-                UnknownKeysError(
-                    f"{len(self.unknown)} keys match no BAGEL key family: "
-                    f"{format_examples(self.unknown)}. Check that this is a BAGEL-7B-MoT "
-                    "checkpoint (ema.safetensors), or pass strict=False to drop them with a "
-                    "warning.",
-                    self.unknown,
-                )
-            )
-        if strict and self.twin_violations:
-            missing = [und for _, und in self.twin_violations]
-            found.append(
-                MissingKeysError(
-                    f"{self.stage}: {len(missing)} GEN keys lack their UND twin, e.g. "
-                    f"{format_examples(self.twin_violations)} as (GEN key, missing UND key). "
-                    "The checkpoint is incomplete; pass strict=False to load it anyway.",
-                    missing,
-                )
-            )
-        return found
-
-    def raise_for_problems(self, *, strict: bool = True) -> None:
-        """Raise the first problem; collisions are errors even when not strict."""
-        found = self.problems(strict=strict)
-        if found:
-            raise found[0]
-
-    def log(self, *, strict: bool = True) -> None:
-        """Log what is dropped: one line per bucket, a WARNING where something is amiss."""
-        dropped = self.dropped
-        if dropped[Bucket.UNKNOWN] and not strict:
-            logger.warning(
-                "dropping %d keys that match no BAGEL key family: %s",
-                len(self.unknown),
-                format_examples(self.unknown),
-            )
-        if self.twin_violations and not strict:
-            logger.warning(
-                "%s: %d GEN keys lack their UND twin: %s",
-                self.stage,
-                len(self.twin_violations),
-                format_examples(self.twin_violations),
-            )
-        if dropped[Bucket.VAE]:
-            logger.warning(
-                "dropping %d VAE keys (encoder./decoder.) merged into the model "
-                "checkpoint; the VAE is loaded separately from ae.safetensors",
-                len(dropped[Bucket.VAE]),
-            )
-        if dropped[Bucket.EXTRA]:
-            logger.info(
-                "dropping %d Transformer-Engine ._extra_state entries", len(dropped[Bucket.EXTRA])
-            )
-        if dropped.get(Bucket.GEN):
-            logger.info("%s: dropping %d GEN keys", self.stage, len(dropped[Bucket.GEN]))
-
-
-def plan(keys: Iterable[str], *, stage: object = "stage1") -> Plan:
-    """Classify input keys (unrooted or ``model.``-rooted) and decide what ``stage`` keeps."""
-    result = Plan(normalize_stage(stage))
-    keep = STAGE_BUCKETS[result.stage]
-    first_seen: dict[str, str] = {}
-    gen_keys: list[str] = []
-    for key in keys:
-        hf_key = strip_root(check_key(key))
-        bucket = classify(hf_key)
-        if bucket is not Bucket.UNKNOWN and hf_key in first_seen:
-            result.collisions.append((first_seen[hf_key], key))
-            continue
-        first_seen[hf_key] = key
-        result.buckets[bucket].append(key)
-        if bucket in keep:
-            result.native[key] = to_native_key(hf_key)
-            if bucket is Bucket.GEN:
-                gen_keys.append(hf_key)
-    for hf_key in gen_keys:
-        twin = und_twin(hf_key)
-        if twin is not None and twin not in first_seen:
-            result.twin_violations.append((hf_key, twin))
-    return result
-
-
-def unroot(state_dict: Mapping[str, V], *, exclude_key_regex: str | None = None) -> dict[str, V]:
-    """Native keys -> HF keys, with no check of what the keys name.
-
-    Keys matched by ``re.match(exclude_key_regex, key)`` are skipped; every other key must be
-    under the ``model.`` root (:class:`~bagelverify.errors.RootError` listing all that are not);
-    ``._extra_state`` entries are dropped.
-    """
-    state_dict = _require_mapping(state_dict, "state_dict")
-    exclude = _compile_exclude(exclude_key_regex)
-    out: dict[str, V] = {}
-    unrooted: list[str] = []
-    extra = 0
-    for key, value in state_dict.items():
-        check_key(key)
-        if exclude is not None and exclude.match(key):
-            continue
-        if not key.startswith(ROOT):
-            unrooted.append(key)
-            continue
-        hf_key = key[len(ROOT) :]
-        if classify(hf_key) is Bucket.EXTRA:
-            extra += 1
-            continue
-        out[hf_key] = value
-    if unrooted:
-        raise RootError(
-            f"{len(unrooted)} native keys are not under the {ROOT!r} root: "
-            f"{format_examples(unrooted)}. to_hf takes the module's own state dict; "
-            "HF-layout keys need no conversion.",
-            unrooted,
-        )
-    if extra:
-        logger.info("dropping %d Transformer-Engine ._extra_state entries", extra)
-    return out
+__all__ = ["ROOT", "BagelStateDictAdapter", "Plan", "plan", "strip_root", "to_native_key", "unroot"]
 
 
 class BagelStateDictAdapter:
@@ -269,7 +63,7 @@ class BagelStateDictAdapter:
         whose UND twin is absent. ``device_mesh`` is accepted for signature compatibility; values
         (DTensors included) are returned as they are.
         """
-        hf_state_dict = _require_mapping(hf_state_dict, "hf_state_dict")
+        hf_state_dict = require_mapping(hf_state_dict, "hf_state_dict")
         stage = self.stage if stage is None else stage
         if isinstance(self.config, BagelConfig):
             from .checkpoint import state_dict_report  # torch is needed only with a config

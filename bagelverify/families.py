@@ -90,6 +90,12 @@ class Family:
         """Full match of ``key`` against this family, with named slot groups."""
         return self._compiled.fullmatch(key)
 
+    def layer_of(self, key: str) -> int | None:
+        """The ``{layer}`` number of ``key`` if it is a key of this family with a layer slot."""
+        found = self.match(key)
+        layer = found.groupdict().get("layer") if found else None
+        return None if layer is None else int(layer)
+
     def keys(self, config: BagelConfig) -> Iterator[str]:
         """Every key of this family for ``config`` (layer-major, then parameter order)."""
         if self.shape is None:

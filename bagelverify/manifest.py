@@ -13,7 +13,7 @@ VAE_FILE = "ae.safetensors"
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class ManifestEntry:
     """Shape and safetensors dtype name (``"BF16"``, ``"F32"``...) of one tensor."""
 
     shape: tuple[int, ...]
@@ -21,13 +21,13 @@ class TensorSpec:
 
 
 @cache
-def load_manifest() -> dict[str, dict[str, TensorSpec]]:
+def load_manifest() -> dict[str, dict[str, ManifestEntry]]:
     """File name (``ema.safetensors``, ``ae.safetensors``) -> key -> spec, in file order."""
     text = resources.files("bagelverify").joinpath("data", MANIFEST_NAME).read_text("utf-8")
     raw = json.loads(text)
     return {
         name: {
-            key: TensorSpec(tuple(spec["shape"]), spec["dtype"]) for key, spec in entries.items()
+            key: ManifestEntry(tuple(spec["shape"]), spec["dtype"]) for key, spec in entries.items()
         }
         for name, entries in raw.items()
         if name.endswith(".safetensors")

@@ -36,6 +36,7 @@ from .automata import DFA, UnsupportedPattern, template_verdict
 from .buckets import MATCH_ORDER, Bucket
 from .errors import PatternError
 from .families import patterns_of
+from .keys import check_key
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +237,6 @@ class Matcher:
         try:
             template = key.encode().translate(_DIGITS_TO_PLACEHOLDER) if key.isascii() else None
         except AttributeError:
-            from .partition import check_key
-
             check_key(key)  # raises TypeError naming the key
             raise
         if template is not None:

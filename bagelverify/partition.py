@@ -6,9 +6,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar, overload
 
 from .buckets import Bucket
+from .keys import check_key
 from .matcher import Matcher, compile_matcher
 
 V = TypeVar("V")
+
+__all__ = ["check_key", "classify", "partition"]
 
 _MATCHER: Matcher | None = None
 """The compiled matcher of the shipped patterns, built on first use (its automaton takes about
@@ -20,13 +23,6 @@ def _default_matcher() -> Matcher:
     if _MATCHER is None:
         _MATCHER = compile_matcher()  # threads racing here each build an equal one: harmless
     return _MATCHER
-
-
-def check_key(key: object) -> str:
-    """Return ``key`` if it is a ``str``; raise ``TypeError`` naming it otherwise."""
-    if not isinstance(key, str):
-        raise TypeError(f"checkpoint keys must be str, got {type(key).__name__} {key!r}")
-    return key
 
 
 def classify(key: str) -> Bucket:

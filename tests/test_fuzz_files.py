@@ -26,12 +26,12 @@ from hypothesis import strategies as st
 
 import bagelverify as bv
 from bagelverify import safetensors_io
-from bagelverify.adapter import plan
 from bagelverify.buckets import Bucket
 from bagelverify.checkpoint import build_report
 from bagelverify.errors import BagelError, UnsupportedTensorError
 from bagelverify.manifest import load_manifest
 from bagelverify.partition import classify
+from bagelverify.plan import plan
 from bagelverify.safetensors_io import DTYPES, read_header, save_tensors
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
