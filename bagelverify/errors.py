@@ -95,3 +95,7 @@ class PatternError(BagelError, ValueError):
 
 class DistributedMismatchError(BagelError, ValueError):
     """Ranks of one distributed load that pass different state dicts (keys, shapes, dtypes)."""
+
+
+class ReadError(BagelError, OSError):
+    """Reading a checkpoint file's data failed (an I/O error, a file that cannot be opened)."""

@@ -228,7 +228,7 @@ def test_inspect_never_calls_a_data_reader(
 ) -> None:
     import mmap
 
-    import bagelverify.checkpoint as checkpoint
+    import bagelverify.engine as engine
     import bagelverify.safetensors_io as io
 
     def forbidden(*args: Any, **kwargs: Any) -> Any:
@@ -237,7 +237,7 @@ def test_inspect_never_calls_a_data_reader(
     monkeypatch.setattr(os, "preadv", forbidden)
     monkeypatch.setattr(mmap, "mmap", forbidden)
     monkeypatch.setattr(io, "read_into", forbidden)
-    monkeypatch.setattr(checkpoint, "read_into", forbidden)
+    monkeypatch.setattr(engine, "run", forbidden)
     assert cli.main(["inspect", str(full_size_sparse)]) == 0
     assert (
         "clean for stage2: a strict load reads 1,223 tensors (29.2 GB)" in capsys.readouterr().out

@@ -1,0 +1,527 @@
+"""The read engine: every byte of tensor data that bagelverify loads goes through :func:`run`.
+
+A load is a list of :class:`Transfer` s (a byte range of a file and the tensor it fills). The
+engine plans reads over them (:func:`plan_reads`: byte ranges of one file that touch are
+coalesced into one read, large ones split into chunks) and runs the reads on a few threads
+(``os.preadv`` releases the GIL):
+
+- a contiguous CPU destination of the file's dtype is read straight into its memory;
+- any other contiguous destination (a CUDA tensor, a cast) is read into a staging buffer from a
+  bounded pool (pinned when CUDA is in use) and copied from there, on the thread's own CUDA
+  stream with ``non_blocking=True``; the buffer is reused only after that copy's event is done;
+- a destination that needs the whole tensor first (the Conv2d patch conversion, a
+  non-contiguous destination) is filled through a temporary of the file's dtype on the
+  destination's device, then converted there.
+
+Staging memory never exceeds :attr:`EngineOptions.staging_bytes`. An error in one thread stops
+the others; :func:`run` waits for every thread and copy, then raises one error naming the file
+and the tensor. Destinations of transfers that were being read or had already been read when the
+error happened hold new data (all of them, some of them, or partly); the rest are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from .errors import BagelError, CorruptCheckpointError, ReadError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+MiB = 1 << 20
+DEFAULT_CHUNK_BYTES = 64 * MiB
+"""Default largest single read (64 MiB: the best chunk size measured on an H200 host)."""
+MAX_DEFAULT_THREADS = 8
+"""Default thread count is the CPU count capped at this (4-8 were fastest; 16 was slower)."""
+DEFAULT_STAGING_BYTES = 1024 * MiB
+"""Default cap on staging memory (pinned when CUDA destinations are read)."""
+
+_IOV_MAX = 1024  # the fewest buffers one preadv takes on Linux (and the POSIX minimum is 16)
+if hasattr(os, "sysconf"):
+    with suppress(ValueError, OSError):
+        _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
+
+Progress = Callable[[int, int], None]
+"""``progress(bytes_done, bytes_total)``; called from reader threads, after each read."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Knobs of the read engine (the defaults suit a local NVMe disk or the page cache).
+
+    ``threads``: reader threads (``None``: the CPU count, capped at
+    :data:`MAX_DEFAULT_THREADS`). ``chunk_bytes``: the largest single read; a tensor larger than
+    it is read in chunks. ``staging_bytes``: the most memory held in staging buffers at once
+    (at least one chunk is always allowed; the chunk shrinks to the budget if it is smaller).
+    ``prefetch``: ask the kernel (``POSIX_FADV_WILLNEED``) to start reading ranges a few reads
+    ahead.
+    """
+
+    threads: int | None = None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    staging_bytes: int = DEFAULT_STAGING_BYTES
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_bytes", "staging_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 4096:
+                raise ValueError(f"EngineOptions.{name} must be an int >= 4096, got {value!r}")
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ValueError(f"EngineOptions.threads must be an int >= 1, got {self.threads!r}")
+
+    @property
+    def thread_count(self) -> int:
+        """The number of reader threads this run uses."""
+        return self.threads or max(1, min(MAX_DEFAULT_THREADS, os.cpu_count() or 1))
+
+    @property
+    def chunk(self) -> int:
+        """The read size actually used: ``chunk_bytes`` limited by the staging budget, a
+        multiple of 64 bytes (so that chunks of a tensor start on element boundaries)."""
+        return max(64, min(self.chunk_bytes, self.staging_bytes) // 64 * 64)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """``nbytes`` bytes of ``path`` at ``offset`` (stored as ``dtype`` with ``shape``) that fill
+    ``destination``.
+
+    ``destination`` has ``shape``'s element count unless ``transform`` is given, which maps the
+    stored tensor (on the destination's device) to the destination's value.
+    ``label`` names the tensor in errors (its key).
+    """
+
+    label: str
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    destination: torch.Tensor
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
+
+
+class EngineStats(NamedTuple):
+    """What one :func:`run` did: bytes read, reads issued, threads used, staging bytes held."""
+
+    bytes_read: int
+    reads: int
+    threads: int
+    staging_bytes: int
+
+
+class Piece(NamedTuple):
+    """Bytes ``[start, start + length)`` of transfer number ``transfer``, read into a buffer
+    at ``buffer_offset``."""
+
+    transfer: int
+    start: int
+    length: int
+    buffer_offset: int
+
+
+class Read(NamedTuple):
+    """One ``preadv``: ``length`` bytes of ``path`` at ``offset``, split into pieces."""
+
+    path: Path
+    offset: int
+    length: int
+    pieces: tuple[Piece, ...]
+
+
+def plan_reads(spans: Sequence[tuple[Path, int, int]], chunk: int) -> list[Read]:
+    """Plan reads over ``spans`` (``(path, offset, nbytes)`` each, pieces indexed by position).
+
+    Sorted by file and offset; spans of one file that touch are coalesced while the read stays
+    within ``chunk`` bytes; a span longer than ``chunk`` is split into ``chunk``-sized reads.
+    Every byte of every span is in exactly one piece; empty spans are in no read.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    order = sorted(
+        (i for i, span in enumerate(spans) if span[2]),
+        key=lambda i: (str(spans[i][0]), spans[i][1]),
+    )
+    reads: list[Read] = []
+    pending: list[Piece] = []
+    pending_path: Path | None = None
+    pending_start = pending_end = 0
+
+    def flush() -> None:
+        if pending:
+            assert pending_path is not None
+            reads.append(
+                Read(pending_path, pending_start, pending_end - pending_start, tuple(pending))
+            )
+            pending.clear()
+
+    for index in order:
+        path, offset, nbytes = spans[index]
+        done = 0
+        while done < nbytes:
+            take = min(chunk, nbytes - done)
+            start = offset + done
+            joins = pending and path == pending_path and start == pending_end
+            if not (joins and pending_end - pending_start + take <= chunk):
+                flush()
+                pending_path, pending_start, pending_end = path, start, start
+            pending.append(Piece(index, done, take, pending_end - pending_start))
+            pending_end += take
+            done += take
+    flush()
+    return reads
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+class _Staging:
+    """A bounded pool of staging buffers, each with the event of the last copy out of it."""
+
+    def __init__(self, count: int, size: int, pinned: bool) -> None:
+        self._free: list[tuple[torch.Tensor | None, object]] = [(None, None)] * count
+        self._size, self._pinned = size, pinned
+        self._ready = threading.Condition()
+        self.allocated = 0
+
+    @contextmanager
+    def buffer(self, stop: threading.Event) -> Iterator[tuple[torch.Tensor, list[object]]]:
+        import torch
+
+        with self._ready:
+            while not self._free:
+                if stop.is_set():
+                    raise _Stopped
+                self._ready.wait(0.05)
+            buffer, event = self._free.pop()
+        events: list[object] = []
+        try:
+            if event is not None:
+                event.synchronize()  # type: ignore[attr-defined]
+            if buffer is None:
+                buffer = torch.empty(self._size, dtype=torch.uint8, pin_memory=self._pinned)
+                with self._ready:
+                    self.allocated += self._size
+            yield buffer, events
+        finally:
+            with self._ready:
+                self._free.append((buffer, events[-1] if events else None))
+                self._ready.notify()
+
+
+class _Stopped(Exception):
+    """Raised inside a reader thread when another thread has failed."""
+
+
+@dataclass
+class _Run:
+    transfers: Sequence[Transfer]
+    targets: list[torch.Tensor]
+    """Per transfer, the contiguous tensor its bytes land in (a temporary for transforms)."""
+    direct: list[bool]
+    reads: list[Read]
+    fds: Mapping[Path, int]
+    options: EngineOptions
+    staging: _Staging
+    progress: Progress | None
+    total: int
+    remaining: list[int] = field(default_factory=list)
+    done: int = 0
+    next_read: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    failed_read: Read | None = None
+
+
+def _byte_target(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat ``uint8`` view of a contiguous tensor's memory."""
+    import torch
+
+    flat = tensor.detach().reshape(-1)
+    return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def _needs_whole(transfer: Transfer) -> bool:
+    return transfer.transform is not None or not transfer.destination.is_contiguous()
+
+
+def _target(transfer: Transfer) -> torch.Tensor:
+    import torch
+
+    if _needs_whole(transfer):
+        return torch.empty(transfer.shape, dtype=transfer.dtype, device=transfer.destination.device)
+    return transfer.destination
+
+
+def _is_direct(transfer: Transfer, target: torch.Tensor) -> bool:
+    return target.device.type == "cpu" and target.dtype == transfer.dtype
+
+
+def run(
+    transfers: Sequence[Transfer],
+    *,
+    options: EngineOptions | None = None,
+    progress: Progress | None = None,
+    fds: Mapping[Path, int] | None = None,
+) -> EngineStats:
+    """Fill every transfer's destination from its file (see the module docstring).
+
+    ``fds``: file descriptors already open for (some of) the paths, used instead of opening the
+    path again (so that the bytes come from the same file whose header was read); the others are
+    opened here and closed before returning. Raises
+    :class:`~bagelverify.errors.CorruptCheckpointError` for a file that ends early and
+    :class:`~bagelverify.errors.ReadError` for an I/O error, naming the file and the tensor.
+    """
+    import torch
+
+    from .safetensors_io import require_little_endian
+
+    options = options or EngineOptions()
+    require_little_endian()
+    live = [t for t in transfers if t.nbytes]
+    if not live:
+        for t in transfers:  # empty tensors still get their transform (a no-op copy)
+            _finish(t, _target(t))
+        return EngineStats(0, 0, 0, 0)
+    targets = [_target(t) for t in transfers]
+    direct = [_is_direct(t, target) for t, target in zip(transfers, targets, strict=True)]
+    chunk = options.chunk
+    reads = plan_reads([(t.path, t.offset, t.nbytes) for t in transfers], chunk)
+    staged = any(not all(direct[p.transfer] for p in r.pieces) for r in reads)
+    threads = max(1, min(options.thread_count, len(reads)))
+    uses_cuda = any(target.device.type == "cuda" for target in targets)
+    buffers = max(1, min(options.staging_bytes // chunk, 2 * threads)) if staged else 0
+    state = _Run(
+        transfers,
+        targets,
+        direct,
+        reads,
+        {},
+        options,
+        _Staging(buffers, chunk, pinned=uses_cuda and torch.cuda.is_available()),
+        progress,
+        sum(t.nbytes for t in transfers),
+        remaining=[t.nbytes for t in transfers],
+    )
+    with ExitStack() as stack:
+        opened: dict[Path, int] = dict(fds or {})
+        for path in {r.path for r in reads} - set(opened):
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            except OSError as error:
+                raise ReadError(
+                    f"{path}: cannot open for reading ({error.strerror}); it was readable when "
+                    "its header was checked. Check that nothing removed or replaced it."
+                ) from error
+            stack.callback(os.close, fd)
+            opened[path] = fd
+        state.fds = opened
+        workers = [
+            threading.Thread(target=_worker, args=(state,), name=f"bagelverify-read-{n}")
+            for n in range(threads)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        if uses_cuda:
+            torch.cuda.synchronize()
+    logger.debug(
+        "read %d bytes in %d reads on %d threads (%d staging bytes)",
+        state.total,
+        len(reads),
+        threads,
+        state.staging.allocated,
+    )
+    if state.error is not None:
+        raise _describe(state)
+    return EngineStats(state.total, len(reads), threads, state.staging.allocated)
+
+
+def _describe(state: _Run) -> BaseException:
+    error, read = state.error, state.failed_read
+    assert error is not None
+    if isinstance(error, BagelError) or read is None:
+        return error
+    labels = ", ".join(repr(state.transfers[p.transfer].label) for p in read.pieces[:3])
+    if len(read.pieces) > 3:
+        labels += f" (and {len(read.pieces) - 3} more)"
+    return ReadError(
+        f"{read.path}: reading bytes {read.offset}..{read.offset + read.length} ({labels}) "
+        f"failed: {error}. Check the file and the disk, then load again; destinations read so "
+        "far hold new data."
+    )
+
+
+def _next(state: _Run) -> Read | None:
+    with state.lock:
+        if state.stop.is_set() or state.next_read >= len(state.reads):
+            return None
+        read = state.reads[state.next_read]
+        state.next_read += 1
+        ahead = state.next_read + state.options.thread_count
+    if state.options.prefetch and ahead < len(state.reads) and hasattr(os, "posix_fadvise"):
+        nxt = state.reads[ahead]
+        os.posix_fadvise(state.fds[nxt.path], nxt.offset, nxt.length, os.POSIX_FADV_WILLNEED)
+    return read
+
+
+def _worker(state: _Run) -> None:
+    import torch
+
+    streams: dict[torch.device, torch.cuda.Stream] = {}
+    read: Read | None = None
+    try:
+        with torch.no_grad():
+            while (read := _next(state)) is not None:
+                _do_read(state, read, streams)
+                with state.lock:
+                    state.done += read.length
+                    done = state.done
+                if state.progress is not None:
+                    state.progress(done, state.total)
+    except _Stopped:
+        pass
+    except BaseException as error:
+        with state.lock:
+            if state.error is None:
+                state.error, state.failed_read = error, read
+        state.stop.set()
+    finally:
+        for stream in streams.values():
+            stream.synchronize()
+
+
+def _stream(
+    streams: dict[torch.device, torch.cuda.Stream], device: torch.device
+) -> torch.cuda.Stream:
+    import torch
+
+    stream = streams.get(device)
+    if stream is None:
+        stream = streams[device] = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream(device))
+    return stream
+
+
+def _do_read(state: _Run, read: Read, streams: dict[torch.device, torch.cuda.Stream]) -> None:
+    from .safetensors_io import byte_view, read_exact
+
+    fd = state.fds[read.path]
+    source = f"{read.path}: {state.transfers[read.pieces[0].transfer].label!r}"
+    if all(state.direct[p.transfer] for p in read.pieces):
+        views = [
+            byte_view(_byte_target(state.targets[p.transfer]))[p.start : p.start + p.length]
+            for p in read.pieces
+        ]
+        _preadv_exact(fd, views, read.offset, source)
+    else:
+        with state.staging.buffer(state.stop) as (buffer, events):
+            view = byte_view(buffer)[: read.length]
+            read_exact(fd, view, read.offset, source=source)
+            for piece in read.pieces:
+                _copy_piece(state, piece, buffer, streams, events)
+    for piece in read.pieces:
+        _landed(state, piece)
+
+
+def _preadv_exact(fd: int, views: list[memoryview], offset: int, source: str) -> None:
+    """``preadv`` into ``views`` (consecutive file bytes), retrying short reads."""
+    from .safetensors_io import read_exact
+
+    while views:
+        got = os.preadv(fd, views[:_IOV_MAX], offset)
+        if got == 0:
+            read_exact(fd, views[0], offset, source=source)  # raises the end-of-file error
+        offset += got
+        while views and got >= len(views[0]):
+            got -= len(views[0])
+            views = views[1:]
+        if views and got:
+            views = [views[0][got:], *views[1:]]
+
+
+def _copy_piece(
+    state: _Run,
+    piece: Piece,
+    buffer: torch.Tensor,
+    streams: dict[torch.device, torch.cuda.Stream],
+    events: list[object],
+) -> None:
+    """Copy one piece out of the staging buffer into its target (async on CUDA)."""
+    import torch
+
+    transfer, target = state.transfers[piece.transfer], state.targets[piece.transfer]
+    source = buffer[piece.buffer_offset : piece.buffer_offset + piece.length]
+    if target.dtype == transfer.dtype:
+        destination = _byte_target(target)[piece.start : piece.start + piece.length]
+    else:  # a cast: element ranges (chunks of a tensor start on element boundaries)
+        size = transfer.dtype.itemsize
+        if piece.buffer_offset % size:
+            source = source.clone()
+        source = source.view(transfer.dtype)
+        elements = slice(piece.start // size, (piece.start + piece.length) // size)
+        destination = target.detach().reshape(-1)[elements]
+    if target.device.type != "cuda":
+        destination.copy_(source)
+        return
+    stream = _stream(streams, target.device)
+    with torch.cuda.stream(stream):
+        destination.copy_(source, non_blocking=True)
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(stream)
+    events.append(event)
+    if _needs_whole(transfer):
+        event.synchronize()  # the whole tensor is converted once all its pieces are in place
+
+
+def _landed(state: _Run, piece: Piece) -> None:
+    with state.lock:
+        state.remaining[piece.transfer] -= piece.length
+        complete = state.remaining[piece.transfer] == 0
+    transfer = state.transfers[piece.transfer]
+    if complete and _needs_whole(transfer):
+        _finish(transfer, state.targets[piece.transfer])
+
+
+def _finish(transfer: Transfer, target: torch.Tensor) -> None:
+    """Convert a whole stored tensor into its destination (on the destination's device)."""
+    import torch
+
+    if target is transfer.destination:
+        return
+    with torch.no_grad():
+        value = transfer.transform(target) if transfer.transform is not None else target
+        transfer.destination.copy_(value.reshape(transfer.destination.shape))
+    if transfer.destination.device.type == "cuda":
+        torch.cuda.current_stream(transfer.destination.device).synchronize()
+
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_STAGING_BYTES",
+    "MAX_DEFAULT_THREADS",
+    "CorruptCheckpointError",
+    "EngineOptions",
+    "EngineStats",
+    "Piece",
+    "Progress",
+    "Read",
+    "ReadError",
+    "Transfer",
+    "plan_reads",
+    "run",
+]

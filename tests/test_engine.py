@@ -1,0 +1,326 @@
+"""The read engine: its read plan and its parallel, staged reads against a plain sequential read."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bagelverify import engine
+from bagelverify.engine import EngineOptions, Transfer, plan_reads, run
+from bagelverify.errors import CorruptCheckpointError, ReadError
+from bagelverify.patch_embedding import conv_patch_weight_to_linear
+
+
+@st.composite
+def _spans(draw: st.DrawFn) -> tuple[list[tuple[Path, int, int]], int]:
+    """Non-overlapping spans over two files, some touching, some empty, and a chunk size."""
+    spans: list[tuple[Path, int, int]] = []
+    for path in (Path("a"), Path("b")):
+        offset = draw(st.integers(0, 50))
+        for _ in range(draw(st.integers(0, 8))):
+            offset += draw(st.sampled_from([0, 0, 1, 7]))
+            size = draw(st.integers(0, 300))
+            spans.append((path, offset, size))
+            offset += size
+    order = draw(st.permutations(range(len(spans))))
+    return [spans[i] for i in order], draw(st.integers(1, 128))
+
+
+@given(_spans())
+def test_plan_covers_every_byte_once_in_contiguous_reads_within_the_chunk(
+    case: tuple[list[tuple[Path, int, int]], int],
+) -> None:
+    """Invariant: each span's bytes are in exactly one piece, in order; each read is one
+    contiguous file range of at most ``chunk`` bytes, made of its pieces back to back."""
+    spans, chunk = case
+    reads = plan_reads(spans, chunk)
+    covered: dict[int, list[tuple[int, int, int]]] = {}
+    for read in reads:
+        assert 0 < read.length <= chunk
+        assert sum(p.length for p in read.pieces) == read.length
+        position = 0
+        for piece in read.pieces:
+            path, offset, _ = spans[piece.transfer]
+            assert path == read.path
+            assert piece.buffer_offset == position
+            assert offset + piece.start == read.offset + position  # file-contiguous
+            position += piece.length
+            covered.setdefault(piece.transfer, []).append((piece.start, piece.length, read.offset))
+    for index, (_, _, size) in enumerate(spans):
+        parts = sorted(covered.get(index, []))
+        assert sum(length for _, length, _ in parts) == size
+        assert [start for start, _, _ in parts] == [
+            sum(length for _, length, _ in parts[:n]) for n in range(len(parts))
+        ]
+
+
+def test_plan_coalesces_touching_small_spans_and_splits_large_ones() -> None:
+    a = Path("f")
+    reads = plan_reads([(a, 0, 10), (a, 10, 10), (a, 25, 5), (a, 30, 100)], chunk=40)
+    assert [(r.offset, r.length, [p.transfer for p in r.pieces]) for r in reads] == [
+        (0, 20, [0, 1]),
+        (25, 5, [2]),  # a span longer than the chunk starts its own reads (element-aligned)
+        (30, 40, [3]),
+        (70, 40, [3]),
+        (110, 20, [3]),
+    ]
+
+
+def _file(tmp_path: Path, nbytes: int) -> tuple[Path, bytes]:
+    data = os.urandom(nbytes)
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+def _stored(data: bytes, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    count = 1
+    for dim in shape:
+        count *= dim
+    raw = bytearray(data[offset : offset + count * dtype.itemsize])
+    if not raw:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape).clone()
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Bit-equal (random bytes hold NaNs, which ``torch.equal`` never calls equal)."""
+    got, want = got.detach().cpu().contiguous(), want.contiguous()
+    return got.dtype == want.dtype and torch.equal(
+        got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)
+    )
+
+
+def _layout(tmp_path: Path) -> tuple[Path, bytes, list[tuple[int, torch.dtype, tuple[int, ...]]]]:
+    """A file with many small tensors (coalesced), a large one (chunked), an empty one, and
+    odd element sizes so that some pieces start at unaligned buffer offsets."""
+    specs = [
+        (torch.bfloat16, (3,)),
+        (torch.float32, (5, 7)),
+        (torch.bfloat16, (0, 4)),
+        (torch.bfloat16, (64, 300)),
+        (torch.float16, (11,)),
+        (torch.bfloat16, (4, 3, 2, 2)),
+        (torch.float32, (1000,)),
+    ]
+    layout, offset = [], 3
+    for dtype, shape in specs:
+        layout.append((offset, dtype, shape))
+        count = 1
+        for dim in shape:
+            count *= dim
+        offset += count * dtype.itemsize
+    path, data = _file(tmp_path, offset + 17)
+    return path, data, layout
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("chunk", [4096, 1 << 20])
+def test_values_are_bit_identical_to_a_sequential_read_for_every_thread_count(
+    tmp_path: Path, threads: int, chunk: int
+) -> None:
+    path, data, layout = _layout(tmp_path)
+    transfers, expected = [], []
+    for n, (offset, dtype, shape) in enumerate(layout):
+        stored = _stored(data, offset, dtype, shape)
+        count = stored.numel()
+        nbytes = count * dtype.itemsize
+        kind = n % 4
+        if kind == 0:  # straight into a CPU tensor of the file's dtype
+            destination, want = torch.empty(shape, dtype=dtype), stored
+        elif kind == 1:  # a widening cast
+            destination, want = torch.empty(shape, dtype=torch.float64), stored.double()
+        elif kind == 2:  # a non-contiguous destination
+            dims = tuple(reversed(range(len(shape))))
+            destination = torch.empty(tuple(reversed(shape)), dtype=dtype).permute(dims)
+            want = stored
+        else:  # a whole-tensor transform
+            destination = torch.empty((count,), dtype=torch.float32)
+            want = stored.float().reshape(-1) * 2
+        transform = (lambda t: t.float().reshape(-1) * 2) if kind == 3 else None
+        transfers.append(
+            Transfer(f"t{n}", path, offset, nbytes, dtype, shape, destination, transform)
+        )
+        expected.append(want)
+    stats = run(
+        transfers, options=EngineOptions(threads=threads, chunk_bytes=chunk, staging_bytes=chunk)
+    )
+    for transfer, want in zip(transfers, expected, strict=False):
+        assert _same(transfer.destination.reshape(want.shape), want), transfer.label
+    assert stats.bytes_read == sum(t.nbytes for t in transfers)
+    assert stats.staging_bytes <= chunk
+
+
+def test_patch_conversion_through_the_engine(tmp_path: Path) -> None:
+    shape = (8, 3, 14, 14)
+    path, data = _file(tmp_path, 8 * 3 * 14 * 14 * 2)
+    stored = _stored(data, 0, torch.bfloat16, shape)
+    destination = torch.empty((8, 588), dtype=torch.float32)
+    run(
+        [
+            Transfer(
+                "p",
+                path,
+                0,
+                len(data),
+                torch.bfloat16,
+                shape,
+                destination,
+                conv_patch_weight_to_linear,
+            )
+        ],
+        options=EngineOptions(chunk_bytes=4096, staging_bytes=4096),
+    )
+    assert _same(destination, conv_patch_weight_to_linear(stored).float())
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(budget=st.integers(4096, 40_000), threads=st.integers(1, 4))
+def test_staging_never_exceeds_the_budget(tmp_path: Path, budget: int, threads: int) -> None:
+    """Invariant: staging buffers held at once stay within ``staging_bytes``, even for a tensor
+    many times larger than the budget."""
+    nbytes = 200_000
+    path = tmp_path / "big.bin"
+    if not path.exists():
+        path.write_bytes(os.urandom(nbytes))
+    data = path.read_bytes()
+    destination = torch.empty(nbytes // 4, dtype=torch.float64)
+    stats = run(
+        [Transfer("big", path, 0, nbytes, torch.float32, (nbytes // 4,), destination)],
+        options=EngineOptions(threads=threads, chunk_bytes=1 << 20, staging_bytes=budget),
+    )
+    assert 0 < stats.staging_bytes <= budget
+    assert _same(destination, _stored(data, 0, torch.float32, (nbytes // 4,)).double())
+
+
+def _reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("bagelverify-read-")]
+
+
+def test_an_io_error_in_one_thread_stops_all_and_raises_one_read_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _data = _file(tmp_path, 64 * 4096)
+    destinations = [torch.empty(4096, dtype=torch.uint8) for _ in range(64)]
+    transfers = [
+        Transfer(f"k{n}", path, n * 4096, 4096, torch.uint8, (4096,), d)
+        for n, d in enumerate(destinations)
+    ]
+    real, calls = os.preadv, [0]
+    lock = threading.Lock()
+
+    def flaky(fd: int, buffers: list[memoryview], offset: int) -> int:
+        with lock:
+            calls[0] += 1
+            fail = calls[0] == 5
+        if fail:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(engine.os, "preadv", flaky)
+    with pytest.raises(ReadError) as caught:
+        run(transfers, options=EngineOptions(threads=4, chunk_bytes=4096, staging_bytes=4096))
+    message = str(caught.value)
+    assert str(path) in message and "'k" in message and "Input/output error" in message
+    assert _reader_threads() == []
+    assert calls[0] < 64 + 4  # the others stopped instead of reading everything
+
+
+def test_a_file_truncated_after_planning_is_a_corrupt_checkpoint_naming_file_and_tensor(
+    tmp_path: Path,
+) -> None:
+    path, _ = _file(tmp_path, 100_000)
+    destination = torch.empty(200_000, dtype=torch.uint8)
+    with pytest.raises(CorruptCheckpointError, match=r"data\.bin: 'big'.*unexpected end of file"):
+        run(
+            [Transfer("big", path, 0, 200_000, torch.uint8, (200_000,), destination)],
+            options=EngineOptions(threads=3, chunk_bytes=8192, staging_bytes=8192),
+        )
+    assert _reader_threads() == []
+
+
+def test_progress_reports_every_byte_once(tmp_path: Path) -> None:
+    path, _ = _file(tmp_path, 50_000)
+    seen: list[tuple[int, int]] = []
+    run(
+        [
+            Transfer(
+                "x", path, 0, 50_000, torch.uint8, (50_000,), torch.empty(50_000, dtype=torch.uint8)
+            )
+        ],
+        options=EngineOptions(threads=2, chunk_bytes=4096, staging_bytes=4096),
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert seen[-1] == (50_000, 50_000) and len(seen) == 13
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_an_already_open_descriptor_is_used_instead_of_the_path(tmp_path: Path) -> None:
+    """A load reads through the descriptor its header came from, even if the path is replaced."""
+    path, data = _file(tmp_path, 8192)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        path.unlink()
+        path.write_bytes(b"\0" * 8192)
+        destination = torch.empty(8192, dtype=torch.uint8)
+        run([Transfer("x", path, 0, 8192, torch.uint8, (8192,), destination)], fds={path: fd})
+    finally:
+        os.close(fd)
+    assert bytes(destination.numpy()) == data
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="threads"):
+        EngineOptions(threads=0)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        EngineOptions(chunk_bytes=10)
+    assert EngineOptions(threads=None).thread_count == max(1, min(8, os.cpu_count() or 1))
+    assert EngineOptions(chunk_bytes=1 << 26, staging_bytes=1 << 20).chunk == 1 << 20
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("threads", [1, 4])
+def test_cuda_destinations_equal_a_cpu_read(tmp_path: Path, threads: int) -> None:
+    path, data, layout = _layout(tmp_path)
+    transfers, expected = [], []
+    for n, (offset, dtype, shape) in enumerate(layout):
+        stored = _stored(data, offset, dtype, shape)
+        cast = n % 2 == 1
+        destination = torch.empty(shape, dtype=torch.float32 if cast else dtype, device="cuda")
+        transfers.append(
+            Transfer(
+                f"t{n}", path, offset, stored.numel() * dtype.itemsize, dtype, shape, destination
+            )
+        )
+        expected.append(stored.float() if cast else stored)
+    transfers.append(
+        Transfer(
+            "conv",
+            path,
+            0,
+            8 * 3 * 2 * 2 * 2,
+            torch.bfloat16,
+            (8, 3, 2, 2),
+            torch.empty((8, 12), dtype=torch.bfloat16, device="cuda"),
+            conv_patch_weight_to_linear,
+        )
+    )
+    expected.append(conv_patch_weight_to_linear(_stored(data, 0, torch.bfloat16, (8, 3, 2, 2))))
+    stats = run(
+        transfers, options=EngineOptions(threads=threads, chunk_bytes=4096, staging_bytes=16384)
+    )
+    for transfer, want in zip(transfers, expected, strict=False):
+        assert _same(transfer.destination, want), transfer.label
+    assert stats.staging_bytes <= 16384
