@@ -40,11 +40,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "rewrite a checkpoint for a stage with HF or native keys (streaming), or to/from DCP",
     ),
     "verify": (
-        "bagelverify.verify",
+        "bagelverify.commands.verify",
         "prove properties of the key patterns for every string (disjoint, covering, digit-safe)",
     ),
     "bench": (
-        "bagelverify.bench",
+        "bagelverify.commands.bench",
         "benchmark the compiled key matcher against naive regex matching",
     ),
     "demo": (

@@ -220,7 +220,7 @@ class Matcher:
             for index, pattern in enumerate(self.patterns[bucket])
         ]
         self._trie, (self._anywhere, self._anywhere_listing) = _prefix_trie(compiled)
-        self._dfa: Any = _build_dfa(self.patterns) if memo_size else None
+        self._dfa: Any = build_dfa(self.patterns) if memo_size else None
         self._memo_size = memo_size if self._dfa is not None else 0
         self._memo: dict[bytes, Bucket] = {}
         self._masks: dict[bytes, _Refinement] = {}
@@ -403,7 +403,7 @@ def _prefix_trie(
     return trie, value("")
 
 
-def _build_dfa(patterns: Mapping[Bucket, Sequence[str]]) -> DFA | None:
+def build_dfa(patterns: Mapping[Bucket, Sequence[str]]) -> DFA | None:
     """The automaton that decides template safety, or ``None`` (memo off) when the patterns use
     constructs it cannot model."""
     labelled = [(bucket, patterns[bucket]) for bucket in MATCH_ORDER]

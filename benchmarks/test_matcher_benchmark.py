@@ -14,7 +14,7 @@ from functools import cache
 
 import pytest
 
-from bagelverify.bench import METHOD_NAMES, KeySet, build_method, key_sets
+from bagelverify.commands.bench import METHOD_NAMES, KeySet, build_method, key_sets
 
 SIZES = (100_000,)
 ROUNDS = 5

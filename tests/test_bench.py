@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bagelverify import Bucket
-from bagelverify.bench import (
+from bagelverify.commands.bench import (
     METHOD_NAMES,
     NEAR_MISS_EVERY,
     AlternationMatcher,
@@ -78,3 +78,22 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     path = tmp_path / "chart.png"
     plot([result], str(path))
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_expert_patterns_extend_exactly_the_language_models_mlp_families() -> None:
+    """Invariant: the MoE pattern set is the shipped one plus one expert-level pattern per LLM MLP
+    family (UND and GEN twin), derived from the family table; the ViT MLP gets no experts."""
+    shipped, moe = shipped_patterns(), moe_patterns()
+    added = {bucket: moe[bucket][len(shipped[bucket]) :] for bucket in moe}
+    assert all(moe[bucket][: len(shipped[bucket])] == shipped[bucket] for bucket in moe)
+    assert {bucket: len(patterns) for bucket, patterns in added.items() if patterns} == {
+        Bucket.UND: 3,
+        Bucket.GEN: 3,
+    }
+    experts = NaiveMatcher(added)
+    layer = "language_model.model.layers.7"
+    assert experts.classify(f"{layer}.mlp.experts.12.down_proj.weight") is Bucket.UND
+    assert experts.classify(f"{layer}.mlp_moe_gen.experts.0.gate_proj.weight") is Bucket.GEN
+    assert experts.classify(f"{layer}.mlp.experts.x.up_proj.weight") is Bucket.UNKNOWN
+    vit = "vit_model.vision_model.encoder.layers.0.mlp.experts.0.fc1.weight"
+    assert experts.classify(vit) is Bucket.UNKNOWN

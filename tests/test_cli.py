@@ -212,6 +212,31 @@ def test_inspect_unclean_checkpoint_exits_1_and_shows_every_finding(
     assert report["shape_mismatches"][0]["found"] == [3, 3]
 
 
+def test_every_finding_is_counted_alike_in_text_and_json(unclean: Path) -> None:
+    """Invariant: each finding of the findings table has its field in the JSON report, with the
+    count the Checks table shows, and the text lists exactly as many lines as it counts."""
+    from bagelverify.commands.findings import FINDINGS
+
+    report = inspect_command.inspect_path(unclean, stage=2).report
+    document = report.as_dict()
+    found = []
+    for finding in FINDINGS:
+        value = document[finding.json_key]
+        counted = sum(value.values()) if isinstance(value, dict) else value
+        counted = counted if isinstance(counted, int) else len(counted)
+        assert finding.count(report) == counted, finding.label
+        if finding.heading_count is None:
+            assert len(finding.lines(report)) == counted, finding.label
+        found += [finding.json_key] * bool(counted)
+    assert found == [
+        "unknown",
+        "missing",
+        "twin_violations",
+        "shape_mismatches",
+        "vae_keys_in_model_file",
+    ]
+
+
 def test_inspect_reads_headers_only_so_a_29_gb_file_is_instant(full_size_sparse: Path) -> None:
     """The real BAGEL header over 29 GB of never-written data: inspect reports the true sizes
     (in a subprocess), and in-process it succeeds even when every data-reading call raises."""

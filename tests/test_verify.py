@@ -17,19 +17,20 @@ from bagelverify import verify
 from bagelverify.automata import DFA, UnsupportedPattern, template_verdict
 from bagelverify.buckets import MATCH_ORDER
 from bagelverify.cli import main
+from bagelverify.commands.verify import read_pattern_file
 from bagelverify.errors import PatternError
 from bagelverify.families import FAMILY_BY_NAME
 from bagelverify.manifest import load_manifest
 from bagelverify.matcher import shipped_patterns
-from bagelverify.smt import Z3_MAX_CHAR, Z3Engine
 from bagelverify.verify import (
     FAILED,
     PROVED,
     SKIPPED,
     PatternReport,
     check_patterns,
-    read_pattern_file,
 )
+from bagelverify.verify import digits as p3_digits
+from bagelverify.verify.smt import Z3_MAX_CHAR, Z3Engine
 
 ALL_SHIPPED = bv.UND_PATTERNS + bv.GEN_PATTERNS + bv.VAE_PATTERNS + bv.EXTRA_PATTERNS
 DIGIT_SENSITIVE_FAMILIES = [
@@ -257,7 +258,7 @@ def test_unsound_memo_rule_would_be_caught(monkeypatch: pytest.MonkeyPatch) -> N
     def always_safe(dfa: DFA, state: int, char: str, placeholder: str) -> int:
         return dfa.step(state, "0" if char == placeholder else char)
 
-    monkeypatch.setattr(verify, "template_step", always_safe)
+    monkeypatch.setattr(p3_digits, "template_step", always_safe)
     report = check_patterns(use_z3=False)
     obligation = report.obligation("P3 digit symmetry")
     assert obligation.result == FAILED

@@ -20,6 +20,8 @@ from ..config import BagelConfig
 from ..manifest import VAE_FILE
 from ..safetensors_io import read_header
 from ..stage import STAGE_BUCKETS
+from .findings import FINDINGS
+from .findings import shown_key as shown_key  # public here since the command began
 from .render import Column, Printer, human_bytes, print_json
 
 EXAMPLE = "bagelverify inspect /ckpt/BAGEL-7B-MoT --stage 2"
@@ -110,19 +112,11 @@ def inspect_path(
     return Inspection(report, files, vae_file, config_source)
 
 
-def shown_key(key: str) -> str:
-    """A key as printed: escaped (``ascii``) unless it is plain printable ASCII, so a key with
-    a newline, a terminal control code or a look-alike Unicode digit cannot pass for another."""
-    return key if key.isascii() and key.isprintable() else ascii(key)
-
-
-def _keys(
-    printer: Printer, title: str, items: list[str], limit: int, count: str | None = None
-) -> None:
-    """A finding: its title and count, then up to ``limit`` items (0 = all)."""
+def _keys(printer: Printer, heading: str, items: list[str], limit: int) -> None:
+    """A finding: its heading, then up to ``limit`` items (0 = all)."""
     if not items:
         return
-    printer.heading(f"{title} ({count or len(items)})")
+    printer.heading(heading)
     shown = items if limit <= 0 else items[:limit]
     for item in shown:
         printer.line(f"  {item}")
@@ -133,8 +127,6 @@ def _keys(
 def render(printer: Printer, inspection: Inspection, *, limit: int = DEFAULT_LIMIT) -> None:
     """Print an inspection as the ``inspect`` command does."""
     report = inspection.report
-    plan = report.plan
-    kept_buckets = STAGE_BUCKETS[report.stage]
     printer.line(f"{report.source}  ({len(report.tensors)} tensors, checked for {report.stage})")
     printer.line(
         f"config: {inspection.config_source}"
@@ -142,6 +134,22 @@ def render(printer: Printer, inspection: Inspection, *, limit: int = DEFAULT_LIM
         else "config: none found; shapes and completeness are not checked (use --config DIR)",
         style=None if inspection.config_source else "yellow",
     )
+    _bucket_table(printer, report)
+    _sizes(printer, inspection)
+    printer.heading(f"Checks ({report.stage})")
+    printer.fields(
+        [(finding.label, finding.row(report)) for finding in FINDINGS]
+        + [("Conv2d patch embedding", report.conv_patch_embedding or "no")]
+    )
+    for finding in FINDINGS:
+        lines = finding.lines(report)
+        _keys(printer, finding.heading(report, lines), lines, limit)
+    _verdict(printer, inspection)
+
+
+def _bucket_table(printer: Printer, report: CheckpointReport) -> None:
+    """Tensors, bytes and dtypes by bucket, and whether the stage keeps each."""
+    kept_buckets = STAGE_BUCKETS[report.stage]
     rows = []
     for bucket, summary in report.buckets.items():
         if summary.count == 0 and bucket in (Bucket.EXTRA, Bucket.UNKNOWN, Bucket.VAE):
@@ -167,6 +175,11 @@ def render(printer: Printer, inspection: Inspection, *, limit: int = DEFAULT_LIM
         ],
         rows,
     )
+
+
+def _sizes(printer: Printer, inspection: Inspection) -> None:
+    """What each stage reads, and each file of the folder."""
+    report = inspection.report
     total = sum(s.nbytes for s in report.buckets.values())
     share = f" ({100 * report.stage1_bytes / total:.1f}% of the tensor bytes)" if total else ""
     printer.heading("Sizes")
@@ -188,71 +201,16 @@ def render(printer: Printer, inspection: Inspection, *, limit: int = DEFAULT_LIM
         )
     printer.fields(pairs)
 
-    vae_merged = plan.buckets[Bucket.VAE]
-    printer.heading(f"Checks ({report.stage})")
-    checked = report.config is not None
-    printer.fields(
-        [
-            ("unknown keys", str(len(plan.unknown))),
-            ("missing expected keys", str(len(report.missing_keys)) if checked else "not checked"),
-            ("GEN keys without UND twin", str(len(plan.twin_violations))),
-            ("shape mismatches", str(len(report.shape_mismatches)) if checked else "not checked"),
-            ("keys beyond the config", str(len(report.beyond_config)) if checked else "n/a"),
-            ("keys both rooted and unrooted", str(len(plan.collisions))),
-            ("VAE keys merged into the model file", str(len(vae_merged))),
-            ("Conv2d patch embedding", report.conv_patch_embedding or "no"),
-        ]
-    )
-    k = shown_key
-    _keys(printer, "Unknown keys", [k(key) for key in plan.unknown], limit)
-    missing = report.missing_summary()
-    _keys(
-        printer,
-        "Missing expected keys",
-        missing,
-        limit,
-        count=f"{len(report.missing_keys)} in {len(missing)} families",
-    )
-    _keys(
-        printer,
-        "GEN keys whose UND twin is absent",
-        [f"{k(gen)}  (needs {k(und)})" for gen, und in plan.twin_violations],
-        limit,
-    )
-    _keys(
-        printer,
-        "Shape mismatches against the config",
-        [
-            f"{k(m.key)}: expected {list(m.expected)}, found {list(m.found)}"
-            for m in report.shape_mismatches
-        ],
-        limit,
-    )
-    _keys(
-        printer,
-        "Keys a model with this config does not have",
-        [k(key) for key in report.beyond_config],
-        limit,
-    )
-    _keys(
-        printer,
-        "Keys both rooted and unrooted",
-        [f"{k(a)} / {k(b)}" for a, b in plan.collisions],
-        limit,
-    )
-    _keys(
-        printer,
-        "VAE keys merged into the model file (dropped on load)",
-        [k(key) for key in vae_merged],
-        limit,
-    )
 
+def _verdict(printer: Printer, inspection: Inspection) -> None:
+    """Clean, with what a strict load reads, or the errors it raises."""
+    report = inspection.report
     problems = inspection.problems
     printer.line()
     if not problems:
         kept = report.stage1_bytes if report.stage == "stage1" else report.stage2_bytes
         printer.line(
-            f"clean for {report.stage}: a strict load reads {len(plan.native):,} tensors "
+            f"clean for {report.stage}: a strict load reads {len(report.plan.native):,} tensors "
             f"({human_bytes(kept)})",
             style="bold green",
         )

@@ -26,14 +26,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .buckets import MATCH_ORDER, Bucket
-from .config import BagelConfig
-from .families import EXTRA_STATE, FAMILIES, MOE_SUFFIX, SLOT_REGEX, Family
-from .manifest import load_manifest
-from .matcher import Matcher, NaiveMatcher, PatternSets, shipped_patterns
+from ..buckets import MATCH_ORDER, Bucket
+from ..config import BagelConfig
+from ..families import EXTRA_STATE, FAMILIES, FAMILY_BY_NAME, MOE_SUFFIX, Family
+from ..manifest import load_manifest
+from ..matcher import Matcher, NaiveMatcher, PatternSets, shipped_patterns
 
 EXAMPLE = "bagelverify bench --sizes 100000 1000000 --plot matcher.png"
 
@@ -51,23 +51,35 @@ TARGET_VS_FLOOR_1M = 4.0
 
 Classify = Callable[[str], Bucket | None]
 
+MLP_MODULE = "mlp"
+"""The language model's MLP module, which the scaled sets give experts (the benchmark's own
+Mixture-of-Experts extension: BAGEL-7B-MoT has none)."""
+
 
 # -- pattern sets and key sets ------------------------------------------------------------------
 
 
 def _expert_variants(family: Family) -> tuple[str, str] | None:
     """``(template, pattern)`` of the Mixture-of-Experts variant of an LLM MLP family (the
-    ``mlp`` or ``mlp_moe_gen`` module gets an ``experts.{expert}`` level), else ``None``."""
-    if family.layers is None or not family.template.startswith("language_model."):
+    ``mlp`` or ``mlp_moe_gen`` module gets an ``experts.{expert}`` level), else ``None``.
+
+    The language model's families are the layered ones of the table's UND/GEN twin pairs; the
+    variant's pattern is written by the table's own :class:`~bagelverify.families.Family`."""
+    modules = (f".{MLP_MODULE}.", f".{MLP_MODULE}{MOE_SUFFIX}.")
+    module = next((m for m in modules if m in family.template), None)
+    if family.layers is None or not _twinned(family) or module is None:
         return None
-    for module in (".mlp.", f".mlp{MOE_SUFFIX}."):
-        if module in family.template:
-            template = family.template.replace(module, module + "experts.{expert}.")
-            escaped = re.escape(module)
-            number = SLOT_REGEX["layer"]
-            pattern = family.pattern.replace(escaped, f"{escaped}experts\\.{number}\\.")
-            return template, pattern
-    return None
+
+    def with_experts(slot: str) -> str:
+        return family.template.replace(module, f"{module}experts.{{{slot}}}.")
+
+    # an expert number is a slot of ASCII digits, like a layer number
+    return with_experts("expert"), replace(family, template=with_experts("layer")).pattern
+
+
+def _twinned(family: Family) -> bool:
+    """One of the language model's Mixture-of-Transformers pairs: a GEN twin or its UND family."""
+    return family.twin is not None or family.name + MOE_SUFFIX in FAMILY_BY_NAME
 
 
 def moe_patterns() -> dict[Bucket, list[str]]:

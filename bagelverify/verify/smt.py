@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .automata import Alt, Anchor, Chars, Node, Repeat, Seq, UnsupportedPattern, parse
+from ..automata import Alt, Anchor, Chars, Node, Repeat, Seq, UnsupportedPattern, parse
 
 Z3_MAX_CHAR = 0x2FFFF
 """Largest code point of z3's string alphabet under ``encoding=unicode``."""
