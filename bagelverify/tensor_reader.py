@@ -9,12 +9,23 @@ to start reading the next tensor while the caller works on the current one. Stre
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
 import torch
 
-from .safetensors_io import TensorInfo, read_into
+from .safetensors_io import (
+    DTYPES,
+    TensorInfo,
+    byte_view,
+    read_exact,
+    read_into,
+    require_little_endian,
+)
+
+CHUNK_ELEMENTS = 4 * 1024 * 1024
+"""Elements per piece in :meth:`TensorReader.read_range` (8 MB of BF16)."""
 
 
 class TensorReader:
@@ -34,6 +45,22 @@ class TensorReader:
         out = torch.empty(info.shape, dtype=info.torch_dtype)
         read_into(self._fd(info.path), info, out)
         return out
+
+    def read_range(
+        self, info: TensorInfo, begin: int, end: int, buffer: torch.Tensor
+    ) -> torch.Tensor:
+        """Elements ``[begin, end)`` of ``info`` (flattened), read into ``buffer`` (a 1-D
+        ``uint8`` tensor of at least that many bytes), as a 1-D view of the stored dtype."""
+        require_little_endian()
+        size = DTYPES[info.dtype].itemsize
+        raw = buffer[: (end - begin) * size]
+        read_exact(
+            self._fd(info.path),
+            byte_view(raw),
+            info.start + begin * size,
+            source=f"{info.path}: {info.name!r}",
+        )
+        return raw.view(info.torch_dtype)
 
     def prefetch(self, info: TensorInfo) -> None:
         """Hint the kernel to read ``info``'s bytes soon (no-op where unsupported)."""
@@ -56,3 +83,9 @@ class TensorReader:
         trace: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def element_ranges(count: int, step: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int]]:
+    """``[begin, end)`` ranges of at most ``step`` elements covering ``count`` elements."""
+    for begin in range(0, count, step):
+        yield begin, min(count, begin + step)
