@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bagelverify.commands.diff",
         "compare two checkpoints: keys, shapes, dtypes, then values per key family (streaming)",
     ),
+    "repair": (
+        "bagelverify.commands.repair",
+        "fill the keys a checkpoint lacks (e.g. a lost vision tower) from a base checkpoint",
+    ),
     "verify": (
         "bagelverify.verify",
         "prove properties of the key patterns for every string (disjoint, covering, digit-safe)",
