@@ -95,3 +95,7 @@ class PatternError(BagelError, ValueError):
 
 class DistributedMismatchError(BagelError, ValueError):
     """Ranks of one distributed load that pass different state dicts (keys, shapes, dtypes)."""
+
+
+class LossyCastError(BagelError, ValueError):
+    """A requested dtype cast that would lose precision or range, without permission to."""
