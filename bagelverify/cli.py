@@ -39,6 +39,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bagelverify.commands.convert",
         "rewrite a checkpoint for a stage with HF or native keys (streaming), or to/from DCP",
     ),
+    "diff": (
+        "bagelverify.commands.diff",
+        "compare two checkpoints: keys, shapes, dtypes, then values per key family (streaming)",
+    ),
+    "repair": (
+        "bagelverify.commands.repair",
+        "fill the keys a checkpoint lacks (e.g. a lost vision tower) from a base checkpoint",
+    ),
     "verify": (
         "bagelverify.commands.verify",
         "prove properties of the key patterns for every string (disjoint, covering, digit-safe)",

@@ -99,3 +99,7 @@ class DistributedMismatchError(BagelError, ValueError):
 
 class ReadError(BagelError, OSError):
     """Reading a checkpoint file's data failed (an I/O error, a file that cannot be opened)."""
+
+
+class LossyCastError(BagelError, ValueError):
+    """A requested dtype cast that would lose precision or range, without permission to."""

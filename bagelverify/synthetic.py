@@ -15,6 +15,7 @@ import torch
 from .config import BagelConfig
 from .families import expected_shapes
 from .manifest import MODEL_FILE, VAE_FILE, load_manifest
+from .pos_embed import POSITION_TABLE_KEYS, position_table
 from .safetensors_io import DTYPES, TensorSpec, write_safetensors
 
 _FULL = BagelConfig()
@@ -111,18 +112,23 @@ def make_synthetic_checkpoint(
     config files, with the manifest's keys and dtypes and every width divided by ``scale``.
 
     Values are standard-normal draws (scaled by 0.02) from a generator seeded with ``seed``, so
-    the same arguments give the same bytes. ``scale=1`` is the full 29 GB model; ``scale=64``
-    writes about 4 MB in well under a second. Tensors are generated one at a time.
+    the same arguments give the same bytes; the two position tables are the real sine-cosine
+    tables for the config (:func:`bagelverify.pos_embed.position_table`). ``scale=1`` is the
+    full 29 GB model; ``scale=64`` writes about 4 MB in well under a second. Tensors are
+    generated one at a time.
     """
     config, model, vae = synthetic_specs(scale, dtype=dtype)
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     by_name = {spec.name: spec for spec in (*model, *vae)}
+    model_keys = {spec.name for spec in model}
 
     def draw(name: str) -> torch.Tensor:
         spec = by_name[name]
         target = DTYPES[spec.dtype].torch_dtype
+        if name in POSITION_TABLE_KEYS and name in model_keys:
+            return position_table(name, config, target)
         if not target.is_floating_point:
             return torch.randint(0, 2, spec.shape, generator=generator).to(target)
         values = torch.randn(spec.shape, generator=generator, dtype=torch.float32)

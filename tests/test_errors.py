@@ -25,6 +25,7 @@ BUILTIN_PARENTS: dict[type[errors.BagelError], tuple[type[Exception], ...]] = {
     errors.UnsupportedPlatformError: (RuntimeError,),
     errors.DistributedMismatchError: (ValueError,),
     errors.ReadError: (OSError,),
+    errors.LossyCastError: (ValueError,),
 }
 
 

@@ -95,11 +95,58 @@ def _check_formats(args: argparse.Namespace) -> None:
         raise UsageError("--max-shard-size applies to safetensors output, not --to dcp")
 
 
+def _rewrites(args: argparse.Namespace) -> bool:
+    """Whether a flag asks for a per-tensor transform or a weights choice (``rewrite``)."""
+    return any(
+        value is not None
+        for value in (args.dtype, args.max_latent_size, args.vit_max_patches_per_side, args.weights)
+    )
+
+
+def _rewrite(
+    args: argparse.Namespace, source: Path, staging: Path, config: BagelConfig | None
+) -> tuple[int, int, dict[str, Any]]:
+    """``--dtype``, ``--max-latent-size``, ``--vit-max-patches-per-side``, ``--weights``."""
+    from ..checkpoint import build_report
+    from ..rewrite import rewrite_checkpoint
+    from ..weights import open_weights
+
+    selected = open_weights(source, args.weights)
+    kept = build_report(selected.tensors, stage=args.stage).plan.native
+    total = sum(selected.tensors[key].nbytes for key in kept)
+    with byte_progress(total, f"{args.stage} -> {args.to}", quiet=args.quiet) as advance:
+        report = rewrite_checkpoint(
+            source,
+            staging,
+            stage=args.stage,
+            keys=args.to,
+            dtype=args.dtype,
+            allow_lossy=args.allow_lossy,
+            max_latent_size=args.max_latent_size,
+            vit_max_num_patch_per_side=args.vit_max_patches_per_side,
+            max_shard_size=args.max_shard_size,
+            strict=not args.no_strict,
+            config=config,
+            weights=args.weights,
+            convert_conv_patch_embedding=args.convert_conv_patch_embedding,
+            on_tensor=lambda _, nbytes: advance(nbytes),
+        )
+    return report.tensors, report.bytes_after, report.as_dict()
+
+
 def _convert(
     args: argparse.Namespace, source: Path, staging: Path, config: BagelConfig | None
-) -> tuple[int, int]:
-    """Write the converted checkpoint into ``staging``; return (tensors, tensor bytes)."""
+) -> tuple[int, int, dict[str, Any]]:
+    """Write the converted checkpoint into ``staging``; return (tensors, tensor bytes, extra
+    report fields)."""
     strict = not args.no_strict
+    if _rewrites(args):
+        if args.from_format == "dcp" or args.to == "dcp":
+            raise UsageError(
+                "--dtype, --max-latent-size, --vit-max-patches-per-side and --weights apply to "
+                "safetensors -> safetensors conversions"
+            )
+        return _rewrite(args, source, staging, config)
     if args.from_format == "dcp" or args.to == "dcp":
         from ..distributed import dcp_to_hf, hf_to_dcp
 
@@ -114,7 +161,7 @@ def _convert(
                 config=config,
                 max_shard_size=args.max_shard_size,
             )
-        return count, -1
+        return count, -1, {}
     report = inspect_checkpoint(source, stage=args.stage, config=config)
     problems = report.problems(strict=strict, convert_conv=args.convert_conv_patch_embedding)
     if problems:
@@ -145,7 +192,7 @@ def _convert(
             convert_conv_patch_embedding=args.convert_conv_patch_embedding,
             on_tensor=on_tensor,
         )
-    return done[0], done[1]
+    return done[0], done[1], {}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -189,6 +236,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="store a Conv2d (out, C, P, P) patch-embedding weight as BAGEL's Linear layout",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("bf16", "f16", "f32"),
+        help="cast every floating tensor; a cast that loses precision or range needs "
+        "--allow-lossy (the output reports the size before and after)",
+    )
+    parser.add_argument(
+        "--allow-lossy", action="store_true", help="allow narrowing --dtype casts (F32 -> BF16)"
+    )
+    parser.add_argument(
+        "--max-latent-size",
+        type=int,
+        metavar="N",
+        help="regenerate latent_pos_embed for an N x N latent grid and write max_latent_size N",
+    )
+    parser.add_argument(
+        "--vit-max-patches-per-side",
+        type=int,
+        metavar="N",
+        help="regenerate vit_pos_embed for N x N patches and write vit_max_num_patch_per_side N",
+    )
+    parser.add_argument(
+        "--weights",
+        choices=("ema", "model"),
+        help="which weights of a training output folder: ema.safetensors or model.safetensors "
+        "(default: ema.safetensors when present)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; DST gets the usual folder mode
     started = time.perf_counter()
     try:
-        count, nbytes = _convert(args, source, staging, config)
+        count, nbytes, extra = _convert(args, source, staging, config)
         written = sorted(p.name for p in staging.iterdir())
         _publish(staging, target, replaced)
     finally:
@@ -222,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
         "replaced": [p.name for p in replaced],
         "files": [{"path": str(p), "bytes": p.stat().st_size} for p in files if p.is_file()],
         "seconds": round(seconds, 3),
+        **extra,
     }
     if args.json:
         print_json(document)
@@ -235,6 +310,13 @@ def run(args: argparse.Namespace) -> int:
     )
     sizes = [f"{p.name} ({human_bytes(p.stat().st_size)})" for p in files if p.is_file()]
     printer.line("  " + ", ".join(sizes))
+    if extra:
+        printer.line(
+            f"  tensor bytes {human_bytes(extra['bytes_before'])} -> "
+            f"{human_bytes(extra['bytes_after'])}"
+            + (f" ({extra['dtype']})" if extra["dtype"] else "")
+            + "".join(f"; regenerated {key}" for key in extra["tables_regenerated"])
+        )
     if replaced:
         printer.line(f"  replaced the previous checkpoint ({len(replaced)} files)")
     return 0

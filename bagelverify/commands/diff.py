@@ -1,0 +1,123 @@
+"""``bagelverify diff A B``: which tensors two checkpoints hold differently, and by how much.
+
+Headers first (keys only in A or only in B, shape or dtype changes), then the values, streamed
+piece by piece (:func:`bagelverify.diff.diff_checkpoints`): per key family, how many tensors
+differ and the largest absolute and relative difference; identical families are named.
+Exit code 0 when the checkpoints are identical, 1 when anything differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from ..cli import EXIT_OK, EXIT_PROBLEMS
+from ..diff import CheckpointDiff, compare_headers, diff_checkpoints
+from ..weights import WEIGHTS_CHOICES, open_weights
+from .inspect import shown_key
+from .render import Column, Printer, byte_progress, print_json
+
+EXAMPLE = "bagelverify diff /ckpt/BAGEL-7B-MoT /ckpt/my-finetune --limit 20"
+
+
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    """``--weights ema|model``: which weights file of a training output folder to read."""
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS_CHOICES,
+        help="ema: ema.safetensors; model: model.safetensors or its index (default: "
+        "ema.safetensors when present, else the model weights)",
+    )
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``bagelverify diff``."""
+    parser.add_argument("a", metavar="A", help="checkpoint folder or .safetensors file")
+    parser.add_argument("b", metavar="B", help="checkpoint folder or .safetensors file")
+    parser.add_argument(
+        "--keys-only",
+        action="store_true",
+        help="compare the headers only (keys, shapes, dtypes); no tensor data is read",
+    )
+    parser.add_argument("--limit", type=int, default=10, metavar="N", help="keys listed per item")
+    add_weights_argument(parser)
+
+
+def _number(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.3g}"
+
+
+def render(printer: Printer, diff: CheckpointDiff, limit: int) -> None:
+    """The human-readable report."""
+    printer.line(f"A: {diff.a}")
+    printer.line(f"B: {diff.b}")
+    printer.heading("Headers")
+    for title, keys in (("only in A", diff.only_in_a), ("only in B", diff.only_in_b)):
+        printer.line(f"  {title}: {len(keys)}")
+        for key in keys[:limit]:
+            printer.line(f"    {shown_key(key)}")
+        if len(keys) > limit:
+            printer.line(f"    ... and {len(keys) - limit} more")
+    printer.line(f"  shape/dtype changes: {len(diff.header_changes)}")
+    for change in diff.header_changes[:limit]:
+        printer.line(
+            f"    {shown_key(change.key)}: {change.a_dtype} {list(change.a_shape)} -> "
+            f"{change.b_dtype} {list(change.b_shape)}"
+        )
+    if not diff.values_compared:
+        printer.line("  (--keys-only: values not compared)")
+        return
+    rows = [
+        [
+            name,
+            str(family.tensors),
+            str(len(family.differing)),
+            _number(family.max_abs_diff) if family.differing else "-",
+            _number(family.max_rel_diff) if family.differing else "-",
+        ]
+        for name, family in diff.families.items()
+        if family.differing
+    ]
+    columns = [
+        Column("family"),
+        Column("tensors", True),
+        Column("differ", True),
+        Column("max abs", True),
+        Column("max rel", True),
+    ]
+    if rows:
+        printer.table("Values that differ, by family", columns, rows)
+    identical = diff.identical_families
+    printer.heading(f"Identical families ({len(identical)})")
+    if identical:
+        printer.line("  " + ", ".join(identical))
+    printer.line()
+    if diff.empty:
+        printer.line("identical", style="green")
+    else:
+        printer.line(f"{len(diff.changed_keys)} keys differ", style="yellow")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compare; exit 1 when anything differs."""
+    total = 0
+    if not args.keys_only:
+        left, right = open_weights(args.a, args.weights), open_weights(args.b, args.weights)
+        pairs = compare_headers(left, right)[3]
+        total = sum(a.nbytes + b.nbytes for _, a, b in pairs)
+    quiet = args.quiet or args.json or args.keys_only
+    with byte_progress(total, "diff", quiet=quiet) as advance:
+        diff = diff_checkpoints(
+            args.a,
+            args.b,
+            keys_only=args.keys_only,
+            weights_a=args.weights,
+            weights_b=args.weights,
+            on_tensor=lambda _, nbytes: advance(nbytes),
+        )
+    code = EXIT_OK if diff.empty else EXIT_PROBLEMS
+    if args.json:
+        print_json({"command": "diff", "exit_code": code, **diff.as_dict()})
+    else:
+        render(Printer(quiet=args.quiet), diff, args.limit)
+    return code

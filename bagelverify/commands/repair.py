@@ -1,0 +1,85 @@
+"""``bagelverify repair SRC --base BASE -o OUT``: fill the keys SRC lacks from BASE.
+
+Checks both sides from their headers, then streams one tensor at a time
+(:func:`bagelverify.repair.repair_checkpoint`); ``--dry-run`` prints the plan only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+from ..cli import add_stage_argument
+from ..repair import RepairReport, repair_checkpoint
+from ..weights import WEIGHTS_CHOICES
+from .diff import add_weights_argument
+from .render import Column, Printer, byte_progress, human_bytes, print_json
+
+EXAMPLE = "bagelverify repair /ckpt/my-finetune --base /ckpt/BAGEL-7B-MoT -o /ckpt/repaired"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``bagelverify repair``."""
+    parser.add_argument("src", metavar="SRC", help="checkpoint folder with missing keys")
+    parser.add_argument("--base", required=True, metavar="BASE", help="complete checkpoint")
+    parser.add_argument("-o", "--out", required=True, metavar="OUT", help="new folder to write")
+    add_stage_argument(parser, default="stage2")
+    parser.add_argument(
+        "--config", metavar="DIR", help="config folder (default: SRC's, else BASE's)"
+    )
+    parser.add_argument("--max-shard-size", metavar="SIZE", help="write shards of at most SIZE")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
+    add_weights_argument(parser)
+    parser.add_argument(
+        "--base-weights", choices=WEIGHTS_CHOICES, help="--weights for BASE (default: its ema)"
+    )
+
+
+def render(printer: Printer, report: RepairReport) -> None:
+    """Which families came from where."""
+    families = list(dict.fromkeys([*report.from_source, *report.from_base]))
+    rows = [
+        [name, str(report.from_source.get(name, 0)), str(len(report.from_base.get(name, [])))]
+        for name in families
+    ]
+    columns = [Column("family"), Column("from SRC", True), Column("from BASE", True)]
+    printer.table("Tensors by family", columns, rows)
+    printer.line()
+    verb = "would write" if report.dry_run else "wrote"
+    printer.line(
+        f"{verb} {report.out}: {sum(report.from_source.values())} tensors "
+        f"({human_bytes(report.bytes_from_source)}) from {report.source}, "
+        f"{len(report.filled)} ({human_bytes(report.bytes_from_base)}) from {report.base}",
+        style="green",
+    )
+    if report.vae_from:
+        printer.line(f"  ae.safetensors from {report.vae_from}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Repair (or plan it); print which families came from where."""
+    repair = functools.partial(
+        repair_checkpoint,
+        args.src,
+        base=args.base,
+        out=args.out,
+        stage=args.stage,
+        config=args.config,
+        weights=args.weights,
+        base_weights=args.base_weights,
+        max_shard_size=args.max_shard_size,
+    )
+    plan = repair(dry_run=True)
+    if not args.dry_run:
+        total = plan.bytes_from_source + plan.bytes_from_base
+        with byte_progress(total, "repair", quiet=args.quiet or args.json) as advance:
+            report = repair(on_tensor=lambda _, nbytes: advance(nbytes))
+    else:
+        report = plan
+    if args.json:
+        files = [{"path": p, "bytes": Path(p).stat().st_size} for p in report.files]
+        print_json({"command": "repair", **report.as_dict(), "files": files})
+    else:
+        render(Printer(quiet=args.quiet), report)
+    return 0

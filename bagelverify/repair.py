@@ -1,0 +1,231 @@
+"""Fill the keys a checkpoint lacks from a base checkpoint, streaming one tensor at a time.
+
+The usual case: a fine-tune saved by the upstream trainer whose ``ema.safetensors`` lost some
+or all ``vit_model.*`` keys, repaired from the release. :func:`repair_checkpoint` validates both
+sides from their headers (the source like a load, apart from the keys it lacks; the base's
+tensors for those keys against the config's shapes), then writes every tensor of the source
+unchanged plus the missing ones from the base through the writer ``convert`` uses
+(:func:`bagelverify.checkpoint.write_bagel_checkpoint`), into a hidden folder next to ``out``
+that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import ROOT, strip_root
+from .checkpoint import build_report, find_config, write_bagel_checkpoint
+from .config import BagelConfig
+from .diff import family_name
+from .errors import MissingKeysError, ShapeMismatchError, format_examples
+from .families import expected_shapes
+from .manifest import VAE_FILE
+from .safetensors_io import TensorInfo, TensorSpec
+from .stage import normalize_stage
+from .tensor_reader import TensorReader
+from .weights import SelectedWeights, open_weights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RepairReport:
+    """What :func:`repair_checkpoint` wrote (or, with ``dry_run``, would write)."""
+
+    source: str
+    base: str
+    out: str
+    stage: str
+    from_source: dict[str, int] = field(default_factory=dict)
+    """Family -> tensors copied from the source."""
+    from_base: dict[str, list[str]] = field(default_factory=dict)
+    """Family -> HF keys filled from the base."""
+    vae_from: str | None = None
+    """Where ``ae.safetensors`` came from: ``"source"``, ``"base"`` or ``None`` (neither)."""
+    dry_run: bool = False
+    files: list[str] = field(default_factory=list)
+    bytes_from_source: int = 0
+    bytes_from_base: int = 0
+
+    @property
+    def filled(self) -> list[str]:
+        """Every key taken from the base."""
+        return [key for keys in self.from_base.values() for key in keys]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "source": self.source,
+            "base": self.base,
+            "out": self.out,
+            "stage": self.stage,
+            "dry_run": self.dry_run,
+            "from_source": dict(self.from_source),
+            "from_base": {family: len(keys) for family, keys in self.from_base.items()},
+            "filled_keys": self.filled,
+            "bytes_from_source": self.bytes_from_source,
+            "bytes_from_base": self.bytes_from_base,
+            "vae_from": self.vae_from,
+            "files": list(self.files),
+        }
+
+
+def _config_for(
+    source: SelectedWeights, base: SelectedWeights, given: object
+) -> tuple[BagelConfig, Path]:
+    for folder in (source.directory, base.directory):
+        found = find_config(folder, given)
+        if found is not None:
+            return found, folder
+    raise FileNotFoundError(
+        f"neither {source.directory} nor {base.directory} holds config files; the keys a stage "
+        "expects come from the config: pass config= (or --config DIR)"
+    )
+
+
+def _check_source(source: SelectedWeights, config: BagelConfig) -> None:
+    """Everything a strict stage-2 load checks, except the keys the source lacks."""
+    report = build_report(source.tensors, stage="stage2", config=config, source=source.source)
+    problems = [p for p in report.problems(strict=True) if not isinstance(p, MissingKeysError)]
+    if problems:
+        raise problems[0]
+
+
+def _base_tensors(
+    base: SelectedWeights, wanted: dict[str, list[str]], config: BagelConfig
+) -> dict[str, TensorInfo]:
+    """The base's tensor for every wanted HF key, shape-checked against the config."""
+    by_hf = {strip_root(key): info for key, info in base.tensors.items()}
+    keys = [key for family_keys in wanted.values() for key in family_keys]
+    absent = [key for key in keys if key not in by_hf]
+    if absent:
+        raise MissingKeysError(
+            f"{base.source}: the base lacks {len(absent)} of the {len(keys)} keys to fill: "
+            f"{format_examples(absent)}. Use a complete checkpoint (e.g. the release) as the base.",
+            absent,
+        )
+    shapes = expected_shapes(config)
+    wrong = [key for key in keys if tuple(by_hf[key].shape) != shapes[key]]
+    if wrong:
+        raise ShapeMismatchError(
+            f"{base.source}: {len(wrong)} base tensors to fill do not have the shape the config "
+            "implies:\n"
+            + "\n".join(
+                f"  {key}: expected {list(shapes[key])}, found {list(by_hf[key].shape)}"
+                for key in wrong
+            )
+            + "\nThe base is a different model size; nothing was written."
+        )
+    return {key: by_hf[key] for key in keys}
+
+
+def repair_checkpoint(
+    src: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    stage: object = "stage2",
+    config: BagelConfig | str | os.PathLike[str] | None = None,
+    weights: object = None,
+    base_weights: object = None,
+    max_shard_size: int | str | None = None,
+    dry_run: bool = False,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> RepairReport:
+    """Write ``out``: every UND/GEN tensor of ``src`` unchanged, plus every key ``stage``
+    expects that ``src`` lacks, taken from ``base``.
+
+    ``config`` (a :class:`BagelConfig` or folder) defaults to ``src``'s config files, else
+    ``base``'s; it decides the expected keys and shapes and is written to ``out``. ``src`` must
+    otherwise pass a strict load (no unknown keys, no wrong shapes); the base must hold every
+    key to fill with the config's shape (:class:`~bagelverify.errors.MissingKeysError` /
+    :class:`~bagelverify.errors.ShapeMismatchError` otherwise, before anything is written).
+    A key ``src`` has is never taken from ``base``. The output keeps ``src``'s key layout (HF
+    or native) and tensors' dtypes; ``ae.safetensors`` is copied from ``src``, else ``base``.
+    One tensor is in memory at a time; ``out`` must not exist (or be an empty folder) and
+    appears only when complete. ``dry_run`` checks and plans but writes nothing.
+    """
+    stage_name = normalize_stage(stage)
+    source, donor = open_weights(src, weights), open_weights(base, base_weights)
+    found, config_folder = _config_for(source, donor, config)
+    _check_source(source, found)
+    missing = build_report(
+        source.tensors, stage=stage_name, config=found, source=source.source
+    ).missing
+    filled = _base_tensors(donor, missing, found)
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} exists and is not an empty folder; choose a new folder")
+    kept = build_report(source.tensors, stage="stage2", config=found).plan.native
+    native_layout = bool(kept) and all(key.startswith(ROOT) for key in kept)
+    jobs: dict[str, TensorInfo] = {strip_root(key): source.tensors[key] for key in kept}
+    report = RepairReport(source.source, donor.source, str(target), stage_name, dry_run=dry_run)
+    for key, info in jobs.items():
+        family = family_name(key)
+        report.from_source[family] = report.from_source.get(family, 0) + 1
+        report.bytes_from_source += info.nbytes
+    for family, keys in missing.items():
+        report.from_base[family] = list(keys)
+    report.bytes_from_base = sum(info.nbytes for info in filled.values())
+    jobs.update(filled)
+    vae = next(
+        (d / VAE_FILE for d in (source.directory, donor.directory) if (d / VAE_FILE).is_file()),
+        None,
+    )
+    if vae is not None:
+        report.vae_from = "source" if vae.parent == source.directory else "base"
+    if dry_run:
+        return report
+    specs = {key: TensorSpec(key, info.dtype, info.shape) for key, info in jobs.items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        with TensorReader() as reader:
+
+            def fetch(hf_key: str) -> torch.Tensor:
+                tensor = reader.read(jobs[hf_key])
+                if on_tensor is not None:
+                    on_tensor(hf_key, jobs[hf_key].nbytes)
+                return tensor
+
+            written = write_bagel_checkpoint(
+                specs,
+                fetch,
+                staging,
+                stage="stage2",
+                max_shard_size=max_shard_size,
+                strict=False,  # the stage's keys are all there; GEN keys of a stage-1 repair stay
+                config=found,
+                keys="native" if native_layout else "hf",
+            )
+        if vae is not None:
+            shutil.copyfile(vae, staging / VAE_FILE)
+            written.append(staging / VAE_FILE)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report.files = [str(target / path.name) for path in written]
+    logger.info(
+        "%s: %d tensors from %s, %d from %s (config from %s)",
+        target,
+        len(jobs) - len(filled),
+        source.source,
+        len(filled),
+        donor.source,
+        config_folder,
+    )
+    return report
