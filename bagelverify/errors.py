@@ -95,3 +95,8 @@ class PatternError(BagelError, ValueError):
 
 class DistributedMismatchError(BagelError, ValueError):
     """Ranks of one distributed load that pass different state dicts (keys, shapes, dtypes)."""
+
+
+class IntegrationError(BagelError, ImportError):
+    """A training framework bagelverify plugs into is missing, or is a version whose interface
+    it cannot serve completely."""
