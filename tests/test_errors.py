@@ -24,6 +24,7 @@ BUILTIN_PARENTS: dict[type[errors.BagelError], tuple[type[Exception], ...]] = {
     errors.UnsupportedTensorError: (TypeError, ValueError),
     errors.UnsupportedPlatformError: (RuntimeError,),
     errors.DistributedMismatchError: (ValueError,),
+    errors.IntegrationError: (ImportError,),
 }
 
 
