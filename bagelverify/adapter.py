@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 from .buckets import Bucket
 from .config import BagelConfig
-from .errors import UnknownKeysError, format_examples
-from .keys import ROOT, strip_root, to_native_key
+from .errors import MissingKeysError, UnknownKeysError, format_examples
+from .keys import ROOT, check_key, strip_root, to_native_key
 from .partition import classify
 from .plan import Plan, plan, require_mapping, unroot
 from .stage import Stage, normalize_stage
@@ -31,11 +31,56 @@ class BagelStateDictAdapter:
 
     ``from_hf`` keeps the UND keys (stage 1) or UND + GEN keys (stage 2) under the ``model.``
     root; ``to_hf`` strips the root again. Tensors are passed through as the same objects.
+
+    The class has every member of NeMo Automodel's ``StateDictAdapter`` base class (the flags
+    below, :meth:`get_hf_state_dict_keys`, ...) without importing it;
+    :func:`bagelverify.integrations.automodel.install` registers it as one.
     """
+
+    _supports_low_memory_dcp_load = True
+    _supports_write_through_checkpoint_load = True
+    _EXTRA_STATE_EXCLUDE = r".*_extra_state.*"
+    """What Automodel excludes when it lists HF keys (module metadata, never weights)."""
 
     def __init__(self, config: Any = None, *, stage: object = "stage1") -> None:
         self.config = config
         self.stage: Stage = normalize_stage(stage)
+
+    # -- flags and hooks of Automodel's base class ------------------------------------------------
+
+    @property
+    def supports_low_memory_dcp_load(self) -> bool:
+        """``True``: :meth:`to_hf` returns the model's own tensors under HF names, so a
+        checkpoint reader fills the model's memory directly (Automodel 0.7.0's flag)."""
+        return self._supports_low_memory_dcp_load
+
+    @property
+    def supports_write_through_checkpoint_load(self) -> bool:
+        """The same guarantee under the name Automodel's later versions read."""
+        return self._supports_write_through_checkpoint_load
+
+    @property
+    def checkpoint_key_aliases(self) -> dict[str, str]:
+        """Legacy checkpoint names to accept: none, BAGEL keys were never renamed."""
+        return {}
+
+    def iter_checkpoint_load_parts(
+        self, model_state_dict: Mapping[str, Any], device_mesh: Any = None
+    ) -> None:
+        """``None``: no part-by-part conversion is needed, every tensor loads in place."""
+        return None
+
+    def get_hf_state_dict_keys(self, state_dict: Mapping[str, Any]) -> list[str]:
+        """The HF keys :meth:`to_hf` produces for ``state_dict``, ``._extra_state`` excluded,
+        checked exactly as :meth:`to_hf` checks them. Reads no tensor data."""
+        return list(self.to_hf(state_dict, exclude_key_regex=self._EXTRA_STATE_EXCLUDE))
+
+    def map_peft_target_module_to_hf(self, name: str, *, v4_compatible: bool = False) -> str:
+        """A native module name in HF layout (the ``model.`` root removed), as :meth:`to_hf`
+        renames that module's tensors. ``v4_compatible`` changes nothing for BAGEL."""
+        return strip_root(check_key(name))
+
+    # -- conversion ----------------------------------------------------------------------------
 
     def plan(self, keys: Iterable[str], *, stage: object = None) -> Plan:
         """What :meth:`from_hf` would keep and drop for ``keys``, without converting anything."""
@@ -48,7 +93,6 @@ class BagelStateDictAdapter:
         *,
         stage: object = None,
         strict: bool = True,
-        **kwargs: Any,
     ) -> dict[str, V]:
         """Convert an HF-layout state dict to native layout, keeping the stage's buckets.
 
@@ -60,8 +104,9 @@ class BagelStateDictAdapter:
         Raises :class:`~bagelverify.errors.KeyCollisionError` when a key occurs both unrooted and
         rooted; under ``strict``, :class:`~bagelverify.errors.UnknownKeysError` (a ``KeyError``)
         for unknown keys and :class:`~bagelverify.errors.MissingKeysError` for a stage-2 GEN key
-        whose UND twin is absent. ``device_mesh`` is accepted for signature compatibility; values
-        (DTensors included) are returned as they are.
+        whose UND twin is absent. ``device_mesh`` (Automodel passes its expert-parallel mesh)
+        changes nothing: BAGEL has no experts, values (DTensors included) are returned as they
+        are. Any other keyword is a ``TypeError``.
         """
         hf_state_dict = require_mapping(hf_state_dict, "hf_state_dict")
         stage = self.stage if stage is None else stage
@@ -83,7 +128,11 @@ class BagelStateDictAdapter:
         *,
         exclude_key_regex: str | None = None,
         strict: bool = True,
-        **kwargs: Any,
+        quantization: bool = False,
+        device_mesh: Any = None,
+        v4_compatible: bool = False,
+        legacy_paramwrapper_layout: bool = False,
+        for_checkpoint_load: bool = False,
     ) -> dict[str, V]:
         """Convert a native state dict to HF layout.
 
@@ -91,8 +140,25 @@ class BagelStateDictAdapter:
         check. Every other key must start with ``model.`` (:class:`~bagelverify.errors.RootError`
         otherwise); ``._extra_state`` entries are dropped. Under ``strict`` every output key must
         be an UND or GEN key (:class:`~bagelverify.errors.UnknownKeysError` otherwise); without
-        it such keys are kept with a warning.
+        it such keys are kept with a warning. Values are the same objects, so a checkpoint reader
+        that fills the result fills the model.
+
+        With a :class:`~bagelverify.config.BagelConfig` as ``config``, the shapes are checked
+        against it (one :class:`~bagelverify.errors.ShapeMismatchError`); with
+        ``for_checkpoint_load`` (Automodel's checkpointer asks for load destinations) the keys
+        must also be the stage's complete set under ``strict``, before anything is read.
+
+        Automodel's other keywords: ``quantization`` must be false (BAGEL checkpoints hold no
+        quantized tensors; ``ValueError`` otherwise); ``device_mesh``, ``v4_compatible`` and
+        ``legacy_paramwrapper_layout`` change nothing for BAGEL (no experts, one layout). Any
+        other keyword is a ``TypeError``.
         """
+        if quantization:
+            raise ValueError(
+                "to_hf(quantization=True): BAGEL-7B-MoT checkpoints hold no quantized tensors "
+                "(no FP8 scales) to load or dequantize; remove quantization_config from the "
+                "model's config"
+            )
         out = unroot(state_dict, exclude_key_regex=exclude_key_regex)
         unknown = [ROOT + k for k in out if classify(k) not in (Bucket.UND, Bucket.GEN)]
         if unknown:
@@ -107,16 +173,45 @@ class BagelStateDictAdapter:
                     unknown,
                 )
             logger.warning("%s; converting them unchanged", message)
+        if isinstance(self.config, BagelConfig):
+            from .checkpoint import state_dict_report  # torch is needed only with a config
+
+            report = state_dict_report(out, stage=self.stage, config=self.config)
+            problems = [
+                problem
+                for problem in report.problems(strict=strict)
+                if for_checkpoint_load or not isinstance(problem, MissingKeysError)
+            ]
+            if problems:
+                raise problems[0]
         return out
 
     def convert_single_tensor_to_hf(
-        self, fqn: str, tensor: V, **kwargs: Any
+        self,
+        fqn: str,
+        tensor: V,
+        *,
+        exclude_key_regex: str | None = None,
+        strict: bool = True,
+        quantization: bool = False,
+        device_mesh: Any = None,
+        v4_compatible: bool = False,
+        legacy_paramwrapper_layout: bool = False,
     ) -> list[tuple[str, V]]:
         """``[(hf_key, tensor)]`` for one native tensor, ``[]`` for extra state.
 
         Checked exactly as :meth:`to_hf` checks each key; takes the same keyword arguments.
         """
-        return list(self.to_hf({fqn: tensor}, **kwargs).items())
+        converted = self.to_hf(
+            {fqn: tensor},
+            exclude_key_regex=exclude_key_regex,
+            strict=strict,
+            quantization=quantization,
+            device_mesh=device_mesh,
+            v4_compatible=v4_compatible,
+            legacy_paramwrapper_layout=legacy_paramwrapper_layout,
+        )
+        return list(converted.items())
 
     # Names of the reference adapter's key helpers, for code written against it.
     def _hf_to_nemo_key(self, hf_key: str) -> str:

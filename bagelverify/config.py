@@ -41,7 +41,18 @@ FIELD_SOURCES: tuple[tuple[str, str, str, bool], ...] = (
     (CONFIG_FILE, "max_latent_size", "max_latent_size", False),
     (CONFIG_FILE, "latent_patch_size", "latent_patch_size", False),
     (CONFIG_FILE, "vae_config.z_channels", "vae_z_channels", False),
+    (CONFIG_FILE, "vit_rope", "vit_rope", False),
 )
+
+FLAGS = frozenset({"vit_rope"})
+"""BagelConfig attributes that are booleans; every other attribute is a positive int."""
+
+
+def _valid(attribute: str, value: object) -> bool:
+    if attribute in FLAGS:
+        return isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
 
 #: Constant fields written next to the sizes so that Hugging Face tools recognise the files.
 _FILE_HEADERS: dict[str, dict[str, Any]] = {
@@ -95,14 +106,17 @@ class BagelConfig:
     latent_patch_size: int = 2
     vae_z_channels: int = 16
     timestep_frequency_size: int = 256
-    # not part of any shape; kept so that written vit_config.json files are complete
+    # sets the width of the ViT rope tables (only with vit_rope)
     vit_num_attention_heads: int = 16
+    # 2-D rotary ViT positions: four rope buffers replace the learned position table
+    vit_rope: bool = False
 
     def __post_init__(self) -> None:
         for item in fields(self):
             value = getattr(self, item.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"BagelConfig.{item.name} must be a positive int, got {value!r}")
+            if not _valid(item.name, value):
+                kind = "a bool" if item.name in FLAGS else "a positive int"
+                raise ConfigError(f"BagelConfig.{item.name} must be {kind}, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
@@ -119,24 +133,25 @@ class BagelConfig:
         """Read ``config.json``, ``llm_config.json`` and ``vit_config.json`` of a BAGEL folder.
 
         The language-model and vision-tower sizes are required under their Hugging Face names;
-        BAGEL's own fields, ``num_channels`` and ViT ``num_attention_heads`` default to
-        BAGEL-7B-MoT's. ``num_hidden_layers`` of ``vit_config.json`` is the tower's size before
-        BAGEL drops its last layer (27 for the release). Raises ``FileNotFoundError`` naming a
-        missing file and :class:`~bagelverify.errors.ConfigError` naming the file and field.
+        BAGEL's own fields (``vit_rope`` a JSON bool, the others integers), ``num_channels`` and
+        ViT ``num_attention_heads`` default to BAGEL-7B-MoT's. ``num_hidden_layers`` of
+        ``vit_config.json`` is the tower's size before BAGEL drops its last layer (27 for the
+        release). Raises ``FileNotFoundError`` naming a missing file and
+        :class:`~bagelverify.errors.ConfigError` naming the file and field.
         """
         folder = Path(checkpoint_dir)
         documents = {name: _read_json(folder / name) for name in CONFIG_FILES}
-        values: dict[str, int] = {}
+        values: dict[str, Any] = {}
         for file, field_name, attribute, required in FIELD_SOURCES:
             value = _lookup(documents[file], field_name)
             if value is None:
                 if required:
                     raise ConfigError(f"{folder / file}: required field {field_name!r} is missing")
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _valid(attribute, value):
+                kind = "true or false" if attribute in FLAGS else "a positive integer"
                 raise ConfigError(
-                    f"{folder / file}: field {field_name!r} must be a positive integer, "
-                    f"got {value!r}"
+                    f"{folder / file}: field {field_name!r} must be {kind}, got {value!r}"
                 )
             values[attribute] = value
         try:
@@ -146,11 +161,13 @@ class BagelConfig:
 
     def to_json_documents(self) -> dict[str, dict[str, Any]]:
         """The three config files' contents (file name -> JSON object), as ``from_pretrained``
-        reads them."""
+        reads them. A flag is written only when set, so rope-free files stay as released."""
         documents: dict[str, dict[str, Any]] = {
             name: dict(header) for name, header in _FILE_HEADERS.items()
         }
         for file, field_name, attribute, _ in FIELD_SOURCES:
+            if attribute in FLAGS and not getattr(self, attribute):
+                continue
             *parents, leaf = field_name.split(".")
             target = documents[file]
             for parent in parents:
@@ -198,6 +215,12 @@ class BagelConfig:
     def vit_num_positions(self) -> int:
         """Rows of the vision tower's learned position table."""
         return (self.vit_image_size // self.vit_patch_size) ** 2
+
+    @property
+    def vit_rope_dim(self) -> int:
+        """Columns of each ViT rope table: the frequencies of half a head's width, doubled."""
+        half_head = (self.vit_hidden_size // self.vit_num_attention_heads) // 2
+        return 2 * ((half_head + 1) // 2)
 
     @property
     def vit_patch_dim(self) -> int:

@@ -103,3 +103,8 @@ class ReadError(BagelError, OSError):
 
 class LossyCastError(BagelError, ValueError):
     """A requested dtype cast that would lose precision or range, without permission to."""
+
+
+class IntegrationError(BagelError, ImportError):
+    """A training framework bagelverify plugs into is missing, or is a version whose interface
+    it cannot serve completely."""

@@ -60,6 +60,8 @@ class Family:
     """How many layers the ``{layer}`` slot ranges over for a config."""
     twin: str | None = None
     """For a GEN twin: the name of the UND family it mirrors."""
+    present: Callable[[BagelConfig], bool] | None = field(default=None, compare=False, repr=False)
+    """Whether a model with a config has this family's keys at all; ``None``: always."""
 
     def regex(self, *, capture: bool = False) -> str:
         """The template as a regex body (no anchors); ``capture`` names each slot's group."""
@@ -100,6 +102,8 @@ class Family:
         """Every key of this family for ``config`` (layer-major, then parameter order)."""
         if self.shape is None:
             raise ValueError(f"family {self.name!r} has no enumerable keys")
+        if self.present is not None and not self.present(config):
+            return
         layers = range(self.layers(config)) if self.layers is not None else (None,)
         for layer in layers:
             for param in self.params:
@@ -142,6 +146,14 @@ def _llm_layers(config: BagelConfig) -> int:
 
 def _vit_layers(config: BagelConfig) -> int:
     return config.vit_layers_used
+
+
+def _with_rope(config: BagelConfig) -> bool:
+    return config.vit_rope
+
+
+def _without_rope(config: BagelConfig) -> bool:
+    return not config.vit_rope
 
 
 def _twinned(name: str, template: str, params: tuple[str, ...], shape: ShapeFn) -> list[Family]:
@@ -255,13 +267,23 @@ FAMILIES: tuple[Family, ...] = (
         ("pos_embed",),
         _table("latent_positions", "hidden_size"),
     ),
-    # vision tower (UND)
+    # vision tower (UND): a learned position table, or with vit_rope four persistent 2-D rope
+    # buffers (cos/sin over the patch grid's rows and columns) instead
     Family(
         "vit.position_embedding",
         _VIT + "embeddings.position_embedding.{param}",
         Bucket.UND,
         _W,
         _table("vit_num_positions", "vit_hidden_size"),
+        present=_without_rope,
+    ),
+    Family(
+        "vit.rope",
+        _VIT + "rope.{param}",
+        Bucket.UND,
+        ("cos_h", "sin_h", "cos_w", "sin_w"),
+        _table("vit_num_positions", "vit_rope_dim"),
+        present=_with_rope,
     ),
     Family(
         "vit.patch_embedding",

@@ -170,7 +170,7 @@ def resized_config(
     vit_max_num_patch_per_side: int | None = None,
 ) -> BagelConfig:
     """``config`` with new position-table sides (``None`` keeps a side)."""
-    changes = {
+    changes: dict[str, Any] = {
         name: value
         for name, value in (
             ("max_latent_size", max_latent_size),

@@ -154,10 +154,54 @@ def test_from_hf_rejects_non_str_keys_naming_them() -> None:
         bv.BagelStateDictAdapter().from_hf({Q: 1, 7: 2})  # type: ignore[dict-item]
 
 
-def test_from_hf_accepts_and_ignores_device_mesh_and_extra_kwargs() -> None:
+def test_from_hf_accepts_device_mesh_and_refuses_unknown_keywords() -> None:
     sd = fake([Q])
-    out = bv.BagelStateDictAdapter().from_hf(sd, None, some_future_flag=True)
-    assert out["model." + Q] is sd[Q]
+    adapter = bv.BagelStateDictAdapter()
+    assert adapter.from_hf(sd, None)["model." + Q] is sd[Q]
+    assert adapter.from_hf(sd, device_mesh=object())["model." + Q] is sd[Q]
+    with pytest.raises(TypeError, match="some_future_flag"):
+        adapter.from_hf(sd, some_future_flag=True)  # type: ignore[call-arg]
+
+
+def test_to_hf_takes_automodels_keywords_and_refuses_a_misspelt_one() -> None:
+    """Every keyword Automodel 0.7.0 passes is accepted; a misspelt one is a TypeError naming
+    it (it used to be swallowed by **kwargs and silently ignored)."""
+    adapter = bv.BagelStateDictAdapter()
+    native = {"model." + Q: object(), "model.x._extra_state": object()}
+    out = adapter.to_hf(
+        native,
+        exclude_key_regex=r".*_extra_state.*",
+        quantization=False,
+        device_mesh=None,
+        v4_compatible=True,
+        legacy_paramwrapper_layout=True,
+        for_checkpoint_load=True,
+    )
+    assert out == {Q: native["model." + Q]}
+    with pytest.raises(TypeError, match="exclude_regex"):
+        adapter.to_hf(native, exclude_regex="x")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="exclude_regex"):
+        adapter.convert_single_tensor_to_hf("model." + Q, 1, exclude_regex="x")  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="no quantized tensors"):
+        adapter.to_hf(native, quantization=True)
+
+
+def test_automodel_base_class_hooks_on_the_adapter_itself() -> None:
+    """The members Automodel's StateDictAdapter base provides, on our class without it."""
+    adapter = bv.BagelStateDictAdapter()
+    assert adapter.supports_low_memory_dcp_load is True
+    assert adapter.supports_write_through_checkpoint_load is True
+    assert adapter.checkpoint_key_aliases == {}
+    assert adapter.iter_checkpoint_load_parts({"model." + Q: 1}) is None
+    native = {"model." + Q: 1, "model.x._extra_state": 2, "model.x._extra_state.step": 3}
+    assert adapter.get_hf_state_dict_keys(native) == [Q]
+    with pytest.raises(bv.UnknownKeysError):
+        adapter.get_hf_state_dict_keys({"model.bogus.weight": 1})
+    name = "model.language_model.model.layers.0.self_attn.q_proj"
+    assert adapter.map_peft_target_module_to_hf(name) == name[len("model.") :]
+    assert adapter.map_peft_target_module_to_hf("connector.fc1", v4_compatible=True) == (
+        "connector.fc1"
+    )
 
 
 # -- to_hf / convert_single_tensor_to_hf ------------------------------------------------------
@@ -307,3 +351,26 @@ def test_adapter_with_a_config_checks_shapes_and_completeness_like_a_load() -> N
         adapter.from_hf(sd)
     assert len(adapter.from_hf(sd, strict=False)) == 1222
     assert len(adapter.from_hf(sd, stage=1, strict=False)) == 820
+
+
+def test_to_hf_with_a_config_checks_shapes_and_load_destinations_completeness() -> None:
+    """With a BagelConfig, to_hf refuses a wrong shape always and, for checkpoint-load
+    destinations, an incomplete key set; a subset is fine otherwise (saving, single tensors)."""
+    config = scaled_config(64)
+    native = {
+        "model." + key: torch.empty(shape, device="meta")
+        for key, shape in bv.expected_shapes(config).items()
+        if bv.classify(key) is Bucket.UND
+    }
+    adapter = bv.BagelStateDictAdapter(config)
+    assert list(adapter.to_hf(native, for_checkpoint_load=True)) == [k[6:] for k in native]
+    subset = dict(list(native.items())[:3])
+    assert len(adapter.to_hf(subset)) == 3
+    with pytest.raises(bv.MissingKeysError, match="stage1 expects"):
+        adapter.to_hf(subset, for_checkpoint_load=True)
+    first = next(iter(native))
+    with pytest.raises(bv.ShapeMismatchError, match="found \\[1, 2\\]"):
+        adapter.to_hf({**subset, first: torch.empty(1, 2, device="meta")})
+    rope_key = "model.vit_model.vision_model.rope.cos_h"
+    with pytest.raises(bv.UnknownKeysError, match="do not exist in a model with this config"):
+        adapter.to_hf({**native, rope_key: torch.empty(1, device="meta")})

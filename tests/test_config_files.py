@@ -85,6 +85,7 @@ def test_missing_file_is_named(tmp_path: Path, name: str) -> None:
         ("vit_config.json", "image_size", 0, "field 'image_size' must be a positive integer"),
         ("config.json", "max_latent_size", True, "field 'max_latent_size' must be a positive"),
         ("llm_config.json", "num_key_value_heads", 5, "not a multiple of num_key_value_heads 5"),
+        ("config.json", "vit_rope", 1, "field 'vit_rope' must be true or false, got 1"),
     ],
 )
 def test_bad_field_names_file_and_field(
@@ -115,3 +116,19 @@ def test_invalid_json_is_named(tmp_path: Path) -> None:
 def test_constructor_rejects_non_positive_sizes() -> None:
     with pytest.raises(ConfigError, match=r"BagelConfig\.vocab_size must be a positive int"):
         BagelConfig(vocab_size=0)
+
+
+def test_vit_rope_is_read_and_written_only_when_set(tmp_path: Path) -> None:
+    """The rope flag round-trips; a rope-free config writes the release's files unchanged."""
+    files = {name: dict(document) for name, document in RELEASE_FILES.items()}
+    files["config.json"]["vit_rope"] = True
+    assert BagelConfig.from_pretrained(write(tmp_path, files)) == BagelConfig(vit_rope=True)
+    (tmp_path / "on").mkdir()
+    (tmp_path / "off").mkdir()
+    BagelConfig(vit_rope=True).save_pretrained(tmp_path / "on")
+    BagelConfig().save_pretrained(tmp_path / "off")
+    assert json.loads((tmp_path / "on/config.json").read_text())["vit_rope"] is True
+    assert "vit_rope" not in json.loads((tmp_path / "off/config.json").read_text())
+    assert BagelConfig.from_pretrained(tmp_path / "on").vit_rope is True
+    with pytest.raises(ConfigError, match=r"BagelConfig\.vit_rope must be a bool, got 1"):
+        BagelConfig(vit_rope=1)  # type: ignore[arg-type]

@@ -20,6 +20,9 @@ from bagelverify.strategies import FIXED_NEAR_MISSES
 SHARED_MANIFEST = Path(__file__).resolve().parents[2] / "shared/data/bagel-7b-mot.manifest.json"
 EMA = load_manifest()["ema.safetensors"]
 AE = load_manifest()["ae.safetensors"]
+ROPE_CONFIG = bv.BagelConfig(vit_rope=True)
+#: keys a vit_rope=True model has and the (rope-free) release does not
+ROPE = [k for k in expected_shapes(ROPE_CONFIG) if k not in EMA]
 
 
 @pytest.mark.skipif(not SHARED_MANIFEST.exists(), reason="no shared/ beside the checkout")
@@ -44,6 +47,23 @@ def test_expected_shapes_reproduce_every_manifest_shape() -> None:
     assert expected_shapes(bv.BagelConfig()) == {k: spec.shape for k, spec in EMA.items()}
 
 
+def test_vit_rope_swaps_the_position_table_for_four_rope_buffers() -> None:
+    """With vit_rope the ViT has four (positions, rope_dim) buffers instead of the learned
+    position table; every other key and shape is the release's."""
+    position = "vit_model.vision_model.embeddings.position_embedding.weight"
+    rope = expected_shapes(ROPE_CONFIG)
+    assert sorted(ROPE) == sorted(
+        f"vit_model.vision_model.rope.{n}" for n in ("cos_h", "sin_h", "cos_w", "sin_w")
+    )
+    assert {rope[k] for k in ROPE} == {(4900, 36)}  # 70 x 70 patches; head 72 -> 36
+    assert position not in rope
+    assert {k: v for k, v in rope.items() if k not in ROPE} == {
+        k: spec.shape for k, spec in EMA.items() if k != position
+    }
+    assert all(bv.classify(k) is Bucket.UND for k in ROPE)
+    assert bv.BagelConfig(vit_hidden_size=8, vit_num_attention_heads=2).vit_rope_dim == 2
+
+
 def test_every_manifest_key_has_exactly_one_family() -> None:
     for key in [*EMA, *AE]:
         owners = [f.name for f in FAMILIES if f.match(key)]
@@ -54,7 +74,7 @@ def test_every_manifest_key_has_exactly_one_family() -> None:
 def test_exported_patterns_are_self_contained_full_match(pattern: str) -> None:
     compiled = re.compile(pattern)
     assert compiled.flags & re.MULTILINE == 0
-    members = [k for k in [*EMA, *AE] if re.fullmatch(pattern, k)]
+    members = [k for k in [*EMA, *AE, *ROPE] if re.fullmatch(pattern, k)]
     assert members, f"{pattern} matches no real key"
     for key in members:
         assert not re.fullmatch(pattern, key + "\n")

@@ -1,0 +1,315 @@
+"""bagelverify inside NeMo Automodel 0.7.0: its model, its checkpointer, its VAE loader.
+
+Skipped (one line) where ``nemo_automodel`` is not installed; CI installs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+
+import bagelverify as bv
+from bagelverify.errors import IntegrationError
+from bagelverify.integrations import automodel
+from bagelverify.partition import classify
+from bagelverify.stage import STAGE_BUCKETS, normalize_stage
+from bagelverify.synthetic import SyntheticCheckpoint, scaled_config
+
+needs_automodel = pytest.mark.skipif(
+    importlib.util.find_spec("nemo_automodel") is None,
+    reason="nemo_automodel not installed (pip install 'bagelverify[automodel]')",
+)
+
+TINY = scaled_config(64)
+TINY_ROPE = dataclasses.replace(TINY, vit_rope=True)
+ROPE_KEYS = [f"model.vit_model.vision_model.rope.{n}" for n in ("cos_h", "sin_h", "cos_w", "sin_w")]
+
+
+class FallbackCalled(AssertionError):
+    """Automodel's full-CPU fallback read the checkpoint."""
+
+
+@pytest.fixture(scope="module")
+def am() -> Iterator[dict[str, ModuleType]]:
+    """Automodel's modules, after :func:`automodel.install`."""
+    automodel.install()
+    yield {
+        "model": importlib.import_module("nemo_automodel.components.models.bagel.model"),
+        "ae": importlib.import_module("nemo_automodel.components.models.bagel.autoencoder"),
+        "ck": importlib.import_module("nemo_automodel.components.checkpoint.checkpointing"),
+        "base": importlib.import_module("nemo_automodel.components.checkpoint.state_dict_adapter"),
+    }
+
+
+@pytest.fixture
+def no_fallback(am: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make Automodel's read-every-file-onto-the-CPU fallback raise if it is ever called."""
+
+    def fallback(*args: object, **kwargs: object) -> None:
+        raise FallbackCalled("_load_hf_checkpoint_preserving_dtype was called")
+
+    monkeypatch.setattr(am["ck"], "_load_hf_checkpoint_preserving_dtype", fallback)
+
+
+def build(
+    am: dict[str, ModuleType],
+    config: bv.BagelConfig,
+    stage: object,
+    *,
+    meta: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Any:
+    """Automodel's BAGEL model for ``config``: on meta, or empty CPU tensors of ``dtype``."""
+    with torch.device("meta"):
+        model = am["model"].BagelForUnifiedMultimodal(
+            automodel.automodel_config(config, stage=stage)
+        )
+    return model if meta else model.to(dtype).to_empty(device="cpu")
+
+
+def checkpointer(am: dict[str, ModuleType], tmp_path: Path, **options: Any) -> Any:
+    ck = am["ck"]
+    config = ck.CheckpointingConfig(
+        checkpoint_dir=str(tmp_path / "checkpoints"), model_save_format="safetensors", **options
+    )
+    return ck.Checkpointer(config, dp_rank=0, tp_rank=0, pp_rank=0)
+
+
+def file_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(folder / "ema.safetensors"))
+
+
+# -- without Automodel -----------------------------------------------------------------------
+
+
+def test_importing_bagelverify_and_the_integration_never_imports_automodel() -> None:
+    code = (
+        "import sys, bagelverify, bagelverify.integrations.automodel;"
+        "print([m for m, v in sys.modules.items() if m.startswith('nemo_automodel') and v])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_install_without_automodel_says_what_to_pip_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(
+        sys.modules, "nemo_automodel.components.checkpoint.state_dict_adapter", None
+    )
+    with pytest.raises(IntegrationError, match=r"pip install 'bagelverify\[automodel\]'") as info:
+        automodel.install()
+    assert isinstance(info.value, ImportError)
+    assert "nemo-automodel==0.7.0" in str(info.value)
+
+
+# -- the model's keys and shapes -------------------------------------------------------------
+
+
+@needs_automodel
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.parametrize(
+    "config",
+    [TINY, TINY_ROPE, bv.BagelConfig(), bv.BagelConfig(vit_rope=True)],
+    ids=["tiny", "tiny-rope", "full", "full-rope"],
+)
+def test_automodel_state_dict_is_exactly_our_expected_keys_and_shapes(
+    am: dict[str, ModuleType], config: bv.BagelConfig, stage: str
+) -> None:
+    """For every stage and size (full size on the meta device), Automodel's model has exactly
+    the keys and shapes the family table expects, and its adapter is ours with the same config."""
+    model = build(am, config, stage, meta=True)
+    found = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    keep = STAGE_BUCKETS[normalize_stage(stage)]
+    expected = {
+        "model." + key: shape
+        for key, shape in bv.expected_shapes(config).items()
+        if classify(key) in keep
+    }
+    assert found == expected
+    parameters = {name for name, _ in model.named_parameters()}
+    assert [key for key in found if key not in parameters] == (ROPE_KEYS if config.vit_rope else [])
+    adapter = model.state_dict_adapter
+    assert isinstance(adapter, automodel.AutomodelBagelStateDictAdapter)
+    assert adapter.config == config and adapter.stage == stage
+    assert adapter.get_hf_state_dict_keys(model.state_dict()) == [k[6:] for k in found]
+
+
+@needs_automodel
+def test_installed_adapter_is_automodels_state_dict_adapter_with_every_base_member(
+    am: dict[str, ModuleType],
+) -> None:
+    base = am["base"].StateDictAdapter
+    adapter = build(am, TINY, 1, meta=True).state_dict_adapter
+    assert isinstance(adapter, base)
+    members = [n for n in dir(base) if not n.startswith("__") and not n.startswith("_abc")]
+    assert "supports_low_memory_dcp_load" in members and "get_hf_state_dict_keys" in members
+    for name in members:
+        getattr(adapter, name)  # every member resolves (register() alone broke on the flag)
+    assert adapter.supports_low_memory_dcp_load is True
+    assert adapter.iter_checkpoint_load_parts(build(am, TINY, 1, meta=True).state_dict()) is None
+    assert am["model"].load_bagel_checkpoint_state_dict is bv.load_bagel_checkpoint_state_dict
+
+
+@needs_automodel
+def test_install_refuses_a_base_class_member_the_adapter_lacks(
+    am: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(am["base"].StateDictAdapter, "future_hook", None, raising=False)
+    with pytest.raises(IntegrationError, match="future_hook"):
+        automodel.install()
+
+
+@needs_automodel
+def test_config_translation_round_trips(am: dict[str, ModuleType]) -> None:
+    for config in (TINY, bv.BagelConfig(), bv.BagelConfig(vit_rope=True)):
+        translated = automodel.automodel_config(config, stage=2)
+        assert automodel.bagel_config_from_automodel(translated) == config
+    no_vision = automodel.automodel_config(TINY)
+    no_vision.visual_und = False
+    with pytest.raises(bv.ConfigError, match="visual_und"):
+        automodel.bagel_config_from_automodel(no_vision)
+
+
+# -- Automodel's checkpointer ----------------------------------------------------------------
+
+
+@needs_automodel
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.usefixtures("no_fallback")
+def test_checkpointer_init_load_fills_the_model_in_place_bit_equal(
+    am: dict[str, ModuleType],
+    synthetic_checkpoint: SyntheticCheckpoint,
+    tmp_path: Path,
+    stage: int,
+) -> None:
+    """``Checkpointer.load_model(..., is_init_step=True)`` takes the in-place path: every tensor
+    equals the file's bytes, in the model's own memory; the full-CPU fallback is never called."""
+    model = build(am, synthetic_checkpoint.config, stage)
+    before = {key: value.data_ptr() for key, value in model.state_dict().items()}
+    checkpointer(am, tmp_path).load_model(model, str(synthetic_checkpoint.path), is_init_step=True)
+    reference = file_tensors(synthetic_checkpoint.path)
+    loaded = model.state_dict()
+    assert len(loaded) == (821 if stage == 1 else 1223)
+    assert {key: value.data_ptr() for key, value in loaded.items()} == before
+    unequal = [key for key, value in loaded.items() if not torch.equal(value, reference[key[6:]])]
+    assert unequal == []
+
+
+@needs_automodel
+@pytest.mark.usefixtures("no_fallback")
+def test_an_adapter_automodel_does_not_recognise_takes_the_full_cpu_fallback(
+    am: dict[str, ModuleType], synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    """The control for the test above: the spy catches the fallback when the gate is closed."""
+
+    class Unregistered:
+        def __init__(self) -> None:
+            self.inner = bv.BagelStateDictAdapter()
+
+        def to_hf(self, state_dict: Any, **kwargs: Any) -> Any:
+            return self.inner.to_hf(state_dict, **kwargs)
+
+        def from_hf(self, state_dict: Any, **kwargs: Any) -> Any:
+            return self.inner.from_hf(state_dict, **kwargs)
+
+    model = build(am, synthetic_checkpoint.config, 1)
+    model.state_dict_adapter = Unregistered()
+    with pytest.raises(FallbackCalled):
+        checkpointer(am, tmp_path).load_model(
+            model, str(synthetic_checkpoint.path), is_init_step=True
+        )
+
+
+@needs_automodel
+@pytest.mark.usefixtures("no_fallback")
+def test_load_stage1_save_with_automodel_load_back_with_bagelverify_is_bit_identical(
+    am: dict[str, ModuleType], synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    model = build(am, synthetic_checkpoint.config, "stage1")
+    saver = checkpointer(am, tmp_path, save_consolidated=True)
+    saver.load_model(model, str(synthetic_checkpoint.path), is_init_step=True)
+    saver.save_model(model, str(tmp_path / "saved"), is_final_checkpoint=True)
+    config = automodel.bagel_config_from_automodel(model.config)
+    back = bv.load_bagel_checkpoint_state_dict(tmp_path / "saved/model/consolidated", config=config)
+    reference = file_tensors(synthetic_checkpoint.path)
+    assert len(back) == 821
+    assert all(torch.equal(value, reference[key[6:]]) for key, value in back.items())
+    assert all(value.dtype == torch.bfloat16 for value in back.values())
+
+
+@needs_automodel
+@pytest.mark.usefixtures("no_fallback")
+def test_a_vit_rope_model_round_trips_and_rope_keys_need_a_rope_config(
+    am: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    rope = TINY_ROPE
+    with torch.device("cpu"):
+        model = am["model"].BagelForUnifiedMultimodal(automodel.automodel_config(rope))
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    bv.save_bagel_checkpoint(state, tmp_path / "rope", stage="stage1", config=rope)
+    fresh = build(am, rope, 1, dtype=torch.float32)
+    checkpointer(am, tmp_path).load_model(fresh, str(tmp_path / "rope"), is_init_step=True)
+    assert all(torch.equal(value, state[key]) for key, value in fresh.state_dict().items())
+    with pytest.raises(bv.UnknownKeysError, match=r"rope\.cos_h"):
+        bv.load_bagel_checkpoint_state_dict(tmp_path / "rope", config=TINY)
+
+
+# -- the VAE ---------------------------------------------------------------------------------
+
+
+def small_vae_params(am: dict[str, ModuleType], ch: int = 32) -> Any:
+    full = am["ae"].default_autoencoder_params()
+    return type(full)(**{**vars(full), "ch": ch, "z_channels": 4})
+
+
+@needs_automodel
+def test_recipe_vae_loader_fills_automodels_autoencoder_bit_equal(
+    am: dict[str, ModuleType], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = small_vae_params(am)
+    written = {k: v.contiguous() for k, v in am["ae"].AutoEncoder(params).state_dict().items()}
+    safetensors.torch.save_file(written, str(tmp_path / "ae.safetensors"))
+    monkeypatch.setattr(am["ae"], "default_autoencoder_params", lambda: params)
+    recipe_loader = importlib.import_module(
+        "nemo_automodel.components.models.bagel"
+    ).load_bagel_autoencoder
+    assert recipe_loader is automodel.load_bagel_autoencoder
+    module, got = recipe_loader(str(tmp_path / "ae.safetensors"))
+    assert got is params and len(written) == 244
+    loaded = module.state_dict()
+    assert not any(value.is_meta for value in loaded.values())
+    assert all(torch.equal(loaded[key], value) for key, value in written.items())
+
+
+@needs_automodel
+def test_vae_fill_lists_shape_mismatches_and_changes_nothing(
+    am: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    written = am["ae"].AutoEncoder(small_vae_params(am, 32)).state_dict()
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in written.items()}, str(tmp_path / "ae.safetensors")
+    )
+    target = am["ae"].AutoEncoder(small_vae_params(am, 64))
+    before = {key: value.clone() for key, value in target.state_dict().items()}
+    with pytest.raises(bv.ShapeMismatchError, match=r"encoder\.conv_in\.weight: module \[64"):
+        automodel.load_autoencoder_into(target, tmp_path)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
+    del written["decoder.conv_out.bias"]
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in written.items()}, str(tmp_path / "ae.safetensors")
+    )
+    with pytest.raises(bv.MissingKeysError, match=r"decoder\.conv_out\.bias"):
+        automodel.load_autoencoder_into(target, tmp_path / "ae.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"ae\.safetensors"):
+        automodel.load_autoencoder_into(target, tmp_path / "vae.bin")
