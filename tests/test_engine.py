@@ -283,7 +283,10 @@ def test_options_are_checked() -> None:
         EngineOptions(threads=0)
     with pytest.raises(ValueError, match="chunk_bytes"):
         EngineOptions(chunk_bytes=10)
-    assert EngineOptions(threads=None).thread_count == max(1, min(8, os.cpu_count() or 1))
+    cpus = os.cpu_count() or 1
+    assert EngineOptions().thread_count() == max(1, min(8, cpus))
+    assert EngineOptions().thread_count(staged=False) == max(1, min(16, cpus))
+    assert EngineOptions(threads=3).thread_count(staged=False) == 3
     assert EngineOptions(chunk_bytes=1 << 26, staging_bytes=1 << 20).chunk == 1 << 20
 
 
