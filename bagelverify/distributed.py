@@ -58,15 +58,14 @@ from .checkpoint import (
     write_bagel_checkpoint,
 )
 from .config import CONFIG_FILES
+from .engine import EngineOptions, Transfer
+from .engine import run as run_engine
 from .errors import BagelError, CorruptCheckpointError, DistributedMismatchError, format_examples
 from .safetensors_io import (
     DTYPES,
     TensorInfo,
     TensorSpec,
-    byte_view,
     dtype_name,
-    read_exact,
-    require_little_endian,
 )
 
 try:  # the Hugging Face reader and its per-entry record arrived in torch 2.8
@@ -79,6 +78,8 @@ except ImportError as error:  # pragma: no cover - depends on the installed torc
     ) from error
 
 logger = logging.getLogger(__name__)
+
+_NO_PREFETCH = EngineOptions(prefetch=False)
 
 __all__ = [
     "BagelHFStorageReader",
@@ -113,8 +114,8 @@ class BagelHFStorageReader(HuggingFaceStorageReader):
 
     Each read request (the part of one stored tensor that overlaps one local shard) whose bytes
     are one contiguous range of the file -- any slice along the first dimension, which is how
-    FSDP2 shards -- is read with :func:`~bagelverify.safetensors_io.read_exact` (the
-    single-process loader's reader) straight into the destination, on a descriptor advised
+    FSDP2 shards -- is read by the read engine (:mod:`bagelverify.engine`, the single-process
+    loaders' reader: in place, or staged for CUDA destinations), on a descriptor advised
     ``POSIX_FADV_RANDOM`` so the kernel reads that range and no read-ahead around it. The stock
     path maps the file and faults pages in with read-around; with large read-ahead windows that
     fetches neighbouring tensors the rank does not need (measured: 2 ranks together fetched the
@@ -169,23 +170,17 @@ class BagelHFStorageReader(HuggingFaceStorageReader):
                 f"{info.path}: DCP asked for a {list(req.lengths)} slice of {info.name!r} into "
                 f"a {list(target.shape)} destination"
             )
-        direct = (
-            target.device.type == "cpu"
-            and target.dtype == info.torch_dtype
-            and target.is_contiguous()
+        transfer = Transfer(
+            info.name, info.path, span[0], span[1], info.torch_dtype, tuple(req.lengths), target
         )
-        buffer = target if direct else torch.empty(tuple(req.lengths), dtype=info.torch_dtype)
         fd = os.open(info.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
-            if hasattr(os, "posix_fadvise"):
+            if hasattr(os, "posix_fadvise"):  # this range only: no read-ahead around it
                 os.posix_fadvise(fd, span[0], span[1], os.POSIX_FADV_RANDOM)
-            require_little_endian()
-            read_exact(fd, byte_view(buffer), span[0], source=f"{info.path}: {info.name!r}")
+            # in place when possible, else staged (CUDA destinations) or through a temporary
+            run_engine([transfer], options=_NO_PREFETCH, fds={info.path: fd})
         finally:
             os.close(fd)
-        if not direct:
-            with torch.no_grad():
-                target.copy_(buffer)
         planner.commit_tensor(req, target)
 
 
