@@ -1,11 +1,16 @@
 """Atomic file replacement: write a temporary file next to the target, fsync, rename.
 
 A process killed mid-write (SIGKILL, power loss) leaves its temporary file behind, never a
-partial file under the final name. Temporary files are named ``.<name>.<random>.tmp`` and are
-locked (``flock``) by their writer for as long as it writes; the next :func:`atomic_open` of the
-same target removes the ones whose writer is gone (unlocked) and that have not been modified for
-:data:`STALE_AFTER_SECONDS`, so crash-and-retry loops do not fill the disk. Without ``fcntl``
+partial file under the final name. Temporary files are named
+``.<name>.bagelverify-<16 hex digits>.tmp`` (:func:`temporary_name`) and are locked (``flock``) by
+their writer for as long as it writes; the next :func:`atomic_open` of the same target removes the
+ones whose writer is gone (unlocked) and that have not been modified for
+:data:`STALE_AFTER_SECONDS`, so crash-and-retry loops do not fill the disk. Only names of exactly
+that shape are ever removed: a user's ``.<name>.notes.tmp`` is left alone. Without ``fcntl``
 (Windows) nothing is locked and stale files are left for the user to delete.
+
+A new file gets the mode ``open()`` would give it (``0o666`` less the process umask); a replaced
+file keeps its mode.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
+import re
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +33,9 @@ except ImportError:  # pragma: no cover - Windows
 logger = logging.getLogger(__name__)
 
 TEMPORARY_SUFFIX = ".tmp"
+TEMPORARY_MARKER = "bagelverify-"
+"""Fixed part of every temporary name, between the target's name and the random token."""
+_TOKEN_BYTES = 8  # 16 hex digits
 STALE_AFTER_SECONDS = 60.0
 """An unlocked temporary file untouched for this long belongs to a dead writer. (The writer
 locks its file right after creating it and unlocks it just before the rename; the age guards
@@ -36,6 +45,22 @@ those two instants.)"""
 def temporary_prefix(path: Path) -> str:
     """Name prefix of the temporary files that :func:`atomic_open` writes for ``path``."""
     return f".{path.name}."
+
+
+def temporary_name(path: Path) -> str:
+    """A fresh temporary name for ``path``: ``.<name>.bagelverify-<16 hex digits>.tmp``."""
+    token = secrets.token_hex(_TOKEN_BYTES)
+    return f"{temporary_prefix(path)}{TEMPORARY_MARKER}{token}{TEMPORARY_SUFFIX}"
+
+
+def is_temporary_name(path: Path, name: str) -> bool:
+    """Whether ``name`` has exactly the shape of a :func:`temporary_name` of ``path``."""
+    pattern = (
+        re.escape(temporary_prefix(path) + TEMPORARY_MARKER)
+        + f"[0-9a-f]{{{2 * _TOKEN_BYTES}}}"
+        + re.escape(TEMPORARY_SUFFIX)
+    )
+    return re.fullmatch(pattern, name) is not None
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -78,16 +103,13 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     Best effort: a file that cannot be checked or removed is skipped. Returns what was removed.
     """
     path = Path(path)
-    prefix = temporary_prefix(path)
     removed: list[Path] = []
     try:
-        names = [n for n in os.listdir(path.parent) if n.startswith(prefix)]
+        names = [n for n in os.listdir(path.parent) if is_temporary_name(path, n)]
     except OSError:
         return removed
     for name in names:
         candidate = path.parent / name
-        if not name.endswith(TEMPORARY_SUFFIX):
-            continue
         try:
             if _is_abandoned(candidate):
                 candidate.unlink()
@@ -96,6 +118,18 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
         except OSError as error:
             logger.debug("could not check or remove %s: %s", candidate, error)
     return removed
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """Create a new, empty temporary file for ``path`` (mode ``0o666`` less the umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        candidate = path.parent / temporary_name(path)
+        try:
+            return os.open(candidate, flags, 0o666), candidate
+        except FileExistsError:  # pragma: no cover - a 64-bit token collided
+            continue
 
 
 @contextlib.contextmanager
@@ -110,22 +144,20 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     remove_stale_temporaries(path)
-    fd, temp_name = tempfile.mkstemp(
-        prefix=temporary_prefix(path), suffix=TEMPORARY_SUFFIX, dir=path.parent
-    )
+    fd, temporary = _create_temporary(path)
     handle = os.fdopen(fd, "wb")
     try:
         with handle:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: never contended
-            # mkstemp creates 0600; keep an existing file's mode, else the usual 0644
-            os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+            if path.exists():  # a replaced file keeps its mode; a new one has the umask's
+                os.fchmod(fd, path.stat().st_mode & 0o7777)
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp_name, path)
+        os.replace(temporary, path)
     except OSError as error:
-        Path(temp_name).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         if error.errno is None:
             raise
         raise OSError(
@@ -134,6 +166,6 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             f"removed and {path} was not changed",
         ) from error
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)

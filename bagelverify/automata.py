@@ -49,7 +49,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Generic, TypeVar
 
-from .errors import BagelError
+from .errors import BagelError, PatternTooComplexError, format_examples
+from .strict_json import short_repr
 
 _parser: Any = importlib.import_module("re._parser" if sys.version_info >= (3, 11) else "sre_parse")
 _c: Any = importlib.import_module(
@@ -87,6 +88,22 @@ _PLAIN, _BEGIN, _END_STRING, _DOLLAR = 0, 1, 2, 3
 # position modes of an NFA configuration: free; "the next char must be the final \n"; at the end
 _FREE, _NL, _END = 0, 1, 2
 _NEWLINE = ord("\n")
+
+
+MAX_NFA_STATES = 200_000
+"""Budget of NFA states for one automaton (the shipped patterns need about 10,500)."""
+MAX_DFA_STATES = 20_000
+"""Budget of DFA states before minimisation (the shipped patterns need about 1,000). Subset
+construction can need exponentially many (``(?:a|b)*a(?:a|b){n}`` needs 2**(n+1)); past this
+budget the build stops with :class:`~bagelverify.errors.PatternTooComplexError`."""
+
+
+class _BudgetExceeded(Exception):
+    """Internal: a construction ran past :data:`MAX_NFA_STATES` or :data:`MAX_DFA_STATES`."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(what, limit)
+        self.what, self.limit = what, limit
 
 
 class UnsupportedPattern(BagelError, ValueError):
@@ -312,6 +329,8 @@ class _NFA:
         self.start = self.new()
 
     def new(self) -> int:
+        if len(self.eps) >= MAX_NFA_STATES:
+            raise _BudgetExceeded("NFA states", MAX_NFA_STATES)
         self.eps.append([])
         self.edges.append([])
         return len(self.eps) - 1
@@ -478,6 +497,36 @@ class Alphabet:
 Labeller = Callable[[frozenset[int]], Hashable | None]
 
 
+def _construct(
+    tagged: Sequence[tuple[str, int, str]], split: Sequence[Intervals] = ()
+) -> tuple[list[list[int]], list[frozenset[int]], int, Alphabet]:
+    """NFA of the tagged patterns, then subset construction (within the budgets)."""
+    nfa = _NFA()
+    for pattern, tag, semantics in tagged:
+        nfa.add_pattern(pattern, tag, semantics)
+    alphabet = Alphabet([*nfa.charsets, *split])
+    delta, tags, start = _determinise(nfa, alphabet)
+    return delta, tags, start, alphabet
+
+
+def _blame(tagged: Sequence[tuple[str, int, str]], budget: _BudgetExceeded) -> str:
+    """The message for a blown budget: the first pattern that blows it alone, or all of them."""
+    for entry in dict.fromkeys(tagged):
+        try:
+            _construct([entry])
+        except _BudgetExceeded as alone:
+            return (
+                f"pattern {short_repr(entry[0])} needs more than {alone.limit} {alone.what} to "
+                "match exactly; simplify it (a bounded repeat such as {15} after an unbounded "
+                "one multiplies the states), or split it into several patterns"
+            )
+    patterns = list(dict.fromkeys(pattern for pattern, _, _ in tagged))
+    return (
+        f"the {len(patterns)} patterns together ({format_examples(patterns)}) need more than "
+        f"{budget.limit} {budget.what} to match exactly; use fewer or simpler patterns"
+    )
+
+
 class DFA:
     """A minimal, total DFA over an :class:`Alphabet`; accepting states carry a label."""
 
@@ -547,11 +596,10 @@ class DFA:
         labeller: Labeller,
         split: Sequence[Intervals] = (),
     ) -> DFA:
-        nfa = _NFA()
-        for pattern, tag, semantics in tagged:
-            nfa.add_pattern(pattern, tag, semantics)
-        alphabet = Alphabet([*nfa.charsets, *split])
-        delta, tags, start = _determinise(nfa, alphabet)
+        try:
+            delta, tags, start, alphabet = _construct(tagged, split)
+        except _BudgetExceeded as budget:
+            raise PatternTooComplexError(_blame(tagged, budget)) from None
         labels = [labeller(t) for t in tags]
         delta, labels, start = _minimise(delta, labels, start, alphabet.size)
         return cls(alphabet, delta, labels, start)
@@ -689,6 +737,8 @@ def _determinise(
     def intern(configs: frozenset[int]) -> int:
         found = ids.get(configs)
         if found is None:
+            if len(sets) >= MAX_DFA_STATES:
+                raise _BudgetExceeded("DFA states", MAX_DFA_STATES)
             found = ids[configs] = len(sets)
             sets.append(configs)
         return found

@@ -13,7 +13,7 @@ from typing import Any
 
 from .atomic import atomic_open
 from .errors import ConfigError
-from .strict_json import parse_json
+from .strict_json import MAX_CONFIG_BYTES, read_json_file, short_repr
 
 CONFIG_FILE = "config.json"
 LLM_CONFIG_FILE = "llm_config.json"
@@ -47,11 +47,53 @@ FIELD_SOURCES: tuple[tuple[str, str, str, bool], ...] = (
 FLAGS = frozenset({"vit_rope"})
 """BagelConfig attributes that are booleans; every other attribute is a positive int."""
 
+#: Largest accepted value of each size (the smallest is 1). Generous: at least 8x BAGEL-7B-MoT's
+#: value and above every released Qwen2 / SigLIP config (Qwen2-72B: hidden 8192, 80 layers,
+#: intermediate 29568, 64 heads), yet small enough that the key list, the expected shapes and
+#: their messages stay cheap (a million layers would cost minutes and gigabytes to enumerate).
+MAX_VALUES: dict[str, int] = {
+    "hidden_size": 65_536,
+    "num_hidden_layers": 1_024,
+    "intermediate_size": 262_144,
+    "num_attention_heads": 1_024,
+    "num_key_value_heads": 1_024,
+    "vocab_size": 4_194_304,
+    "vit_hidden_size": 65_536,
+    "vit_intermediate_size": 262_144,
+    "vit_num_hidden_layers": 1_024,
+    "vit_patch_size": 1_024,
+    "vit_image_size": 65_536,
+    "vit_num_channels": 64,
+    "vit_max_num_patch_per_side": 1_024,
+    "max_latent_size": 1_024,
+    "latent_patch_size": 64,
+    "vae_z_channels": 1_024,
+    "timestep_frequency_size": 65_536,
+    "vit_num_attention_heads": 1_024,
+}
 
-def _valid(attribute: str, value: object) -> bool:
+
+def _describe(value: object) -> str:
+    """``repr(value)``, except that a huge int is described by its size (``repr`` of an int of
+    more than 4,300 digits raises, and a message should not hold thousands of digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**18:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    return short_repr(value)
+
+
+def _size_fault(attribute: str, value: object, *, flag: str = "true or false") -> str | None:
+    """Why ``value`` is not a valid ``attribute``, or ``None`` if it is one (``flag``: how a
+    boolean is spelled in the message)."""
     if attribute in FLAGS:
-        return isinstance(value, bool)
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        return None if isinstance(value, bool) else f"must be {flag}, got {_describe(value)}"
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        return f"must be a positive integer, got {_describe(value)}"
+    if value > MAX_VALUES[attribute]:
+        return (
+            f"is {_describe(value)}, above the largest accepted value {MAX_VALUES[attribute]} "
+            "(far beyond any BAGEL or Qwen2 model)"
+        )
+    return None
 
 
 #: Constant fields written next to the sizes so that Hugging Face tools recognise the files.
@@ -67,7 +109,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{path}: config file not found (a BAGEL folder holds {CONFIG_FILES})"
         )
-    document = parse_json(path.read_bytes(), lambda what: ConfigError(f"{path}: {what}"))
+    document = read_json_file(path, MAX_CONFIG_BYTES, lambda what: ConfigError(f"{path}: {what}"))
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(document).__name__}")
     return document
@@ -113,10 +155,9 @@ class BagelConfig:
 
     def __post_init__(self) -> None:
         for item in fields(self):
-            value = getattr(self, item.name)
-            if not _valid(item.name, value):
-                kind = "a bool" if item.name in FLAGS else "a positive int"
-                raise ConfigError(f"BagelConfig.{item.name} must be {kind}, got {value!r}")
+            fault = _size_fault(item.name, getattr(self, item.name), flag="a bool")
+            if fault is not None:
+                raise ConfigError(f"BagelConfig.{item.name} {fault}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
@@ -148,11 +189,9 @@ class BagelConfig:
                 if required:
                     raise ConfigError(f"{folder / file}: required field {field_name!r} is missing")
                 continue
-            if not _valid(attribute, value):
-                kind = "true or false" if attribute in FLAGS else "a positive integer"
-                raise ConfigError(
-                    f"{folder / file}: field {field_name!r} must be {kind}, got {value!r}"
-                )
+            fault = _size_fault(attribute, value)
+            if fault is not None or not isinstance(value, int):  # the second: for mypy
+                raise ConfigError(f"{folder / file}: field {field_name!r} {fault}")
             values[attribute] = value
         try:
             return cls(**values)

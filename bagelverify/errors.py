@@ -108,3 +108,8 @@ class LossyCastError(BagelError, ValueError):
 class IntegrationError(BagelError, ImportError):
     """A training framework bagelverify plugs into is missing, or is a version whose interface
     it cannot serve completely."""
+
+
+class PatternTooComplexError(PatternError):
+    """A user-supplied key pattern whose automaton would exceed the construction budget (for
+    example ``(?:a|b)*a(?:a|b){15}``, whose minimal DFA has 2**16 states)."""

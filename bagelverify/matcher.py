@@ -34,7 +34,7 @@ import ahocorasick
 
 from .automata import DFA, UnsupportedPattern, template_verdict
 from .buckets import MATCH_ORDER, Bucket
-from .errors import PatternError
+from .errors import PatternError, PatternTooComplexError
 from .families import patterns_of
 from .keys import check_key
 
@@ -409,7 +409,7 @@ def build_dfa(patterns: Mapping[Bucket, Sequence[str]]) -> DFA | None:
     labelled = [(bucket, patterns[bucket]) for bucket in MATCH_ORDER]
     try:
         return DFA.from_patterns(labelled)
-    except UnsupportedPattern as error:
+    except (UnsupportedPattern, PatternTooComplexError) as error:  # the regexes alone decide
         logger.info("digit-template memo off: %s", error)
         return None
 
@@ -430,8 +430,9 @@ def compile_matcher(
     does not compile raises :class:`~bagelverify.errors.PatternError`.
 
     ``memo_size`` bounds each table of the digit-template memo. ``0`` turns the memo off and
-    skips building its automaton, which is the way out for patterns whose minimal DFA is huge
-    (``.*a.{30}`` needs some 2**31 states). Patterns the automaton cannot model exactly
-    (lookarounds, backreferences, inline flags) still work: the memo is then off.
+    skips building its automaton. Patterns the automaton cannot model exactly (lookarounds,
+    backreferences, inline flags) or whose automaton would pass the construction budget
+    (:data:`~bagelverify.automata.MAX_DFA_STATES`; ``.*a.{30}`` needs some 2**31 states) still
+    work: the memo is then off and the regexes alone decide.
     """
     return Matcher(choose_patterns(und, gen, vae, extra), memo_size=memo_size)

@@ -142,6 +142,17 @@ _ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 _MAX_ELEMENTS = 2**63 - 1  # torch counts elements and strides in int64
 
 
+def _overflows_int64(shape: Sequence[int]) -> bool:
+    """Whether the product of the non-zero dims exceeds int64 (stops at the first overflow, so a
+    shape of millions of dims costs linear time, never a huge product)."""
+    product = 1
+    for dim in shape:
+        product *= max(dim, 1)
+        if product > _MAX_ELEMENTS:
+            return True
+    return False
+
+
 def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     where = f"tensor {short_repr(name)}"
     if not isinstance(entry, dict) or set(entry) != set(_ENTRY_FIELDS):
@@ -164,7 +175,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
         raise _corrupt(
             path, f"{where}: shape {short_repr(shape)} is not a list of non-negative integers"
         )
-    if math.prod(max(d, 1) for d in shape) > _MAX_ELEMENTS:
+    if _overflows_int64(shape):
         raise _corrupt(path, f"{where}: shape {short_repr(shape)} overflows int64 element counts")
     if (
         not isinstance(offsets, list)

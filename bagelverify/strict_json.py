@@ -9,25 +9,40 @@ error, naming where in the document the fault is.
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Callable
 from typing import Any
 
 from .errors import BagelError
 
+MAX_INDEX_BYTES = 100 * 1024 * 1024
+"""Largest shard index (``model.safetensors.index.json``) accepted: the same cap as a safetensors
+header (an index of the real 1,223 tensors is about 100 KB)."""
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+"""Largest config file accepted (the release's are about 1 KB each)."""
+
 
 class _Object(dict[str, Any]):
-    """A parsed JSON object that remembers the first key it saw twice."""
+    """A parsed JSON object that named a key twice (only such objects are of this class)."""
 
     repeated: str | None = None
 
 
-def _object_from_pairs(pairs: list[tuple[str, Any]]) -> _Object:
-    out = _Object()
+def _object_from_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) == len(pairs):
+        return out
+    marked = _Object()
     for key, value in pairs:
-        if key in out and out.repeated is None:
-            out.repeated = key
-        out[key] = value
-    return out
+        if key in marked and marked.repeated is None:
+            marked.repeated = key
+        marked[key] = value
+    return marked
+
+
+# A lone surrogate can only come from a \uD800-\uDFFF escape: decoded UTF-8 holds none.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def is_unicode(text: str) -> bool:
@@ -60,28 +75,45 @@ def describe_location(path: tuple[str, ...]) -> str:
     return " > ".join(short_repr(part) for part in path) if path else "the top level"
 
 
+_Where = tuple[str, "_Where"] | None
+"""A location as a linked list (innermost key first), so that the walk is linear in the size."""
+
+
+def _location(where: _Where) -> str:
+    parts: list[str] = []
+    while where is not None:
+        key, where = where
+        parts.append(key)
+    return describe_location(tuple(reversed(parts)))
+
+
 def _first_fault(document: object) -> str | None:
-    """Walk the document (iteratively: nesting depth is the parser's, not ours to recurse)."""
-    stack: list[tuple[object, tuple[str, ...]]] = [(document, ())]
+    """Walk the document (iteratively: nesting depth is the parser's, not ours to recurse).
+
+    Time and memory are linear in the document: each container is visited once and a location
+    costs one small tuple per container, turned into text only for the fault reported.
+    """
+    stack: list[tuple[object, _Where]] = [(document, None)]
     while stack:
         value, where = stack.pop()
         if isinstance(value, str):
             if not is_unicode(value):
-                where_text = describe_location(where)
-                return f"a string at {where_text} is not valid Unicode ({short_repr(value)})"
+                return f"a string at {_location(where)} is not valid Unicode ({short_repr(value)})"
         elif isinstance(value, dict):
             if isinstance(value, _Object) and value.repeated is not None:
                 return (
-                    f"the object at {describe_location(where)} names {short_repr(value.repeated)} "
+                    f"the object at {_location(where)} names {short_repr(value.repeated)} "
                     "twice (a JSON reader would silently keep only the last one)"
                 )
             for key, item in value.items():
                 if not is_unicode(key):
-                    where_text = describe_location(where)
-                    return f"a key at {where_text} is not valid Unicode ({short_repr(key)})"
-                stack.append((item, (*where, key)))
+                    return f"a key at {_location(where)} is not valid Unicode ({short_repr(key)})"
+                if isinstance(item, (str, dict, list)):
+                    stack.append((item, (key, where)))
         elif isinstance(value, list):
-            stack.extend((item, (*where, str(index))) for index, item in enumerate(value))
+            for index, item in enumerate(value):
+                if isinstance(item, (str, dict, list)):
+                    stack.append((item, (str(index), where)))
     return None
 
 
@@ -96,13 +128,41 @@ def parse_json(raw: bytes, error: Callable[[str], BagelError]) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as failure:
         raise error(f"not UTF-8 ({failure})") from None
+    repeated: list[bool] = []
+
+    def object_from_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = _object_from_pairs(pairs)
+        if isinstance(out, _Object) and not repeated:
+            repeated.append(True)
+        return out
+
     try:
-        document = json.loads(text, object_pairs_hook=_object_from_pairs)
+        document = json.loads(text, object_pairs_hook=object_from_pairs)
     except RecursionError:
         raise error("JSON nested too deeply to parse") from None
     except ValueError as failure:  # JSONDecodeError, or an integer with too many digits
         raise error(f"not valid JSON ({failure})") from None
+    if not repeated and _SURROGATE_ESCAPE.search(text) is None:
+        return document  # nothing the walk could find: skip it
     fault = _first_fault(document)
     if fault is not None:
         raise error(fault)
     return document
+
+
+def read_json_file(
+    path: str | os.PathLike[str], limit: int, error: Callable[[str], BagelError]
+) -> Any:
+    """Read and :func:`parse_json` the file at ``path``, or raise ``error(what is wrong)`` if it
+    holds more than ``limit`` bytes (checked before reading; at most ``limit + 1`` bytes are read,
+    so a file that grows meanwhile is caught too). ``OSError`` s of the open propagate."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        raw = b"" if size > limit else handle.read(limit + 1)
+    if size > limit or len(raw) > limit:
+        found = size if size > limit else f"more than {limit}"
+        raise error(
+            f"the file is {found} bytes, above the {limit}-byte cap for this kind of file "
+            "(a genuine one is far smaller)"
+        )
+    return parse_json(raw, error)

@@ -24,6 +24,13 @@ from bagelverify import atomic, safetensors_io
 from bagelverify.synthetic import SyntheticCheckpoint
 
 CHILD = Path(__file__).with_name("_crash_writer.py")
+# the child imports this checkout's bagelverify, not whichever one is installed
+CHILD_ENV = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(
+        p for p in (str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")) if p
+    ),
+)
 SHARD_SIZE = "1MB"  # the scale-64 synthetic model (~4 MB) in a handful of shards
 INDEX = "model.safetensors.index.json"
 
@@ -64,6 +71,7 @@ def run_child(mode: str, folder: Path, shard_size: str) -> subprocess.Popen[str]
         process = subprocess.Popen(
             [sys.executable, str(CHILD), mode, str(folder), shard_size, str(write_end)],
             pass_fds=(write_end,),
+            env=CHILD_ENV,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -187,10 +195,10 @@ def test_stale_temporaries_are_removed_only_when_abandoned(tmp_path: Path) -> No
     target = tmp_path / "ema.safetensors"
     old = time.time() - atomic.STALE_AFTER_SECONDS - 1
     names = {
-        "abandoned": ".ema.safetensors.a1.tmp",
-        "locked": ".ema.safetensors.b2.tmp",
-        "fresh": ".ema.safetensors.c3.tmp",
-        "other file": ".ae.safetensors.d4.tmp",
+        "abandoned": atomic.temporary_name(target),
+        "locked": atomic.temporary_name(target),
+        "fresh": atomic.temporary_name(target),
+        "other file": atomic.temporary_name(tmp_path / "ae.safetensors"),
         "not temporary": ".ema.safetensors.e5.keep",
     }
     for label, name in names.items():

@@ -21,6 +21,7 @@ BUILTIN_PARENTS: dict[type[errors.BagelError], tuple[type[Exception], ...]] = {
     errors.StageTypeError: (ValueError, TypeError),
     errors.ConfigError: (ValueError,),
     errors.PatternError: (ValueError,),
+    errors.PatternTooComplexError: (ValueError,),
     errors.UnsupportedTensorError: (TypeError, ValueError),
     errors.UnsupportedPlatformError: (RuntimeError,),
     errors.DistributedMismatchError: (ValueError,),
