@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from .adapter import ROOT, strip_root
 from .checkpoint import build_report, find_config, write_bagel_checkpoint
 from .config import BagelConfig
 from .diff import family_name
 from .errors import MissingKeysError, ShapeMismatchError, format_examples
 from .families import expected_shapes
+from .keys import ROOT, strip_root
 from .manifest import VAE_FILE
 from .safetensors_io import TensorInfo, TensorSpec
 from .stage import normalize_stage
