@@ -9,6 +9,7 @@ from .adapter import BagelStateDictAdapter
 from .buckets import Bucket
 from .config import BagelConfig
 from .errors import (
+    AllocationError,
     BagelError,
     ConfigError,
     CorruptCheckpointError,
@@ -121,6 +122,7 @@ __all__ = [
     "GEN_PATTERNS",
     "UND_PATTERNS",
     "VAE_PATTERNS",
+    "AllocationError",
     "BagelConfig",
     "BagelError",
     "BagelStateDictAdapter",

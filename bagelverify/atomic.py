@@ -169,3 +169,23 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def folder_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the folder ``directory`` itself for the block (nothing is
+    created in it), waiting for another writer of the folder to finish first. Every save into a
+    folder holds it for its whole run (files, index, renames, clean-up), so two saves never
+    interleave. Without ``fcntl`` (Windows) nothing is locked."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(directory, flags)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("%s: waiting for another save into this folder to finish", directory)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -77,6 +77,11 @@ class DestinationError(ShapeMismatchError):
     these were reported before the class existed."""
 
 
+class AllocationError(BagelError, MemoryError):
+    """Memory for the tensors to load could not be allocated (a checkpoint too large for the
+    host or device); the message names the tensor, its file and the sizes."""
+
+
 class CorruptCheckpointError(BagelError, ValueError):
     """A checkpoint file that cannot be trusted (bad header, offsets, sizes)."""
 

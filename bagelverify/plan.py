@@ -187,13 +187,15 @@ def unroot(state_dict: Mapping[str, V], *, exclude_key_regex: str | None = None)
     """Native keys -> HF keys, with no check of what the keys name.
 
     Keys matched by ``re.match(exclude_key_regex, key)`` are skipped; every other key must be
-    under the ``model.`` root (:class:`~bagelverify.errors.RootError` listing all that are not);
+    under the ``model.`` root, once (:class:`~bagelverify.errors.RootError` listing all that are
+    not, or are rooted twice);
     ``._extra_state`` entries are dropped.
     """
     state_dict = require_mapping(state_dict, "state_dict")
     exclude = _compile_exclude(exclude_key_regex)
     out: dict[str, V] = {}
     unrooted: list[str] = []
+    doubly: list[str] = []
     extra = 0
     for key, value in state_dict.items():
         check_key(key)
@@ -203,10 +205,20 @@ def unroot(state_dict: Mapping[str, V], *, exclude_key_regex: str | None = None)
             unrooted.append(key)
             continue
         hf_key = key[len(ROOT) :]
+        if hf_key.startswith(ROOT):  # no HF key starts with the root: model.model.x is a slip
+            doubly.append(key)
+            continue
         if classify(hf_key) is Bucket.EXTRA:
             extra += 1
             continue
         out[hf_key] = value
+    if doubly:
+        raise RootError(
+            f"{len(doubly)} native keys are rooted twice ({ROOT!r}{ROOT!r}...): "
+            f"{format_examples(doubly)}. A native key has one {ROOT!r} root; strip the extra "
+            "prefix (a module wrapped in another module adds one).",
+            doubly,
+        )
     if unrooted:
         raise RootError(
             f"{len(unrooted)} native keys are not under the {ROOT!r} root: "

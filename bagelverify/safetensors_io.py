@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import stat
 import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -225,7 +226,48 @@ def _check_tiling(path: Path, tensors: Iterable[TensorInfo], data_start: int, si
         raise _corrupt(path, f"{size - cursor} bytes after the last tensor ({previous})")
 
 
-def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+def open_regular(path: str | os.PathLike[str]) -> int:
+    """Open ``path`` for reading and return the descriptor, refusing anything but a regular file
+    (a FIFO, a device, a socket) without blocking on it: ``FileNotFoundError`` when it is absent,
+    :class:`~bagelverify.errors.CorruptCheckpointError` naming what it is otherwise."""
+    path = Path(path)
+    if "\0" in str(path):
+        raise CorruptCheckpointError(f"{str(path)!r}: a file name cannot hold a NUL character")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = (
+                "a directory"
+                if stat.S_ISDIR(mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(mode)
+                else ("a device or socket")
+            )
+            raise CorruptCheckpointError(
+                f"{path}: is {kind}, not a regular file; a checkpoint file must be a plain file"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_header_bytes(fd: int, path: Path, count: int, offset: int) -> bytes:
+    """``count`` header bytes at ``offset`` (``os.pread``: tensor data is read by
+    :func:`read_exact` alone, with ``os.preadv``)."""
+    parts, done = [], 0
+    while done < count:
+        part = os.pread(fd, count - done, offset + done)
+        if not part:
+            raise _corrupt(path, f"the file ends at byte {offset + done}, inside its header")
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts)
+
+
+def read_header(path: str | os.PathLike[str], *, fd: int | None = None) -> SafetensorsHeader:
     """Parse and validate the header of a safetensors file, reading no tensor data.
 
     Raises ``FileNotFoundError`` for a missing file (other ``OSError`` s, such as a directory or
@@ -237,19 +279,27 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     (``bool`` is not an int) or that overflows int64, offsets that overlap, leave holes or leave
     the file, a byte span that disagrees with shape x dtype, or non-string metadata. Every message
     names the file and the offending tensor or field.
+
+    With ``fd`` (open on ``path``, e.g. by :func:`open_regular`) the header is read through it,
+    so a caller that reads the data through the same descriptor reads the file whose header
+    this is, whatever renames happen meanwhile.
     """
     path = Path(path)
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise _corrupt(path, f"the file is {size} bytes, shorter than the 8-byte length prefix")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > MAX_HEADER_BYTES:
-            raise _corrupt(path, f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte cap")
-        if 8 + length > size:
-            raise _corrupt(path, f"header length {length} runs past the file end ({size} bytes)")
-        raw = handle.read(length)
+    if fd is None:
+        fd = open_regular(path)
+        try:
+            return read_header(path, fd=fd)
+        finally:
+            os.close(fd)
+    size = os.fstat(fd).st_size
+    if size < 8:
+        raise _corrupt(path, f"the file is {size} bytes, shorter than the 8-byte length prefix")
+    (length,) = struct.unpack("<Q", _read_header_bytes(fd, path, 8, 0))
+    if length > MAX_HEADER_BYTES:
+        raise _corrupt(path, f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte cap")
+    if 8 + length > size:
+        raise _corrupt(path, f"header length {length} runs past the file end ({size} bytes)")
+    raw = _read_header_bytes(fd, path, length, 8)
     document = parse_json(raw, lambda what: _corrupt(path, f"unusable header JSON: {what}"))
     if not isinstance(document, dict):
         raise _corrupt(
@@ -371,6 +421,8 @@ def check_writable(name: str, value: object) -> torch.Tensor:
             f"the value is a {type(value).__name__}, a tensor subclass whose memory is not its "
             "values (gather a DTensor with .full_tensor() first)"
         )
+    elif value.is_nested:
+        why = "the tensor is a nested tensor of ragged pieces (save each piece as its own key)"
     elif value.layout != torch.strided:
         why = f"the tensor's layout is {value.layout} (call .to_dense() first)"
     elif value.device.type == "meta":

@@ -18,6 +18,7 @@ BUILTIN_PARENTS: dict[type[errors.BagelError], tuple[type[Exception], ...]] = {
     errors.ShapeMismatchError: (ValueError,),
     errors.DestinationError: (ValueError,),
     errors.CorruptCheckpointError: (ValueError,),
+    errors.AllocationError: (MemoryError,),
     errors.StageError: (ValueError,),
     errors.StageTypeError: (ValueError, TypeError),
     errors.ConfigError: (ValueError,),

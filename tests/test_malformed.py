@@ -252,8 +252,8 @@ def test_truncated_data_names_file_and_tensor(
     save_tensors(path, {key: torch.ones(4)})
     real = safetensors_io.read_header
 
-    def then_truncate(target: Any) -> safetensors_io.SafetensorsHeader:
-        header = real(target)
+    def then_truncate(target: Any, **kwargs: Any) -> safetensors_io.SafetensorsHeader:
+        header = real(target, **kwargs)
         os.truncate(target, header.data_start + 8)
         return header
 

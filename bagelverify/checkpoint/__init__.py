@@ -13,12 +13,21 @@ conversion). Every public name is importable from this package.
 
 from __future__ import annotations
 
-from .files import INDEX_FILE, CheckpointFiles, find_config, open_checkpoint, require_directory
+from .files import (
+    INDEX_FILE,
+    OPEN_ATTEMPTS,
+    SAVE_ID,
+    CheckpointFiles,
+    find_config,
+    open_checkpoint,
+    require_directory,
+)
 from .load import (
     Cast,
     IncompatibleKeys,
     ReadJob,
     ReadJobs,
+    allocate,
     check_destinations,
     fill,
     load_bagel_checkpoint_state_dict,
@@ -35,6 +44,7 @@ from .report import (
     TensorLike,
     build_report,
     inspect_checkpoint,
+    report_files,
     state_dict_report,
 )
 from .save import (
@@ -48,6 +58,8 @@ from .save import (
 __all__ = [
     "CONVERT_FLAG",
     "INDEX_FILE",
+    "OPEN_ATTEMPTS",
+    "SAVE_ID",
     "BucketSummary",
     "Cast",
     "CheckpointFiles",
@@ -58,6 +70,7 @@ __all__ = [
     "ReadJobs",
     "ShapeMismatch",
     "TensorLike",
+    "allocate",
     "build_report",
     "check_destinations",
     "convert_checkpoint",
@@ -71,6 +84,7 @@ __all__ = [
     "parse_size",
     "read_jobs",
     "read_tensor",
+    "report_files",
     "require_directory",
     "save_bagel_checkpoint",
     "state_dict_report",

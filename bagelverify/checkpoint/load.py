@@ -9,10 +9,11 @@ and only then are the bytes of the tensors the stage keeps read (:func:`fill`, t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -23,6 +24,7 @@ from ..config import BagelConfig
 from ..engine import EngineOptions, EngineStats, Progress, Transfer
 from ..engine import run as run_engine
 from ..errors import (
+    AllocationError,
     DestinationError,
     MissingKeysError,
     ShapeMismatchError,
@@ -33,9 +35,9 @@ from ..keys import strip_root
 from ..manifest import VAE_FILE, load_manifest
 from ..partition import classify
 from ..patch_embedding import conv_patch_weight_to_linear
-from ..safetensors_io import TensorInfo, read_header
-from .files import require_directory
-from .report import CheckpointReport, inspect_checkpoint
+from ..safetensors_io import TensorInfo, open_regular, read_header
+from .files import open_checkpoint, require_directory
+from .report import CheckpointReport, report_files
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ class ReadJob(NamedTuple):
 
     info: TensorInfo
     convert: bool = False
+    fd: int | None = None
+    """The descriptor the file's header was read through (the data is read through it too);
+    ``None``: the engine opens the file by name."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -62,6 +67,7 @@ ReadJobs = Mapping[str, ReadJob]
 """Native key -> its read job, in checkpoint order."""
 
 
+@contextlib.contextmanager
 def read_jobs(
     checkpoint_dir: str | os.PathLike[str],
     *,
@@ -69,23 +75,49 @@ def read_jobs(
     strict: bool,
     config: BagelConfig | None,
     convert_conv: bool,
-) -> tuple[CheckpointReport, dict[str, ReadJob]]:
-    """Validate a folder from its headers (raising its first problem) and return its report
-    and the read jobs of the tensors the stage keeps (keys the config lacks are dropped)."""
-    report = inspect_checkpoint(checkpoint_dir, stage=stage, config=config)
-    report.raise_for_problems(strict=strict, convert_conv=convert_conv)
-    report.plan.log(strict=strict)
-    beyond = {report.plan.native[key] for key in report.beyond_config}
-    jobs: dict[str, ReadJob] = {}
-    for key, native in report.plan.native.items():
-        if native in beyond:
-            continue
-        info = report.tensors[key]
-        assert isinstance(info, TensorInfo)
-        jobs[native] = ReadJob(info, key == report.conv_patch_embedding)
-    if beyond:
-        logger.warning("dropping %d keys the config does not have", len(beyond))
-    return report, jobs
+) -> Iterator[tuple[CheckpointReport, dict[str, ReadJob]]]:
+    """Validate a folder from its headers (raising its first problem) and yield its report and
+    the read jobs of the tensors the stage keeps (keys the config lacks are dropped).
+
+    The files stay open for the ``with`` block: the jobs read the data through the descriptors
+    the headers were read through, so a save that replaces the files meanwhile cannot mix
+    another file's bytes into the load.
+    """
+    with open_checkpoint(checkpoint_dir, keep_open=True) as files:
+        report = report_files(files, stage=stage, config=config)
+        report.raise_for_problems(strict=strict, convert_conv=convert_conv)
+        report.plan.log(strict=strict)
+        beyond = {report.plan.native[key] for key in report.beyond_config}
+        jobs: dict[str, ReadJob] = {}
+        for key, native in report.plan.native.items():
+            if native in beyond:
+                continue
+            info = report.tensors[key]
+            assert isinstance(info, TensorInfo)
+            jobs[native] = ReadJob(info, key == report.conv_patch_embedding, files.fds[info.path])
+        if beyond:
+            logger.warning("dropping %d keys the config does not have", len(beyond))
+        yield report, jobs
+
+
+def allocate(
+    jobs: ReadJobs, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """An empty tensor per job (its loaded shape; ``dtype`` or the file's), or
+    :class:`~bagelverify.errors.AllocationError` naming the tensor, its file and the sizes."""
+    out: dict[str, torch.Tensor] = {}
+    for key, job in jobs.items():
+        try:
+            out[key] = torch.empty(job.shape, dtype=dtype or job.info.torch_dtype, device=device)
+        except RuntimeError as error:  # torch's "can't allocate" and CUDA out-of-memory
+            total = sum(j.info.nbytes for j in jobs.values())
+            raise AllocationError(
+                f"{job.info.path}: cannot allocate {job.info.name!r} ({job.info.nbytes:,} bytes "
+                f"on {device}; the {len(jobs)} tensors to load hold {total:,} bytes): "
+                f"{str(error).splitlines()[0]}. Load fewer tensors (stage, strict=False) or "
+                "onto a device with more memory."
+            ) from None
+    return out
 
 
 def fill(
@@ -97,6 +129,7 @@ def fill(
 ) -> EngineStats:
     """Read each job's bytes into ``destinations[key]`` through the read engine (see
     :mod:`bagelverify.engine`); the destinations must have passed :func:`check_destinations`."""
+    fds = {job.info.path: job.fd for job in jobs.values() if job.fd is not None}
     transfers = [
         Transfer(
             job.info.name,
@@ -110,14 +143,14 @@ def fill(
         )
         for key, job in jobs.items()
     ]
-    return run_engine(transfers, options=read_options, progress=progress)
+    return run_engine(transfers, options=read_options, progress=progress, fds=fds)
 
 
 def read_tensor(job: ReadJob) -> torch.Tensor:
     """One job's tensor, read into a new CPU tensor of the file's dtype."""
-    out = torch.empty(job.shape, dtype=job.info.torch_dtype)
-    fill({job.info.name: job}, {job.info.name: out})
-    return out
+    out = allocate({job.info.name: job})
+    fill({job.info.name: job}, out)
+    return out[job.info.name]
 
 
 class IncompatibleKeys(NamedTuple):
@@ -252,17 +285,17 @@ def load_into(
     through pinned staging buffers copied asynchronously. If a read fails, the destinations
     whose reads had started hold new data, the others are untouched.
     """
-    _, jobs = read_jobs(
+    with read_jobs(
         checkpoint_dir,
         stage=stage,
         strict=strict,
         config=config,
         convert_conv=convert_conv_patch_embedding,
-    )
-    common, incompatible = check_destinations(
-        jobs, native_state_dict, checkpoint_dir, strict=strict, cast=cast
-    )
-    fill(common, native_state_dict, read_options=read_options, progress=progress)
+    ) as (_, jobs):
+        common, incompatible = check_destinations(
+            jobs, native_state_dict, checkpoint_dir, strict=strict, cast=cast
+        )
+        fill(common, native_state_dict, read_options=read_options, progress=progress)
     logger.info("%s: loaded %d tensors in place", checkpoint_dir, len(common))
     return incompatible
 
@@ -288,18 +321,15 @@ def load_bagel_checkpoint_state_dict(
     the file's dtype) and reads it in place; dropped tensors' bytes are never read.
     ``read_options`` and ``progress`` are the read engine's (see :func:`load_into`).
     """
-    _, jobs = read_jobs(
+    with read_jobs(
         checkpoint_dir,
         stage=stage,
         strict=strict,
         config=config,
         convert_conv=convert_conv_patch_embedding,
-    )
-    out = {
-        key: torch.empty(job.shape, dtype=dtype or job.info.torch_dtype, device=device)
-        for key, job in jobs.items()
-    }
-    fill(jobs, out, read_options=read_options, progress=progress)
+    ) as (_, jobs):
+        out = allocate(jobs, device=device, dtype=dtype)
+        fill(jobs, out, read_options=read_options, progress=progress)
     return out
 
 
@@ -321,9 +351,26 @@ def load_bagel_vae_state_dict(
     directory = Path(checkpoint_dir)
     require_directory(directory, VAE_FILE)
     path = directory / VAE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: VAE file not found")
-    header = read_header(path)
+    try:
+        fd = open_regular(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: VAE file not found") from None
+    try:
+        return _load_vae(path, fd, device, dtype, strict, read_options, progress)
+    finally:
+        os.close(fd)
+
+
+def _load_vae(
+    path: Path,
+    fd: int,
+    device: str | torch.device,
+    dtype: torch.dtype | None,
+    strict: bool,
+    read_options: EngineOptions | None,
+    progress: Progress | None,
+) -> dict[str, torch.Tensor]:
+    header = read_header(path, fd=fd)
     other = [key for key in header.tensors if classify(key) is not Bucket.VAE]
     if other:
         raise UnknownKeysError(
@@ -340,10 +387,7 @@ def load_bagel_vae_state_dict(
             "the keys it has.",
             missing,
         )
-    jobs = {key: ReadJob(info) for key, info in header.tensors.items()}
-    out = {
-        key: torch.empty(info.shape, dtype=dtype or info.torch_dtype, device=device)
-        for key, info in header.tensors.items()
-    }
+    jobs = {key: ReadJob(info, fd=fd) for key, info in header.tensors.items()}
+    out = allocate(jobs, device=device, dtype=dtype)
     fill(jobs, out, read_options=read_options, progress=progress)
     return out

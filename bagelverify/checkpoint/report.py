@@ -25,7 +25,7 @@ from ..patch_embedding import PATCH_EMBEDDING_WEIGHT
 from ..plan import Plan, plan
 from ..safetensors_io import TensorInfo, TensorSpec, dtype_name
 from ..stage import STAGE_BUCKETS, Stage
-from .files import find_config, open_checkpoint
+from .files import CheckpointFiles, find_config, open_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +316,14 @@ def inspect_checkpoint(
     ``config`` defaults to the folder's own config files when they exist; without any config
     only the key checks run (no shapes, no missing-key listing).
     """
-    files = open_checkpoint(checkpoint_dir)
+    return report_files(open_checkpoint(checkpoint_dir), stage=stage, config=config)
+
+
+def report_files(
+    files: CheckpointFiles, *, stage: object, config: BagelConfig | None
+) -> CheckpointReport:
+    """:func:`inspect_checkpoint` for a folder already opened by
+    :func:`~bagelverify.checkpoint.files.open_checkpoint`."""
     config = find_config(files.directory, config)
     if config is None:
         logger.warning(

@@ -9,25 +9,27 @@ import json
 import logging
 import os
 import re
+import secrets
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from ..atomic import atomic_open, remove_durably
+from ..atomic import atomic_open, folder_lock, remove_durably
 from ..config import CONFIG_FILES, BagelConfig
 from ..keys import strip_root, to_native_key
 from ..manifest import MODEL_FILE
 from ..plan import unroot
 from ..safetensors_io import (
+    DEFAULT_METADATA,
     TensorSpec,
     layout_order,
     spec_of,
     stream_safetensors,
     write_safetensors,
 )
-from .files import INDEX_FILE
+from .files import INDEX_FILE, SAVE_ID, open_checkpoint
 from .load import read_jobs, read_tensor
 from .report import build_report
 
@@ -156,43 +158,77 @@ def write_bagel_checkpoint(
 
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    if max_shard_size is None:
-        target = directory / MODEL_FILE
-        write_safetensors(target, kept, fetch_by_name)
-        written.append(target)
-    else:
-        if (directory / MODEL_FILE).exists():
-            raise FileExistsError(
-                f"{directory / MODEL_FILE} exists and would shadow the sharded checkpoint "
-                "(ema.safetensors wins when loading); remove it or save to another folder"
-            )
-        shards = _shards(kept, parse_size(max_shard_size))
-        weight_map: dict[str, str] = {}
-        # Every shard is complete and fsync'ed under a temporary name before the old index is
-        # removed and the shards renamed: a crash leaves the previous checkpoint, or no index
-        # (a loud FileNotFoundError), never an index over a mix of old and new shards.
-        with contextlib.ExitStack() as renames:
-            for number, shard in enumerate(shards, start=1):
-                name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-                handle = renames.enter_context(atomic_open(directory / name))
-                stream_safetensors(handle, shard, fetch_by_name)
-                handle.flush()
-                os.fsync(handle.fileno())
-                weight_map.update((spec.name, name) for spec in shard)
-                written.append(directory / name)
-            remove_durably(directory / INDEX_FILE)
-        index = {
-            "metadata": {"total_size": sum(spec.nbytes for spec in kept)},
-            "weight_map": {spec.name: weight_map[spec.name] for spec in kept},
-        }
-        with atomic_open(directory / INDEX_FILE) as handle:
-            handle.write((json.dumps(index, indent=2) + "\n").encode("utf-8"))
-        written.append(directory / INDEX_FILE)
-    if config is not None:
-        config.save_pretrained(directory)
-        written.extend(directory / name for name in CONFIG_FILES)
+    with folder_lock(directory):
+        if max_shard_size is None:
+            target = directory / MODEL_FILE
+            write_safetensors(target, kept, fetch_by_name)
+            written = [target]
+        else:
+            written = _write_shards(directory, kept, fetch_by_name, parse_size(max_shard_size))
+        if config is not None:
+            config.save_pretrained(directory)
+            written.extend(directory / name for name in CONFIG_FILES)
     logger.info("%s: wrote %d tensors (%s)", directory, len(kept), report.stage)
+    return written
+
+
+SHARD_NAME = re.compile(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors")
+"""The names :func:`write_bagel_checkpoint` gives shards."""
+
+
+def _indexed_shards(directory: Path) -> set[str]:
+    """The shard names the folder's current index lists (none if it has no readable index)."""
+    try:
+        files = open_checkpoint(directory)
+    except (OSError, ValueError):  # no index, or one that does not parse: nothing to go by
+        return set()
+    return {path.name for path in files.files} if files.layout == "sharded" else set()
+
+
+def _write_shards(
+    directory: Path, kept: list[TensorSpec], fetch: Callable[[str], torch.Tensor], limit: int
+) -> list[Path]:
+    """Write ``kept`` as shards of at most ``limit`` bytes and their index; then remove the
+    shards of the previous save that the new index does not name."""
+    if (directory / MODEL_FILE).exists():
+        raise FileExistsError(
+            f"{directory / MODEL_FILE} exists and would shadow the sharded checkpoint "
+            "(ema.safetensors wins when loading); remove it or save to another folder"
+        )
+    previous = _indexed_shards(directory) | {
+        entry.name for entry in os.scandir(directory) if SHARD_NAME.fullmatch(entry.name)
+    }
+    shards = _shards(kept, limit)
+    save_id = secrets.token_hex(16)
+    weight_map: dict[str, str] = {}
+    written: list[Path] = []
+    # Every shard is complete and fsync'ed under a temporary name before the old index is
+    # removed and the shards renamed: a crash leaves the previous checkpoint, or no index
+    # (a loud FileNotFoundError), never an index over a mix of old and new shards.
+    with contextlib.ExitStack() as renames:
+        for number, shard in enumerate(shards, start=1):
+            name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            handle = renames.enter_context(atomic_open(directory / name))
+            stream_safetensors(
+                handle, shard, fetch, metadata={**DEFAULT_METADATA, SAVE_ID: save_id}
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+            weight_map.update((spec.name, name) for spec in shard)
+            written.append(directory / name)
+        remove_durably(directory / INDEX_FILE)
+    index = {
+        "metadata": {"total_size": sum(spec.nbytes for spec in kept), SAVE_ID: save_id},
+        "weight_map": {spec.name: weight_map[spec.name] for spec in kept},
+    }
+    with atomic_open(directory / INDEX_FILE) as handle:
+        handle.write((json.dumps(index, indent=2) + "\n").encode("utf-8"))
+    written.append(directory / INDEX_FILE)
+    # Only now, with the new index in place, go the old shards it does not name (glob-based
+    # readers would load them too). A crash here leaves unindexed files, removed next time.
+    for name in sorted(previous - {path.name for path in written}):
+        remove_durably(directory / name)
+        logger.info("%s: removed %s, a shard of the previous save", directory, name)
     return written
 
 
@@ -216,32 +252,32 @@ def convert_checkpoint(
     else the source's config files) is written with the tensors. ``on_tensor(hf_key, nbytes)``
     is called after each tensor is read (for progress). Returns the files written.
     """
-    report, jobs = read_jobs(
+    with read_jobs(
         src_dir,
         stage=stage,
         strict=strict,
         config=config,
         convert_conv=convert_conv_patch_embedding,
-    )
-    specs = {
-        strip_root(native): TensorSpec(strip_root(native), job.info.dtype, job.shape)
-        for native, job in jobs.items()
-    }
+    ) as (report, jobs):
+        specs = {
+            strip_root(native): TensorSpec(strip_root(native), job.info.dtype, job.shape)
+            for native, job in jobs.items()
+        }
 
-    def fetch(hf_key: str) -> torch.Tensor:
-        job = jobs[to_native_key(hf_key)]
-        out = read_tensor(job)
-        if on_tensor is not None:
-            on_tensor(hf_key, job.info.nbytes)
-        return out
+        def fetch(hf_key: str) -> torch.Tensor:
+            job = jobs[to_native_key(hf_key)]
+            out = read_tensor(job)
+            if on_tensor is not None:
+                on_tensor(hf_key, job.info.nbytes)
+            return out
 
-    return write_bagel_checkpoint(
-        specs,
-        fetch,
-        dst_dir,
-        stage=report.stage,
-        max_shard_size=max_shard_size,
-        strict=strict,
-        config=report.config,
-        keys=keys,
-    )
+        return write_bagel_checkpoint(
+            specs,
+            fetch,
+            dst_dir,
+            stage=report.stage,
+            max_shard_size=max_shard_size,
+            strict=strict,
+            config=report.config,
+            keys=keys,
+        )

@@ -2,8 +2,8 @@
 
 Safetensors -> safetensors streams one tensor at a time
 (:func:`bagelverify.checkpoint.convert_checkpoint`): peak memory is about the largest tensor.
-To DCP (:func:`bagelverify.hf_to_dcp`) the tensors are written from a memory map of the source;
-from DCP (:func:`bagelverify.dcp_to_hf`) one tensor at a time.
+To DCP (:func:`bagelverify.hf_to_dcp`) and from DCP (:func:`bagelverify.dcp_to_hf`) one tensor
+at a time.
 The output is written into a hidden staging folder next to ``DST`` and moved into place only when
 complete, so an interrupted run never leaves a partial checkpoint under ``DST``; an existing
 checkpoint in ``DST`` is replaced only with ``--force``.

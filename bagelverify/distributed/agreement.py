@@ -10,16 +10,26 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import BagelError, DistributedMismatchError, format_examples
 
 
 def quietly(call: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a DCP call that was asked for ``no_dist`` without its warning that it is not
-    distributed (which it was told)."""
+    distributed (which it was told). A bagelverify error raised inside DCP (a file cut short
+    while read, say), which DCP wraps in its ``CheckpointException``, is re-raised as itself."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return call(*args, **kwargs)
+        try:
+            return call(*args, **kwargs)
+        except CheckpointException as wrapped:
+            ours = [
+                error for error, _ in wrapped.failures.values() if isinstance(error, BagelError)
+            ]
+            if ours:
+                raise ours[0] from wrapped
+            raise
 
 
 def world(process_group: dist.ProcessGroup | None) -> tuple[bool, int]:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import logging
-import mmap
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import WriteItem
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
@@ -27,33 +29,31 @@ from .agreement import quietly
 logger = logging.getLogger(__name__)
 
 
-def _mapped_state_dict(jobs: ReadJobs) -> dict[str, torch.Tensor]:
-    """Native key -> tensor viewing its bytes in a copy-on-write map of the file (no read yet).
+class _ReadingPlanner(DefaultSavePlanner):
+    """DCP's save planner over placeholder entries: each tensor is read from the source (through
+    the descriptor its header was read through) when DCP's writer reaches it, and released
+    after, so the process holds one tensor at a time and a file cut short while it is read is a
+    :class:`~bagelverify.errors.CorruptCheckpointError`, not a crash (as a memory map would be)."""
 
-    Each view owns a storage of exactly its bytes, so DCP's writer does not copy it; pages are
-    read as the writer reaches them and stay clean, evictable page cache, not process memory.
-    A tensor whose offset is not a multiple of its element size, or a Conv2d patch weight to
-    convert, is read into memory instead.
-    """
-    maps: dict[Path, mmap.mmap] = {}
-    out: dict[str, torch.Tensor] = {}
-    for key, job in jobs.items():
-        info = job.info
-        itemsize = info.torch_dtype.itemsize
-        if job.convert or info.nbytes == 0 or info.start % itemsize:
-            out[key] = read_tensor(job)
-            continue
-        if info.path not in maps:
-            with open(info.path, "rb") as handle:
-                maps[info.path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        flat = torch.frombuffer(
-            maps[info.path],
-            dtype=info.torch_dtype,
-            count=info.nbytes // itemsize,
-            offset=info.start,
-        )
-        out[key] = flat.view(info.shape)
-    return out
+    def __init__(self, jobs: ReadJobs) -> None:
+        super().__init__()
+        self.jobs = jobs
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        """The tensor of ``write_item``, read now."""
+        job = self.jobs.get(write_item.index.fqn)
+        if job is None:
+            return super().resolve_data(write_item)
+        return read_tensor(job)
+
+
+def _placeholders(jobs: ReadJobs) -> dict[str, torch.Tensor]:
+    """Native key -> a tensor of the job's shape and dtype that owns one element of memory
+    (an expanded scalar): what DCP plans from; :class:`_ReadingPlanner` supplies the data."""
+    return {
+        key: torch.empty((), dtype=job.info.torch_dtype).expand(job.shape)
+        for key, job in jobs.items()
+    }
 
 
 def hf_to_dcp(
@@ -71,22 +71,28 @@ def hf_to_dcp(
     The source is validated exactly as :func:`bagelverify.load_bagel_checkpoint_state_dict`
     validates it (``stage`` chooses what is kept; the default keeps UND and GEN), before anything
     is written. The kept tensors are then written unchanged (same dtype, same bytes) by
-    :class:`~torch.distributed.checkpoint.FileSystemWriter` from this process alone, streamed
-    from a memory map of the source: the process holds no copy of the checkpoint. The config
+    :class:`~torch.distributed.checkpoint.FileSystemWriter` from this process alone, each read
+    from the source as the writer reaches it: the process holds one tensor at a time. The config
     files (``config`` if given, else the source folder's) are written next to DCP's files so
     that :func:`dcp_to_hf` validates shapes on the way back.
     """
-    _, jobs = read_jobs(
+    with read_jobs(
         src_dir,
         stage=stage,
         strict=strict,
         config=config,
         convert_conv=convert_conv_patch_embedding,
-    )
-    state = _mapped_state_dict(jobs)
-    target = Path(dst_dir)
-    target.mkdir(parents=True, exist_ok=True)
-    quietly(dcp_save, state, storage_writer=FileSystemWriter(str(target)), no_dist=True)
+    ) as (_, jobs):
+        state = _placeholders(jobs)
+        target = Path(dst_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        quietly(
+            dcp_save,
+            state,
+            storage_writer=FileSystemWriter(str(target)),
+            planner=_ReadingPlanner(jobs),
+            no_dist=True,
+        )
     if isinstance(config, BagelConfig):
         config.save_pretrained(target)
     else:  # the files of the folder the config came from, as they are

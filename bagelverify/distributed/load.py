@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -76,45 +77,50 @@ def load_bagel_checkpoint_distributed(
     in this process alone.
     """
     destinations: Mapping[str, torch.Tensor] = model_state_dict
-    error: BaseException | None = None
-    common: dict[str, ReadJob] = {}
-    missing: list[str] = []
-    unexpected: list[str] = []
-    try:
-        _, jobs = read_jobs(
-            checkpoint_dir,
-            stage=stage,
-            strict=strict,
-            config=config,
-            convert_conv=convert_conv_patch_embedding,
-        )
-        common, incompatible = check_destinations(
-            jobs, destinations, checkpoint_dir, strict=strict, cast=cast
-        )
-        missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
-    except Exception as caught:  # any failure must reach the other ranks, not strand them
-        error = caught
-    agree(error, destinations, process_group)
+    with contextlib.ExitStack() as files:  # the checkpoint's files stay open for the reads
+        error: BaseException | None = None
+        common: dict[str, ReadJob] = {}
+        missing: list[str] = []
+        unexpected: list[str] = []
+        try:
+            _, jobs = files.enter_context(
+                read_jobs(
+                    checkpoint_dir,
+                    stage=stage,
+                    strict=strict,
+                    config=config,
+                    convert_conv=convert_conv_patch_embedding,
+                )
+            )
+            common, incompatible = check_destinations(
+                jobs, destinations, checkpoint_dir, strict=strict, cast=cast
+            )
+            missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
+        except Exception as caught:  # any failure must reach the other ranks, not strand them
+            error = caught
+        agree(error, destinations, process_group)
 
-    converted = {key: job for key, job in common.items() if job.convert}
-    direct = {key: job for key, job in common.items() if not job.convert}
-    # DCP addresses tensors by checkpoint (HF) key: map each native destination to its name.
-    by_name = {info.name: destinations[key] for key, (info, _) in direct.items()}
-    reader = BagelHFStorageReader(
-        {info.name: info for info, _ in direct.values()}, thread_count=thread_count
-    )
-    coordinated, rank = world(process_group)
-    quietly(
-        dcp_load,
-        by_name,
-        storage_reader=reader,
-        planner=DefaultLoadPlanner(allow_partial_load=False),
-        process_group=process_group,
-        no_dist=not coordinated,
-    )
-    _fill_converted(converted, destinations)
-    bytes_read = reader.bytes_read + sum(info.nbytes for info, _ in converted.values())
-    total = sum(info.nbytes for info, _ in common.values())
+        converted = {key: job for key, job in common.items() if job.convert}
+        direct = {key: job for key, job in common.items() if not job.convert}
+        # DCP addresses tensors by checkpoint (HF) key: map each native destination to its name.
+        by_name = {job.info.name: destinations[key] for key, job in direct.items()}
+        reader = BagelHFStorageReader(
+            {job.info.name: job.info for job in direct.values()},
+            thread_count=thread_count,
+            fds={job.info.path: job.fd for job in direct.values() if job.fd is not None},
+        )
+        coordinated, rank = world(process_group)
+        quietly(
+            dcp_load,
+            by_name,
+            storage_reader=reader,
+            planner=DefaultLoadPlanner(allow_partial_load=False),
+            process_group=process_group,
+            no_dist=not coordinated,
+        )
+        _fill_converted(converted, destinations)
+    bytes_read = reader.bytes_read + sum(job.info.nbytes for job in converted.values())
+    total = sum(job.info.nbytes for job in common.values())
     logger.info(
         "rank %d: loaded %d tensors from %s, reading %d of their %d bytes (%.1f%%)",
         rank,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,10 +57,19 @@ class BagelHFStorageReader(HuggingFaceStorageReader):
     stock ``safe_open`` slice. :attr:`bytes_read` counts the requested bytes.
     """
 
-    def __init__(self, tensors: Mapping[str, TensorInfo], *, thread_count: int = 1) -> None:
+    def __init__(
+        self,
+        tensors: Mapping[str, TensorInfo],
+        *,
+        thread_count: int = 1,
+        fds: Mapping[Path, int] | None = None,
+    ) -> None:
         paths = {info.path.parent for info in tensors.values()}
         super().__init__(str(next(iter(paths))) if paths else ".", thread_count=thread_count)
         self.tensors = dict(tensors)
+        self.fds = dict(fds or {})
+        """File -> an open descriptor to read it through (the one its header was read
+        through); files without one are opened by name for each request."""
         self.bytes_read = 0
 
     def read_metadata(self) -> Metadata:
@@ -106,14 +116,18 @@ class BagelHFStorageReader(HuggingFaceStorageReader):
         transfer = Transfer(
             info.name, info.path, span[0], span[1], info.torch_dtype, tuple(req.lengths), target
         )
-        fd = os.open(info.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        given = self.fds.get(info.path)
+        fd = (
+            os.open(info.path, os.O_RDONLY | getattr(os, "O_BINARY", 0)) if given is None else given
+        )
         try:
             if hasattr(os, "posix_fadvise"):  # this range only: no read-ahead around it
                 os.posix_fadvise(fd, span[0], span[1], os.POSIX_FADV_RANDOM)
             # in place when possible, else staged (CUDA destinations) or through a temporary
             run_engine([transfer], options=_NO_PREFETCH, fds={info.path: fd})
         finally:
-            os.close(fd)
+            if given is None:
+                os.close(fd)
         planner.commit_tensor(req, target)
 
 
