@@ -258,7 +258,7 @@ def test_shape_mismatches_are_all_listed(synthetic_checkpoint: SyntheticCheckpoi
         key = f"vit_model.vision_model.encoder.layers.{layer}.mlp.fc2.weight"
         assert (key, (h, i + 1), (h, i)) in info.value.mismatches
     first = "vit_model.vision_model.encoder.layers.0.mlp.fc2.weight"
-    assert f"{first!r}: expected [{h}, {i + 1}], found [{h}, {i}]" in message
+    assert f"{first}: expected [{h}, {i + 1}], found [{h}, {i}]" in message
 
 
 def test_keys_beyond_the_config_are_errors_under_strict(

@@ -335,8 +335,9 @@ def shape_mismatch_message(
         f"{source}: {len(mismatches)} tensors do not have the shape the config implies, in "
         f"{families} ({format_examples(counts, show=str)}), e.g.:"
     ]
+    # a mismatching key matched a family template (ASCII digits only), so it prints as is
     lines += [
-        f"  {items[0].key!r}: expected {list(items[0].expected)}, found {list(items[0].found)}"
+        f"  {items[0].key}: expected {list(items[0].expected)}, found {list(items[0].found)}"
         for items in list(by_family.values())[:MISMATCH_EXAMPLES]
     ]
     if config is not None:
