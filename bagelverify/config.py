@@ -44,6 +44,30 @@ FIELD_SOURCES: tuple[tuple[str, str, str, bool], ...] = (
     (CONFIG_FILE, "vit_rope", "vit_rope", False),
 )
 
+DERIVED_FROM: dict[str, tuple[str, ...]] = {
+    "head_dim": ("hidden_size", "num_attention_heads"),
+    "q_dim": ("hidden_size", "num_attention_heads"),
+    "kv_dim": ("hidden_size", "num_attention_heads", "num_key_value_heads"),
+    "vit_positions": ("vit_max_num_patch_per_side",),
+    "latent_positions": ("max_latent_size",),
+    "vit_layers_used": ("vit_num_hidden_layers",),
+    "vit_num_positions": ("vit_image_size", "vit_patch_size"),
+    "vit_rope_dim": ("vit_hidden_size", "vit_num_attention_heads"),
+    "vit_patch_dim": ("vit_patch_size", "vit_num_channels"),
+    "patch_latent_dim": ("latent_patch_size", "vae_z_channels"),
+}
+"""Each derived :class:`BagelConfig` property -> the attributes it is computed from."""
+
+
+def field_source(attribute: str) -> tuple[str, str] | None:
+    """The config file and field that set a :class:`BagelConfig` attribute (``hidden_size`` ->
+    ``("llm_config.json", "hidden_size")``), or ``None`` for one no file sets."""
+    for file, field_name, name, _ in FIELD_SOURCES:
+        if name == attribute:
+            return file, field_name
+    return None
+
+
 FLAGS = frozenset({"vit_rope"})
 """BagelConfig attributes that are booleans; every other attribute is a positive int."""
 

@@ -6,15 +6,18 @@ Each subclass also derives from the builtin that callers of the reference adapte
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 EXAMPLES_SHOWN = 5
 """How many offending keys an error message lists before it says how many more there are."""
 
 
-def format_examples(items: Sequence[object], limit: int = EXAMPLES_SHOWN) -> str:
-    """``'a', 'b' (and 3 more)``: the first ``limit`` items, repr'd, and the count of the rest."""
-    shown = ", ".join(repr(item) for item in items[:limit])
+def format_examples(
+    items: Sequence[object], limit: int = EXAMPLES_SHOWN, show: Callable[[object], str] = repr
+) -> str:
+    """``'a', 'b' (and 3 more)``: the first ``limit`` items, each written by ``show`` (``repr``
+    unless told), and the count of the rest."""
+    shown = ", ".join(show(item) for item in items[:limit])
     rest = len(items) - limit
     return f"{shown} (and {rest} more)" if rest > 0 else shown
 
@@ -67,7 +70,18 @@ class MissingKeysError(BagelError, KeyError):
 
 
 class ShapeMismatchError(BagelError, ValueError):
-    """Tensors whose shape differs from what the config (or the destination) implies."""
+    """Tensors whose shape differs from what the config (or the destination) implies.
+
+    ``mismatches`` holds every ``(key, expected, found)`` when the message summarises them.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        mismatches: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.mismatches = list(mismatches)
 
 
 class DestinationError(ShapeMismatchError):

@@ -43,8 +43,6 @@ SLOT_REGEX: dict[str, str] = {
 
 _SLOT_SPLIT = re.compile(r"\{(\w+)\}")
 
-ShapeFn = Callable[[BagelConfig, str], tuple[int, ...]]
-
 
 @dataclass(frozen=True)
 class Family:
@@ -54,7 +52,7 @@ class Family:
     template: str
     bucket: Bucket
     params: tuple[str, ...] = ()
-    shape: ShapeFn | None = field(default=None, compare=False, repr=False)
+    shape: ShapeRule | None = field(default=None, compare=False, repr=False)
     """Shape of ``param`` for a config; ``None`` for families whose keys are not enumerated."""
     layers: Callable[[BagelConfig], int] | None = field(default=None, compare=False, repr=False)
     """How many layers the ``{layer}`` slot ranges over for a config."""
@@ -117,27 +115,38 @@ class Family:
         return {key: shape(config, key.rsplit(".", 1)[1]) for key in self.keys(config)}
 
 
-# -- shape helpers: dimensions are named by BagelConfig attributes ------------------------------
+# -- shape rules: dimensions are named by BagelConfig attributes -------------------------------
 
 
-def _linear(out_dim: str, in_dim: str) -> ShapeFn:
+@dataclass(frozen=True)
+class ShapeRule:
+    """Each parameter's dimensions, named by :class:`BagelConfig` attributes: ``weight``'s, and
+    every other parameter's. Calling it gives a parameter's shape for a config."""
+
+    weight: tuple[str, ...]
+    other: tuple[str, ...]
+
+    def dims(self, param: str) -> tuple[str, ...]:
+        """The config attributes that size ``param``'s dimensions, in order."""
+        return self.weight if param == "weight" else self.other
+
+    def __call__(self, config: BagelConfig, param: str) -> tuple[int, ...]:
+        return tuple(getattr(config, name) for name in self.dims(param))
+
+
+def _linear(out_dim: str, in_dim: str) -> ShapeRule:
     """``weight`` is ``(out, in)``, ``bias`` is ``(out,)``."""
-
-    def shape(config: BagelConfig, param: str) -> tuple[int, ...]:
-        out = getattr(config, out_dim)
-        return (out, getattr(config, in_dim)) if param == "weight" else (out,)
-
-    return shape
+    return ShapeRule((out_dim, in_dim), (out_dim,))
 
 
-def _vector(dim: str) -> ShapeFn:
+def _vector(dim: str) -> ShapeRule:
     """Every parameter is ``(dim,)`` (norm weights and biases)."""
-    return lambda config, param: (getattr(config, dim),)
+    return ShapeRule((dim,), (dim,))
 
 
-def _table(rows: str, cols: str) -> ShapeFn:
+def _table(rows: str, cols: str) -> ShapeRule:
     """A ``(rows, cols)`` table (embeddings, position tables)."""
-    return lambda config, param: (getattr(config, rows), getattr(config, cols))
+    return ShapeRule((rows, cols), (rows, cols))
 
 
 def _llm_layers(config: BagelConfig) -> int:
@@ -156,7 +165,7 @@ def _without_rope(config: BagelConfig) -> bool:
     return not config.vit_rope
 
 
-def _twinned(name: str, template: str, params: tuple[str, ...], shape: ShapeFn) -> list[Family]:
+def _twinned(name: str, template: str, params: tuple[str, ...], shape: ShapeRule) -> list[Family]:
     """An UND family and its ``_moe_gen`` GEN twin."""
     layers = _llm_layers if "{layer}" in template else None
     und = Family(name, template.replace("{moe}", ""), Bucket.UND, params, shape, layers)

@@ -245,16 +245,20 @@ def test_stage2_gen_keys_are_expected_too(
 
 
 def test_shape_mismatches_are_all_listed(synthetic_checkpoint: SyntheticCheckpoint) -> None:
+    """Every mismatch is on the error (``mismatches``); the message summarises them."""
     config = synthetic_checkpoint.config
     wrong = dataclasses.replace(config, vit_intermediate_size=config.vit_intermediate_size + 1)
     with pytest.raises(ShapeMismatchError) as info:
         bv.load_bagel_checkpoint_state_dict(synthetic_checkpoint.path, config=wrong)
     message = str(info.value)
     assert "78 tensors do not have the shape the config implies" in message  # 26 x fc1 w+b, fc2 w
+    assert len(info.value.mismatches) == 78
+    h, i = config.vit_hidden_size, config.vit_intermediate_size
     for layer in (0, 25):
         key = f"vit_model.vision_model.encoder.layers.{layer}.mlp.fc2.weight"
-        h, i = config.vit_hidden_size, config.vit_intermediate_size
-        assert f"{key}: expected [{h}, {i + 1}], found [{h}, {i}]" in message
+        assert (key, (h, i + 1), (h, i)) in info.value.mismatches
+    first = "vit_model.vision_model.encoder.layers.0.mlp.fc2.weight"
+    assert f"{first}: expected [{h}, {i + 1}], found [{h}, {i}]" in message
 
 
 def test_keys_beyond_the_config_are_errors_under_strict(
@@ -280,7 +284,8 @@ def test_without_config_only_keys_are_checked(
     shutil.copy(synthetic_checkpoint.path / "ema.safetensors", folder)
     with caplog.at_level(logging.WARNING, logger="bagelverify"):
         report = bv.inspect_checkpoint(folder, stage=2)
-    assert report.config is None and "shapes and completeness are not checked" in caplog.text
+    assert report.config is None and "shapes are not checked" in caplog.text
+    assert report.expected_from == "manifest"  # the release's key set: complete, by the manifest
     assert report.problems() == []
     assert len(bv.load_bagel_checkpoint_state_dict(folder, stage=2)) == len(EMA)
 

@@ -573,6 +573,7 @@ REPORT_SCHEMA: dict[str, Any] = {
     "beyond_config": list,
     "conv_patch_embedding": (str, type(None)),
     "vae_keys_in_model_file": int,
+    "expected_from": (str, type(None)),
 }
 
 

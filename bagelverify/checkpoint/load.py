@@ -212,6 +212,7 @@ def check_destinations(
     *,
     strict: bool,
     cast: Cast,
+    report: CheckpointReport | None = None,
 ) -> tuple[dict[str, ReadJob], IncompatibleKeys]:
     """Check destinations against a validated folder's read jobs (see :func:`load_into`).
 
@@ -220,18 +221,43 @@ def check_destinations(
     one error listing every destination that cannot hold its tensor: a
     :class:`~bagelverify.errors.ShapeMismatchError` when a (global) shape differs, else a
     :class:`~bagelverify.errors.DestinationError` for dtypes ``cast`` refuses, meta-device
-    tensors and layouts whose elements share memory. Reads no tensor data.
+    tensors and layouts whose elements share memory. With the folder's ``report`` (the one
+    :func:`read_jobs` returns), the key-set message tells the destination keys that the
+    checkpoint holds but the stage does not keep from those it lacks. Reads no tensor data.
     """
     wanted = [k for k in native_state_dict if classify(strip_root(k)) is not Bucket.EXTRA]
     missing = [key for key in wanted if key not in jobs]
     unexpected = [key for key in jobs if key not in native_state_dict]
     if strict and (missing or unexpected):
+        stored = set() if report is None else {strip_root(key) for key in report.tensors}
+        dropped = [key for key in missing if strip_root(key) in stored]
+        absent = [key for key in missing if strip_root(key) not in stored]
+        parts = []
+        advice = "Check the stage, or pass strict=False to load the keys both have."
+        if dropped and report is not None:
+            parts.append(
+                f"{len(dropped)} destination keys are in the checkpoint but {report.stage} does "
+                f"not keep them ({format_examples(dropped)})"
+            )
+            if report.stage == "stage1" and any(
+                classify(strip_root(key)) is Bucket.GEN for key in dropped
+            ):
+                advice = (
+                    "Pass stage=2 to load them too, or strict=False to load the keys both have."
+                )
+        if absent:
+            parts.append(
+                f"{len(absent)} destination keys are not in the checkpoint "
+                f"({format_examples(absent)})"
+            )
+        if unexpected:
+            parts.append(
+                f"{len(unexpected)} checkpoint keys have no destination "
+                f"({format_examples(unexpected)})"
+            )
         raise MissingKeysError(
             f"{checkpoint_dir}: the destination and the checkpoint's {len(jobs)} kept tensors "
-            f"differ: {len(missing)} destination keys are not in the checkpoint "
-            f"({format_examples(missing)}), {len(unexpected)} checkpoint keys have no "
-            f"destination ({format_examples(unexpected)}). Check the stage, or pass "
-            "strict=False to load the keys both have.",
+            f"differ: {', '.join(parts)}. {advice}",
             missing,
             unexpected,
         )
@@ -291,9 +317,9 @@ def load_into(
         strict=strict,
         config=config,
         convert_conv=convert_conv_patch_embedding,
-    ) as (_, jobs):
+    ) as (report, jobs):
         common, incompatible = check_destinations(
-            jobs, native_state_dict, checkpoint_dir, strict=strict, cast=cast
+            jobs, native_state_dict, checkpoint_dir, strict=strict, cast=cast, report=report
         )
         fill(common, native_state_dict, read_options=read_options, progress=progress)
     logger.info("%s: loaded %d tensors in place", checkpoint_dir, len(common))

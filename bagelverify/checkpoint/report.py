@@ -7,20 +7,29 @@ with the family table's for a config, and collects the expected keys that are ab
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from functools import cache
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from ..buckets import Bucket
-from ..config import CONFIG_FILES, BagelConfig
-from ..errors import MissingKeysError, ShapeMismatchError, UnknownKeysError, format_examples
-from ..families import FAMILIES, FAMILY_BY_NAME
+from ..config import CONFIG_FILES, DERIVED_FROM, BagelConfig, field_source
+from ..errors import (
+    ConfigError,
+    MissingKeysError,
+    ShapeMismatchError,
+    UnknownKeysError,
+    format_examples,
+)
+from ..families import FAMILIES, FAMILY_BY_NAME, family_of
 from ..keys import strip_root
+from ..manifest import MODEL_FILE, load_manifest
 from ..patch_embedding import PATCH_EMBEDDING_WEIGHT
 from ..plan import Plan, plan
 from ..safetensors_io import TensorInfo, TensorSpec, dtype_name
@@ -52,6 +61,13 @@ class BucketSummary:
 
 TensorLike = TensorInfo | TensorSpec
 
+ExpectedFrom = Literal["config", "manifest"] | None
+"""Where a report's expected key list came from: the config, the shipped BAGEL-7B-MoT manifest
+(key set only, no shapes), or nowhere (only the key checks ran)."""
+
+MISMATCH_EXAMPLES = 3
+"""How many mismatching tensors a shape-mismatch message shows, each of another family."""
+
 
 @dataclass
 class CheckpointReport:
@@ -76,6 +92,9 @@ class CheckpointReport:
     """Kept keys of known families that a model with this config does not have (e.g. layer 40)."""
     conv_patch_embedding: str | None
     """Checkpoint key of a patch-embedding weight stored as a 4-D Conv2d weight, if any."""
+    expected_from: ExpectedFrom = None
+    """Source of ``missing``'s expected keys: ``"config"``, ``"manifest"`` (no config; the
+    checkpoint looks like BAGEL-7B-MoT, so the shipped key list stands in) or ``None``."""
 
     @property
     def retained(self) -> dict[str, TensorLike]:
@@ -113,8 +132,8 @@ class CheckpointReport:
         found = [
             problem
             for problem in self.plan.problems(strict=strict)
-            # with a config, a missing UND twin is reported with the other missing keys
-            if not (self.config is not None and isinstance(problem, MissingKeysError))
+            # with expected keys, a missing UND twin is reported with the other missing keys
+            if not (self.expected_from is not None and isinstance(problem, MissingKeysError))
         ]
         if strict and self.beyond_config:
             found.append(
@@ -127,25 +146,34 @@ class CheckpointReport:
             )
         if strict and self.missing:
             count = len(self.missing_keys)
+            by_manifest = self.expected_from == "manifest"
             found.append(
                 MissingKeysError(
-                    f"{self.source}: {self.stage} expects {count} keys that the checkpoint lacks:"
-                    "\n  " + "\n  ".join(self.missing_summary()) + "\nThe checkpoint is "
-                    "incomplete (or the config describes a bigger model); pass strict=False to "
-                    "load the rest anyway.",
+                    f"{self.source}: {self.stage} expects {count} keys that the checkpoint lacks"
+                    + (
+                        f" (expected keys from the shipped BAGEL-7B-MoT manifest: no "
+                        f"{'/'.join(CONFIG_FILES)} was found)"
+                        if by_manifest
+                        else ""
+                    )
+                    + ":\n  "
+                    + "\n  ".join(self.missing_summary())
+                    + (
+                        "\nThe checkpoint is incomplete (or it is another model: add its config "
+                        "files)"
+                        if by_manifest
+                        else "\nThe checkpoint is incomplete (or the config describes a bigger "
+                        "model)"
+                    )
+                    + "; pass strict=False to load the rest anyway.",
                     self.missing_keys,
                 )
             )
         if self.shape_mismatches:
             found.append(
                 ShapeMismatchError(
-                    f"{self.source}: {len(self.shape_mismatches)} tensors do not have the shape "
-                    "the config implies:\n"
-                    + "\n".join(
-                        f"  {m.key}: expected {list(m.expected)}, found {list(m.found)}"
-                        for m in self.shape_mismatches
-                    )
-                    + "\nCheck that the config files belong to this checkpoint."
+                    shape_mismatch_message(self.source, self.shape_mismatches, self.config),
+                    self.shape_mismatches,
                 )
             )
         if self.conv_patch_embedding is not None and not convert_conv:
@@ -199,6 +227,7 @@ class CheckpointReport:
             "beyond_config": list(self.beyond_config),
             "conv_patch_embedding": self.conv_patch_embedding,
             "vae_keys_in_model_file": len(self.plan.buckets[Bucket.VAE]),
+            "expected_from": self.expected_from,
         }
 
 
@@ -211,6 +240,159 @@ def _ranges(numbers: list[int]) -> str:
         else:
             runs.append([number, number])
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _config_shape(key: str, config: BagelConfig) -> tuple[int, ...] | None:
+    """The family table's shape of a key for ``config``, or ``None`` for a key it does not size."""
+    hf_key = strip_root(key)
+    family = family_of(hf_key)
+    if family is None or family.shape is None:
+        return None
+    return family.shape(config, hf_key.rsplit(".", 1)[1])
+
+
+def _implied_values(mismatches: Sequence[ShapeMismatch]) -> dict[str, Counter[int]]:
+    """Config attribute -> the values the checkpoint's tensors give the dimensions it sizes,
+    where those differ from the config's (with how many tensors give each)."""
+    implied: dict[str, Counter[int]] = {}
+    for mismatch in mismatches:
+        hf_key = strip_root(mismatch.key)
+        family = family_of(hf_key)
+        if family is None or family.shape is None:
+            continue
+        dims = family.shape.dims(hf_key.rsplit(".", 1)[1])
+        if len(dims) != len(mismatch.found):
+            continue
+        for name, want, have in zip(dims, mismatch.expected, mismatch.found, strict=True):
+            if want != have:
+                implied.setdefault(name, Counter())[have] += 1
+    return implied
+
+
+def _where(attribute: str) -> str:
+    """The config file and field behind an attribute, as a message names it."""
+    source = field_source(attribute)
+    if source is not None:
+        return f"{source[0]} {source[1]}"
+    if attribute in DERIVED_FROM:
+        return f"{attribute} (from " + ", ".join(map(_where, DERIVED_FROM[attribute])) + ")"
+    return f"{attribute} (set by no config file)"
+
+
+def _explanations(mismatches: Sequence[ShapeMismatch], config: BagelConfig) -> list[str]:
+    """Which config fields explain the mismatches: each field that the tensors consistently
+    give another value, and whether those values account for every mismatch."""
+    implied = _implied_values(mismatches)
+    fixes: dict[str, Any] = {
+        name: next(iter(values))
+        for name, values in implied.items()
+        if len(values) == 1 and field_source(name) is not None
+    }
+    lines = [
+        f"{_where(name)} is {getattr(config, name)}; the checkpoint's tensors imply {value}"
+        for name, value in fixes.items()
+    ]
+    rest = implied
+    if fixes:
+        try:
+            fixed = dataclasses.replace(config, **fixes)
+        except ConfigError:
+            fixed = None
+        if fixed is not None:
+            left = [m for m in mismatches if _config_shape(m.key, fixed) != m.found]
+            done = len(mismatches) - len(left)
+            lines.append(
+                f"(with {'that value' if len(fixes) == 1 else 'those values'} "
+                + (
+                    f"all {len(mismatches)} shapes match)"
+                    if not left
+                    else f"{done} of the {len(mismatches)} shapes match)"
+                )
+            )
+            rest = {k: v for k, v in _implied_values(left).items() if k not in fixes}
+        else:
+            rest = {k: v for k, v in implied.items() if k not in fixes}
+    lines += [
+        f"{_where(name)} is {getattr(config, name)}; the checkpoint's tensors give "
+        + format_examples(sorted(values), show=str)
+        for name, values in rest.items()
+    ]
+    return lines
+
+
+def shape_mismatch_message(
+    source: str, mismatches: Sequence[ShapeMismatch], config: BagelConfig | None
+) -> str:
+    """A few lines for any number of shape mismatches: the count per family, a few examples,
+    and the config file fields that explain them (the full list stays with the caller)."""
+    by_family: dict[str, list[ShapeMismatch]] = {}
+    for mismatch in mismatches:
+        family = family_of(strip_root(mismatch.key))
+        by_family.setdefault("other" if family is None else family.name, []).append(mismatch)
+    counts = [f"{name} {len(items)}" for name, items in by_family.items()]
+    families = "1 family" if len(by_family) == 1 else f"{len(by_family)} families"
+    lines = [
+        f"{source}: {len(mismatches)} tensors do not have the shape the config implies, in "
+        f"{families} ({format_examples(counts, show=str)}), e.g.:"
+    ]
+    # a mismatching key matched a family template (ASCII digits only), so it prints as is
+    lines += [
+        f"  {items[0].key}: expected {list(items[0].expected)}, found {list(items[0].found)}"
+        for items in list(by_family.values())[:MISMATCH_EXAMPLES]
+    ]
+    if config is not None:
+        lines += [f"  {line}" for line in _explanations(mismatches, config)]
+    lines.append(
+        "Check that the config files belong to this checkpoint (every mismatch is listed in "
+        "the error's .mismatches and in the report's shape_mismatches)."
+    )
+    return "\n".join(lines)
+
+
+@cache
+def _manifest_families() -> dict[str, tuple[str, ...]]:
+    """Family name -> the shipped manifest's model-file keys of that family, in file order."""
+    by_family: dict[str, list[str]] = {}
+    for key in load_manifest()[MODEL_FILE]:
+        family = family_of(key)
+        if family is not None:
+            by_family.setdefault(family.name, []).append(key)
+    return {name: tuple(keys) for name, keys in by_family.items()}
+
+
+def _top_layers(keys: Sequence[str] | set[str]) -> dict[str, int]:
+    """Layer-stack prefix (``language_model.model.layers.``) -> the highest layer among keys."""
+    tops: dict[str, int] = {}
+    for key in keys:
+        family = family_of(key)
+        layer = None if family is None else family.layer_of(key)
+        if family is not None and layer is not None:
+            stack = family.template.split("{layer}", 1)[0]
+            tops[stack] = max(tops.get(stack, layer), layer)
+    return tops
+
+
+def _unlike_manifest(present: set[str]) -> str | None:
+    """Why the shipped BAGEL-7B-MoT key list does not describe a checkpoint with these (HF) UND
+    and GEN keys, or ``None`` when it does: every sized key is one of the release's, and each
+    layer stack present is as deep as the release's (so a smaller model, or one with extra
+    layers, is not judged by BAGEL-7B-MoT's key list)."""
+    manifest = load_manifest()[MODEL_FILE]
+    outside = [
+        key
+        for key in present
+        if key not in manifest and (family := family_of(key)) is not None and family.shape
+    ]
+    if outside:
+        return f"{len(outside)} of its keys are not BAGEL-7B-MoT's ({format_examples(outside)})"
+    release = _top_layers(list(manifest))
+    tops = _top_layers(present)
+    if not tops:
+        return "it has no layer keys"
+    for stack, top in tops.items():
+        if top != release[stack]:
+            return f"its {stack}* go up to layer {top}, BAGEL-7B-MoT's to {release[stack]}"
+    return None
 
 
 def _is_conv_patch_weight(
@@ -234,11 +416,16 @@ def build_report(
     stage: object = "stage1",
     config: BagelConfig | None = None,
     source: str = "<state dict>",
+    manifest_fallback: bool = False,
 ) -> CheckpointReport:
     """Validate a checkpoint's tensor list (names, shapes, dtypes) for ``stage``.
 
     With a ``config``, every kept tensor's shape is compared with the family table's, and the
     expected keys the stage keeps but the checkpoint lacks are collected family by family.
+    Without one, ``manifest_fallback`` lets the shipped BAGEL-7B-MoT key list stand in for the
+    config's when the checkpoint looks like that model (its sized keys are all the release's,
+    its layer stacks as deep): the missing keys are collected from it, shapes are not compared
+    (a scaled or fine-tuned model's widths may differ). ``expected_from`` records which was used.
     """
     key_plan = plan(tensors, stage=stage)
     buckets = {bucket: BucketSummary() for bucket in Bucket}
@@ -253,10 +440,12 @@ def build_report(
     beyond: list[str] = []
     conv: str | None = None
     expected: dict[str, tuple[int, ...]] = {}
+    expected_from: ExpectedFrom = None
+    kept_buckets = STAGE_BUCKETS[key_plan.stage]
+    present = {strip_root(key) for key in key_plan.buckets[Bucket.UND]}
+    present |= {strip_root(key) for key in key_plan.buckets[Bucket.GEN]}
     if config is not None:
-        kept_buckets = STAGE_BUCKETS[key_plan.stage]
-        present = {strip_root(key) for key in key_plan.buckets[Bucket.UND]}
-        present |= {strip_root(key) for key in key_plan.buckets[Bucket.GEN]}
+        expected_from = "config"
         for family in FAMILIES:
             if family.shape is None or family.bucket not in kept_buckets:
                 continue
@@ -265,6 +454,15 @@ def build_report(
             absent = [hf_key for hf_key in shapes if hf_key not in present]
             if absent:
                 missing[family.name] = absent
+    elif manifest_fallback and (unlike := _unlike_manifest(present)) is not None:
+        logger.info("%s: the shipped BAGEL-7B-MoT key list does not apply: %s", source, unlike)
+    elif manifest_fallback:
+        expected_from = "manifest"
+        for name, release_keys in _manifest_families().items():
+            if FAMILY_BY_NAME[name].bucket in kept_buckets:
+                absent = [hf_key for hf_key in release_keys if hf_key not in present]
+                if absent:
+                    missing[name] = absent
     for key in key_plan.native:
         hf_key, shape = strip_root(key), tuple(tensors[key].shape)
         want = expected.get(hf_key)
@@ -287,6 +485,7 @@ def build_report(
         mismatches,
         beyond,
         conv,
+        expected_from,
     )
 
 
@@ -313,8 +512,9 @@ def inspect_checkpoint(
 ) -> CheckpointReport:
     """Validate a checkpoint folder from its headers alone, reading no tensor data.
 
-    ``config`` defaults to the folder's own config files when they exist; without any config
-    only the key checks run (no shapes, no missing-key listing).
+    ``config`` defaults to the folder's own config files when they exist. Without any config,
+    a checkpoint that looks like BAGEL-7B-MoT is checked for completeness against the shipped
+    manifest's key list (shapes are not checked); any other only gets the key checks.
     """
     return report_files(open_checkpoint(checkpoint_dir), stage=stage, config=config)
 
@@ -325,10 +525,17 @@ def report_files(
     """:func:`inspect_checkpoint` for a folder already opened by
     :func:`~bagelverify.checkpoint.files.open_checkpoint`."""
     config = find_config(files.directory, config)
+    report = build_report(
+        files.tensors, stage=stage, config=config, source=files.source, manifest_fallback=True
+    )
     if config is None:
         logger.warning(
-            "%s: no config given and no %s in the folder; shapes and completeness are not checked",
+            "%s: no config given and no %s in the folder; %s",
             files.directory,
             "/".join(CONFIG_FILES),
+            "completeness is checked against the shipped BAGEL-7B-MoT key list, shapes are not "
+            "checked"
+            if report.expected_from == "manifest"
+            else "shapes and completeness are not checked",
         )
-    return build_report(files.tensors, stage=stage, config=config, source=files.source)
+    return report

@@ -83,7 +83,7 @@ def load_bagel_checkpoint_distributed(
         missing: list[str] = []
         unexpected: list[str] = []
         try:
-            _, jobs = files.enter_context(
+            report, jobs = files.enter_context(
                 read_jobs(
                     checkpoint_dir,
                     stage=stage,
@@ -93,7 +93,7 @@ def load_bagel_checkpoint_distributed(
                 )
             )
             common, incompatible = check_destinations(
-                jobs, destinations, checkpoint_dir, strict=strict, cast=cast
+                jobs, destinations, checkpoint_dir, strict=strict, cast=cast, report=report
             )
             missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
         except Exception as caught:  # any failure must reach the other ranks, not strand them
