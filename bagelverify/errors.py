@@ -106,6 +106,10 @@ class UnsupportedTensorError(BagelError, TypeError, ValueError):
     lacks, or a name the format reserves or cannot encode. Nothing is written."""
 
 
+class ShardSizeError(BagelError, ValueError):
+    """A ``max_shard_size`` that is not a positive byte count or a size such as ``"5GB"``."""
+
+
 class StageError(BagelError, ValueError):
     """A stage value that is not one of the accepted spellings."""
 

@@ -71,7 +71,9 @@ def main(mode: str, folder: Path, shard_size: str, sync_fd: int) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
     size = None if shard_size == "-" else shard_size
     try:
-        checkpoint.save_bagel_checkpoint(changed, folder, stage=2, max_shard_size=size)
+        checkpoint.save_bagel_checkpoint(
+            changed, folder, stage=2, max_shard_size=size, overwrite=True
+        )
     except OSError as error:
         print(json.dumps({"errno": error.errno, "message": str(error)}))
         return

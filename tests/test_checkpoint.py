@@ -556,7 +556,7 @@ def test_save_is_atomic_when_the_writer_fails(
     monkeypatch.setattr(safetensors_io, "_write_tensor", failing)
     changed = {k: v + 1 for k, v in native.items()}
     with pytest.raises(OSError, match="disk full"):
-        bv.save_bagel_checkpoint(changed, folder, stage=1)
+        bv.save_bagel_checkpoint(changed, folder, stage=1, overwrite=True)
     assert calls == 100
     assert (folder / "ema.safetensors").read_bytes() == before
     assert sorted(os.listdir(folder)) == ["ema.safetensors"]

@@ -61,7 +61,7 @@ WRITER = textwrap.dedent(
     while time.monotonic() < end:
         bv.save_bagel_checkpoint(
             version((n + first) % 2), folder, stage=1, strict=False,
-            max_shard_size=None if shard == "none" else shard,
+            max_shard_size=None if shard == "none" else shard, overwrite=True,
         )
         n += 1
     print(n)
@@ -129,7 +129,9 @@ def test_a_resave_with_fewer_shards_removes_the_old_ones(tmp_path: Path) -> None
     folder = tmp_path / "ckpt"
     bv.save_bagel_checkpoint(version(0), folder, stage=1, strict=False, max_shard_size="1kB")
     many = len(glob.glob(str(folder / "*.safetensors")))
-    bv.save_bagel_checkpoint(version(1), folder, stage=1, strict=False, max_shard_size="100kB")
+    bv.save_bagel_checkpoint(
+        version(1), folder, stage=1, strict=False, max_shard_size="100kB", overwrite=True
+    )
     index = json.loads((folder / INDEX_FILE).read_text())
     named = set(index["weight_map"].values())
     assert many > len(named) == 1
@@ -145,7 +147,9 @@ def test_a_user_file_is_not_taken_for_an_old_shard(tmp_path: Path) -> None:
     bv.save_bagel_checkpoint(version(0), folder, stage=1, strict=False, max_shard_size="1kB")
     mine = folder / "notes.safetensors"
     mine.write_bytes(b"mine")
-    bv.save_bagel_checkpoint(version(1), folder, stage=1, strict=False, max_shard_size="100kB")
+    bv.save_bagel_checkpoint(
+        version(1), folder, stage=1, strict=False, max_shard_size="100kB", overwrite=True
+    )
     assert mine.read_bytes() == b"mine"
 
 

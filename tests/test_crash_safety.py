@@ -118,7 +118,7 @@ def test_sigkill_mid_write_leaves_the_previous_checkpoint(folder: Path, sharded:
         os.utime(folder / name, (old, old))
     changed = {k: v + 1 for k, v in loaded_before.items()}
     bv.save_bagel_checkpoint(
-        changed, folder, stage=2, max_shard_size=SHARD_SIZE if sharded else None
+        changed, folder, stage=2, max_shard_size=SHARD_SIZE if sharded else None, overwrite=True
     )
     assert temporaries(folder) == []
     assert_same_tensors(bv.load_bagel_checkpoint_state_dict(folder, stage=2), changed)
@@ -182,7 +182,7 @@ def test_disk_full_leaves_no_partial_file(
     disk_full_after(monkeypatch, 300)
     shard_size = SHARD_SIZE if existing == "sharded" else None
     with pytest.raises(OSError) as info:
-        bv.save_bagel_checkpoint(native, target, stage=2, max_shard_size=shard_size)
+        bv.save_bagel_checkpoint(native, target, stage=2, max_shard_size=shard_size, overwrite=True)
     assert info.value.errno == errno.ENOSPC
     assert "No space left on device while writing" in str(info.value)
     assert "was not changed" in str(info.value)

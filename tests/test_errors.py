@@ -20,6 +20,7 @@ BUILTIN_PARENTS: dict[type[errors.BagelError], tuple[type[Exception], ...]] = {
     errors.CorruptCheckpointError: (ValueError,),
     errors.AllocationError: (MemoryError,),
     errors.StageError: (ValueError,),
+    errors.ShardSizeError: (ValueError,),
     errors.StageTypeError: (ValueError, TypeError),
     errors.ConfigError: (ValueError,),
     errors.PatternError: (ValueError,),

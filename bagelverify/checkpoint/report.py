@@ -127,8 +127,11 @@ class CheckpointReport:
             lines.append(f"{name}: {len(keys)} {noun} missing ({where})")
         return lines
 
-    def problems(self, *, strict: bool = True, convert_conv: bool = False) -> list[Exception]:
-        """The errors a load with these settings raises, most fundamental first."""
+    def problems(
+        self, *, strict: bool = True, convert_conv: bool = False, verb: str = "load"
+    ) -> list[Exception]:
+        """The errors a load (or, with ``verb="save"``, a save) with these settings raises, most
+        fundamental first."""
         found = [
             problem
             for problem in self.plan.problems(strict=strict)
@@ -165,7 +168,7 @@ class CheckpointReport:
                         else "\nThe checkpoint is incomplete (or the config describes a bigger "
                         "model)"
                     )
-                    + "; pass strict=False to load the rest anyway.",
+                    + self._missing_advice(verb),
                     self.missing_keys,
                 )
             )
@@ -188,10 +191,23 @@ class CheckpointReport:
             )
         return found
 
-    def raise_for_problems(self, *, strict: bool = True, convert_conv: bool = False) -> None:
+    def _missing_advice(self, verb: str) -> str:
+        """What to do about missing keys: a save of UND weights alone under the default stage 2
+        is told to pass ``stage=1``."""
+        gen_only = all(FAMILY_BY_NAME[name].bucket is Bucket.GEN for name in self.missing)
+        if verb == "save" and self.stage == "stage2" and gen_only:
+            return (
+                "; the state dict has no GEN weights: pass stage=1 to save its UND weights, or "
+                "strict=False to save what it has."
+            )
+        return f"; pass strict=False to {verb} the rest anyway."
+
+    def raise_for_problems(
+        self, *, strict: bool = True, convert_conv: bool = False, verb: str = "load"
+    ) -> None:
         """Raise the first problem, the others attached to it as notes (shown with its
         traceback), so one run shows all of them and nothing is logged for a caught error."""
-        found = self.problems(strict=strict, convert_conv=convert_conv)
+        found = self.problems(strict=strict, convert_conv=convert_conv, verb=verb)
         if found:
             for other in found[1:]:
                 found[0].add_note(f"also: {type(other).__name__}: {other}")

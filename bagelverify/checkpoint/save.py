@@ -18,6 +18,7 @@ import torch
 
 from ..atomic import atomic_open, folder_lock, remove_durably
 from ..config import CONFIG_FILES, BagelConfig
+from ..errors import ShardSizeError
 from ..keys import strip_root, to_native_key
 from ..manifest import MODEL_FILE
 from ..plan import unroot
@@ -54,14 +55,17 @@ def parse_size(size: int | str) -> int:
     elif isinstance(size, str) and (m := re.fullmatch(r"\s*([0-9]+)\s*([A-Za-z]*)\s*", size)):
         unit = m.group(2).upper()
         if unit not in _UNITS:
-            raise ValueError(f"unknown size unit in {size!r}; use B, KB, MB, GB, KiB, MiB or GiB")
+            raise ShardSizeError(
+                f"max_shard_size {size!r}: unknown unit {m.group(2)!r}; use B, KB, MB, GB, KiB, "
+                "MiB or GiB (for example '5GB')"
+            )
         value = int(m.group(1)) * _UNITS[unit]
     else:
-        raise ValueError(
+        raise ShardSizeError(
             f"max_shard_size must be a byte count or a string like '5GB', got {size!r}"
         )
     if value < 1:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+        raise ShardSizeError(f"max_shard_size must be positive, got {size!r}")
     return value
 
 
@@ -86,8 +90,12 @@ def save_bagel_checkpoint(
     max_shard_size: int | str | None = None,
     strict: bool = True,
     config: BagelConfig | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write a native state dict as an HF-layout BAGEL checkpoint; return the files written.
+
+    A folder that already holds a checkpoint (``ema.safetensors`` or a shard index) is refused
+    with ``FileExistsError`` unless ``overwrite`` is true.
 
     Keys must be under the ``model.`` root (``._extra_state`` entries are dropped); ``stage``
     chooses what is written (``"stage2"``, the default, writes every UND and GEN tensor;
@@ -113,6 +121,7 @@ def save_bagel_checkpoint(
         max_shard_size=max_shard_size,
         strict=strict,
         config=config,
+        overwrite=overwrite,
     )
 
 
@@ -130,6 +139,7 @@ def write_bagel_checkpoint(
     strict: bool = True,
     config: BagelConfig | None = None,
     keys: KeyLayout = "hf",
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write a checkpoint described by its specs, fetching one tensor at a time.
 
@@ -137,7 +147,7 @@ def write_bagel_checkpoint(
     called once per written tensor, in file order, and its result released after writing, so
     peak memory is about the largest tensor. Validation, stage selection, sharding and files
     are those of :func:`save_bagel_checkpoint`; ``keys="native"`` names the tensors by their
-    native (``model.``-rooted) keys instead of their HF keys.
+    native (``model.``-rooted) keys instead of their HF keys; ``overwrite`` as there.
     """
     if config is not None and not isinstance(config, BagelConfig):
         raise TypeError(
@@ -145,7 +155,7 @@ def write_bagel_checkpoint(
             f"files), got {type(config).__name__}; use BagelConfig.from_pretrained(folder)"
         )
     report = build_report(specs, stage=stage, config=config, source=str(out_dir))
-    report.raise_for_problems(strict=strict)
+    report.raise_for_problems(strict=strict, verb="save")
     report.plan.log(strict=strict)
     names = {
         key: (native if keys == "native" else key) for key, native in report.plan.native.items()
@@ -159,6 +169,15 @@ def write_bagel_checkpoint(
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     with folder_lock(directory):
+        if max_shard_size is not None:
+            _refuse_shadowing(directory)
+        existing = [directory / name for name in (MODEL_FILE, INDEX_FILE)]
+        if not overwrite and any(path.exists() for path in existing):
+            found = next(path for path in existing if path.exists())
+            raise FileExistsError(
+                f"{directory} already holds a checkpoint ({found.name}); pass overwrite=True to "
+                "replace it, or save to another folder"
+            )
         if max_shard_size is None:
             target = directory / MODEL_FILE
             write_safetensors(target, kept, fetch_by_name)
@@ -185,16 +204,19 @@ def _indexed_shards(directory: Path) -> set[str]:
     return {path.name for path in files.files} if files.layout == "sharded" else set()
 
 
-def _write_shards(
-    directory: Path, kept: list[TensorSpec], fetch: Callable[[str], torch.Tensor], limit: int
-) -> list[Path]:
-    """Write ``kept`` as shards of at most ``limit`` bytes and their index; then remove the
-    shards of the previous save that the new index does not name."""
+def _refuse_shadowing(directory: Path) -> None:
     if (directory / MODEL_FILE).exists():
         raise FileExistsError(
             f"{directory / MODEL_FILE} exists and would shadow the sharded checkpoint "
             "(ema.safetensors wins when loading); remove it or save to another folder"
         )
+
+
+def _write_shards(
+    directory: Path, kept: list[TensorSpec], fetch: Callable[[str], torch.Tensor], limit: int
+) -> list[Path]:
+    """Write ``kept`` as shards of at most ``limit`` bytes and their index; then remove the
+    shards of the previous save that the new index does not name."""
     previous = _indexed_shards(directory) | {
         entry.name for entry in os.scandir(directory) if SHARD_NAME.fullmatch(entry.name)
     }
@@ -243,6 +265,7 @@ def convert_checkpoint(
     config: BagelConfig | None = None,
     convert_conv_patch_embedding: bool = False,
     on_tensor: Callable[[str, int], None] | None = None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Rewrite a checkpoint folder with HF or native keys, streaming one tensor at a time.
 
@@ -250,7 +273,8 @@ def convert_checkpoint(
     a load; each kept tensor is then read into a fresh buffer, written and released, so peak
     memory is about the largest tensor, never the checkpoint. The config (``config`` if given,
     else the source's config files) is written with the tensors. ``on_tensor(hf_key, nbytes)``
-    is called after each tensor is read (for progress). Returns the files written.
+    is called after each tensor is read (for progress); ``overwrite`` as for
+    :func:`save_bagel_checkpoint`. Returns the files written.
     """
     with read_jobs(
         src_dir,
@@ -280,4 +304,5 @@ def convert_checkpoint(
             strict=strict,
             config=report.config,
             keys=keys,
+            overwrite=overwrite,
         )

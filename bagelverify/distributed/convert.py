@@ -149,6 +149,7 @@ def dcp_to_hf(
     strict: bool = True,
     config: Any = None,
     max_shard_size: int | str | None = None,
+    overwrite: bool = False,
 ) -> int:
     """Convert a native-layout DCP checkpoint to an HF-layout BAGEL folder; return the count of
     tensors written.
@@ -159,7 +160,8 @@ def dcp_to_hf(
     ``stage`` keeps are then streamed by :func:`bagelverify.checkpoint.write_bagel_checkpoint`:
     each is loaded from DCP, written and released, so memory holds about two copies of the
     largest tensor (DCP deserialises, then copies into the buffer). Files are written atomically,
-    with the config files when there is a config.
+    with the config files when there is a config; an existing checkpoint in ``dst_dir`` is
+    replaced only with ``overwrite``.
     """
     source = Path(src_dir)
     if not (source / ".metadata").is_file():
@@ -184,5 +186,6 @@ def dcp_to_hf(
         max_shard_size=max_shard_size,
         strict=strict,
         config=find_config(source, config),
+        overwrite=overwrite,
     )
     return fetched[0]
