@@ -72,7 +72,8 @@ def hf_to_dcp(
     validates it (``stage`` chooses what is kept; the default keeps UND and GEN), before anything
     is written. The kept tensors are then written unchanged (same dtype, same bytes) by
     :class:`~torch.distributed.checkpoint.FileSystemWriter` from this process alone, each read
-    from the source as the writer reaches it: the process holds one tensor at a time. The config
+    from the source as the writer reaches it, into one DCP file per tensor: the process holds
+    about one tensor at a time. The config
     files (``config`` if given, else the source folder's) are written next to DCP's files so
     that :func:`dcp_to_hf` validates shapes on the way back.
     """
@@ -89,7 +90,9 @@ def hf_to_dcp(
         quietly(
             dcp_save,
             state,
-            storage_writer=FileSystemWriter(str(target)),
+            # one file per tensor: DCP's writer keeps every tensor of a file alive until the
+            # file is written, so one file per rank would hold the whole checkpoint in memory
+            storage_writer=FileSystemWriter(str(target), single_file_per_rank=False),
             planner=_ReadingPlanner(jobs),
             no_dist=True,
         )
