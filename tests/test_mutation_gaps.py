@@ -535,3 +535,19 @@ def test_errors_keep_the_keys_and_pairs_they_name() -> None:
         ADAPTER.to_hf({"model.head.weight": 1, "model." + Q: 2, "model.tail": 3})
     assert unknown.value.keys == ["model.head.weight", "model.tail"]
     assert str(bv.BagelError()) == ""
+
+
+def test_to_hf_reads_past_excluded_and_extra_state_keys() -> None:
+    native = {"model.head": 0, "model.a._extra_state": 1, "model." + Q: 2, "model." + Q_GEN: 3}
+    assert ADAPTER.to_hf(native, exclude_key_regex=r"model\.head") == {Q: 2, Q_GEN: 3}
+
+
+def test_to_hf_without_extra_state_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="bagelverify"):
+        assert ADAPTER.to_hf({"model." + Q: 1}) == {Q: 1}
+    assert caplog.records == []
+
+
+def test_convert_single_tensor_to_hf_passes_exclude_and_strict_on() -> None:
+    assert ADAPTER.convert_single_tensor_to_hf("model.head", 1, exclude_key_regex="model") == []
+    assert ADAPTER.convert_single_tensor_to_hf("model.head", 1, strict=False) == [("head", 1)]
