@@ -70,6 +70,15 @@ def test_an_unsafe_template_is_refined_on_its_literal_digit_only(
         assert matcher.classify(_vit_norm(9, norm)) is bucket
 
 
+def test_digits_that_do_not_decide_an_unknown_key_are_not_kept_literal() -> None:
+    """First met through unknown keys (``layer_norm3``), the template still keeps only the norm
+    digit literal: every layer shares the one refined entry."""
+    matcher = compile_matcher()
+    for layer in range(9):
+        assert matcher.classify(_vit_norm(layer, 3)) is Bucket.UNKNOWN
+    assert matcher.memo_stats() == (0, 1, 1, 8192)
+
+
 @pytest.mark.parametrize(("digits", "refined"), [(32, 1), (33, 0)])
 def test_unsafe_templates_with_up_to_32_digits_are_refined(digits: int, refined: int) -> None:
     matcher = compile_matcher()
@@ -540,6 +549,21 @@ def test_errors_keep_the_keys_and_pairs_they_name() -> None:
 def test_to_hf_reads_past_excluded_and_extra_state_keys() -> None:
     native = {"model.head": 0, "model.a._extra_state": 1, "model." + Q: 2, "model." + Q_GEN: 3}
     assert ADAPTER.to_hf(native, exclude_key_regex=r"model\.head") == {Q: 2, Q_GEN: 3}
+
+
+def test_non_strict_to_hf_warns_with_the_message_it_would_raise(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="bagelverify"):
+        out = ADAPTER.to_hf({"model.head.weight": 1, "model." + Q: 2}, strict=False)
+    assert out == {"head.weight": 1, Q: 2}
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (
+            logging.WARNING,
+            "1 native keys are not BAGEL UND or GEN keys: 'model.head.weight'; "
+            "converting them unchanged",
+        )
+    ]
 
 
 def test_to_hf_without_extra_state_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
