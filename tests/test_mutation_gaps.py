@@ -575,3 +575,17 @@ def test_to_hf_without_extra_state_logs_nothing(caplog: pytest.LogCaptureFixture
 def test_convert_single_tensor_to_hf_passes_exclude_and_strict_on() -> None:
     assert ADAPTER.convert_single_tensor_to_hf("model.head", 1, exclude_key_regex="model") == []
     assert ADAPTER.convert_single_tensor_to_hf("model.head", 1, strict=False) == [("head", 1)]
+
+
+def test_family_keys_enumerate_each_key_once() -> None:
+    """A family without a ``{layer}`` slot has one key per parameter, not one per layer."""
+    config = bv.BagelConfig()
+    assert list(FAMILY_BY_NAME["norm_moe_gen"].keys(config)) == [
+        "language_model.model.norm_moe_gen.weight"
+    ]
+    q_proj = list(FAMILY_BY_NAME["q_proj"].keys(config))
+    assert len(q_proj) == len(set(q_proj)) == 2 * config.num_hidden_layers
+    for family in FAMILIES:
+        if family.shape is not None:
+            keys = list(family.keys(config))
+            assert len(keys) == len(set(keys)), family.name
