@@ -1,4 +1,5 @@
-"""Shared fixtures and the Hypothesis profiles: dev (default), ci (when CI is set), stress."""
+"""Shared fixtures and the Hypothesis profiles: dev (default), ci (when CI is set), stress,
+mutation (mutmut runs)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ settings.register_profile(
     "stress",
     max_examples=10_000,
     deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+# Mutation runs (MUTATION.md): few, fixed examples, so each mutant sees the same inputs.
+settings.register_profile(
+    "mutation",
+    max_examples=25,
+    derandomize=True,
+    deadline=None,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 default_profile = "ci" if os.environ.get("CI") else "dev"
