@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -46,10 +48,11 @@ class BagelHFStorageReader(HuggingFaceStorageReader):
     records that :func:`bagelverify.checkpoint.open_checkpoint` validated, so DCP sees exactly
     the tensors the single-process loader would read, from the same files.
 
-    Each read request (the part of one stored tensor that overlaps one local shard) whose bytes
+    The read requests (the part of one stored tensor that overlaps one local shard) whose bytes
     are one contiguous range of the file -- any slice along the first dimension, which is how
-    FSDP2 shards -- is read by the read engine (:mod:`bagelverify.engine`, the single-process
-    loaders' reader: in place, or staged for CUDA destinations), on a descriptor advised
+    FSDP2 shards -- are read together by one run of the read engine (:mod:`bagelverify.engine`,
+    the single-process loaders' reader: several threads, in place, or staged for CUDA
+    destinations with the copies overlapped), on a descriptor advised
     ``POSIX_FADV_RANDOM`` so the kernel reads that range and no read-ahead around it. The stock
     path maps the file and faults pages in with read-around; with large read-ahead windows that
     fetches neighbouring tensors the rank does not need (measured: 2 ranks together fetched the
@@ -94,41 +97,63 @@ class BagelHFStorageReader(HuggingFaceStorageReader):
         )
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Read the plan's slices (stock reader) and add their size to :attr:`bytes_read`."""
+        """Read the plan's slices and add their size to :attr:`bytes_read`: every contiguous
+        slice in one run of the read engine (its threads, and pinned staging overlapped with
+        host-to-device copies for CUDA shards), the others through the stock reader."""
+        ranges: list[tuple[ReadItem, TensorInfo, tuple[int, int]]] = []
+        others: list[ReadItem] = []
         for item in plan.items:
             info = self.tensors[item.storage_index.fqn]
             self.bytes_read += math.prod(item.lengths) * info.torch_dtype.itemsize
-        result: Future[None] = super().read_data(plan, planner)
-        return result
+            span = _byte_span(info, item.storage_offsets, item.lengths)
+            if span is None:
+                others.append(item)
+            else:
+                ranges.append((item, info, span))
+        if others:
+            super().read_data(dataclasses.replace(plan, items=others), planner).wait()
+        if ranges:
+            self._read_ranges(ranges, planner)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
 
-    def _process_read_request(self, f: Any, req: ReadItem, planner: LoadPlanner) -> None:
-        info = self.tensors[req.storage_index.fqn]
-        span = _byte_span(info, req.storage_offsets, req.lengths)
-        if span is None:
-            super()._process_read_request(f, req, planner)
-            return
-        target = planner.resolve_tensor(req).detach()
-        if tuple(target.shape) != tuple(req.lengths):
-            raise CorruptCheckpointError(
-                f"{info.path}: DCP asked for a {list(req.lengths)} slice of {info.name!r} into "
-                f"a {list(target.shape)} destination"
+    def _read_ranges(
+        self, ranges: list[tuple[ReadItem, TensorInfo, tuple[int, int]]], planner: LoadPlanner
+    ) -> None:
+        targets = []
+        transfers = []
+        for item, info, (offset, nbytes) in ranges:
+            target = planner.resolve_tensor(item).detach()
+            if tuple(target.shape) != tuple(item.lengths):
+                raise CorruptCheckpointError(
+                    f"{info.path}: DCP asked for a {list(item.lengths)} slice of {info.name!r} "
+                    f"into a {list(target.shape)} destination"
+                )
+            targets.append(target)
+            transfers.append(
+                Transfer(
+                    info.name,
+                    info.path,
+                    offset,
+                    nbytes,
+                    info.torch_dtype,
+                    tuple(item.lengths),
+                    target,
+                )
             )
-        transfer = Transfer(
-            info.name, info.path, span[0], span[1], info.torch_dtype, tuple(req.lengths), target
-        )
-        given = self.fds.get(info.path)
-        fd = (
-            os.open(info.path, os.O_RDONLY | getattr(os, "O_BINARY", 0)) if given is None else given
-        )
-        try:
-            if hasattr(os, "posix_fadvise"):  # this range only: no read-ahead around it
-                os.posix_fadvise(fd, span[0], span[1], os.POSIX_FADV_RANDOM)
+        with contextlib.ExitStack() as opened:
+            fds = dict(self.fds)
+            for path in {info.path for _, info, _ in ranges} - set(fds):
+                fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                opened.callback(os.close, fds[path])
+            if hasattr(os, "posix_fadvise"):  # these ranges only: no read-ahead around them
+                for _, info, (offset, nbytes) in ranges:
+                    os.posix_fadvise(fds[info.path], offset, nbytes, os.POSIX_FADV_RANDOM)
             # in place when possible, else staged (CUDA destinations) or through a temporary
-            run_engine([transfer], options=_NO_PREFETCH, fds={info.path: fd})
-        finally:
-            if given is None:
-                os.close(fd)
-        planner.commit_tensor(req, target)
+            run_engine(transfers, options=_NO_PREFETCH, fds=fds)
+        for (item, _, _), target in zip(ranges, targets, strict=True):
+            planner.commit_tensor(item, target)
 
 
 def _byte_span(
