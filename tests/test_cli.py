@@ -546,6 +546,7 @@ def test_demo_interrupted_removes_its_folder(tmp_path: Path, signum: int) -> Non
 INSPECT_SCHEMA: dict[str, Any] = {
     "schema_version": int,
     "command": str,
+    "format": str,  # "safetensors" or "dcp" (issue 15, item 10)
     "stage": str,
     "clean": bool,
     "exit_code": int,

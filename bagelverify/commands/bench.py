@@ -457,7 +457,8 @@ def run(args: argparse.Namespace) -> int:
     with step_progress(passes, "building key sets", quiet=args.quiet) as advance:
         for key_set in key_sets(sizes, args.experts):
             what = f"timing {key_set.name} ({len(key_set.keys):,} keys)"
-            on_pass = functools.partial(advance, what)
+            advance(what, 0)
+            on_pass = functools.partial(advance, what, 1)
             min_pass = QUICK_MIN_PASS if args.quick else MIN_PASS_KEYS
             results.append(run_set(key_set, repeat, min_pass, on_pass=on_pass))
     checked = targets(results)

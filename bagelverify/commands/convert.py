@@ -29,7 +29,7 @@ from ..errors import BagelError, counted
 from ..manifest import MODEL_FILE, VAE_FILE
 from ..safetensors_io import read_header
 from .arguments import NOT_WRITABLE, checkpoint_folder, config_folder, not_writable, shard_size
-from .render import Printer, byte_progress, human_bytes, print_json
+from .render import Printer, activity, byte_progress, human_bytes, print_json
 
 EXAMPLE = "bagelverify convert /ckpt/BAGEL-7B-MoT /ckpt/bagel-stage1 --stage 1 --to native"
 
@@ -160,17 +160,19 @@ def _convert(
     if args.from_format == "dcp" or args.to == "dcp":
         from ..distributed import dcp_to_hf, hf_to_dcp
 
-        if args.to == "dcp":
-            count = hf_to_dcp(source, staging, stage=args.stage, strict=strict, config=config)
-        else:
-            count = dcp_to_hf(
-                source,
-                staging,
-                stage=args.stage,
-                strict=strict,
-                config=config,
-                max_shard_size=args.max_shard_size,
-            )
+        what = f"{args.stage}: {args.from_format} -> {args.to}"
+        with activity(what, quiet=args.quiet):  # these report no progress of their own
+            if args.to == "dcp":
+                count = hf_to_dcp(source, staging, stage=args.stage, strict=strict, config=config)
+            else:
+                count = dcp_to_hf(
+                    source,
+                    staging,
+                    stage=args.stage,
+                    strict=strict,
+                    config=config,
+                    max_shard_size=args.max_shard_size,
+                )
         return count, -1, {}
     report = inspect_checkpoint(source, stage=args.stage, config=config)
     problems = report.problems(strict=strict, convert_conv=args.convert_conv_patch_embedding)

@@ -13,6 +13,7 @@ import math
 
 from ..cli import EXIT_OK, EXIT_PROBLEMS
 from ..diff import CheckpointDiff, compare_headers, diff_checkpoints
+from ..errors import counted
 from ..weights import WEIGHTS_CHOICES, open_weights
 from .inspect import shown_key
 from .render import Column, Printer, byte_progress, print_json
@@ -95,7 +96,9 @@ def render(printer: Printer, diff: CheckpointDiff, limit: int) -> None:
     if diff.empty:
         printer.line("identical", style="green")
     else:
-        printer.line(f"{len(diff.changed_keys)} keys differ", style="yellow")
+        changed = len(diff.changed_keys)
+        verb = "differs" if changed == 1 else "differ"
+        printer.line(f"{counted(changed, 'key')} {verb}", style="yellow")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -143,16 +143,17 @@ def byte_progress(total: int, description: str, *, quiet: bool) -> Iterator[Call
         yield lambda nbytes: progress.advance(task, nbytes)
 
 
-def _ignore(_: str | None = None) -> None:
+def _ignore(_: str | None = None, steps: int = 1) -> None:
     """Progress nobody sees."""
 
 
 @contextlib.contextmanager
 def step_progress(
     total: int, description: str, *, quiet: bool
-) -> Iterator[Callable[[str | None], None]]:
-    """Yield ``advance(description=None)``: one step done (and, if given, the new description);
-    draws a step counter with elapsed time on stderr when it is a terminal, nothing otherwise."""
+) -> Iterator[Callable[[str | None, int], None]]:
+    """Yield ``advance(description=None, steps=1)``: steps done (and, if given, the new
+    description); draws a step counter with elapsed time on stderr when it is a terminal,
+    nothing otherwise."""
     if quiet or not is_terminal(sys.stderr):
         yield _ignore
         return
@@ -174,8 +175,8 @@ def step_progress(
     ) as progress:
         task = progress.add_task(description, total=total)
 
-        def advance(text: str | None = None) -> None:
-            progress.update(task, advance=1, description=text)
+        def advance(text: str | None = None, steps: int = 1) -> None:
+            progress.update(task, advance=steps, description=text)
 
         yield advance
 
