@@ -550,3 +550,26 @@ def test_stage_accepts_exactly_what_the_help_names(
         ("stage2", "stage2"),
     ]:
         assert json_of("inspect", synthetic_checkpoint.path, "--stage", spelling)["stage"] == stage
+
+
+def test_repair_into_a_mount_point_stages_on_its_own_file_system(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    lacking = tmp_path / "lacking"
+    lacking.mkdir()
+    for config in synthetic_checkpoint.path.glob("*config.json"):
+        shutil.copy(config, lacking)
+    tensors = load_file(synthetic_checkpoint.path / MODEL_FILE)
+    del tensors["vit_model.vision_model.encoder.layers.0.mlp.fc1.weight"]
+    save_tensors(lacking / MODEL_FILE, tensors)
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    result = faulty(
+        "repair", lacking, "--base", synthetic_checkpoint.path, "-o", mount, BV_FAULT_MOUNT=mount
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(read_header(mount / MODEL_FILE).tensors) == 1223
+    assert (mount / VAE_FILE).is_file()
+    assert partial_folders(mount) == [] and partial_folders(tmp_path) == []
