@@ -277,6 +277,25 @@ def test_a_file_that_is_no_weights_file_is_told_a_folder_is_needed(
     assert "does not exist" not in line
 
 
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [
+        (["inspect", "{config}"], "PATH"),
+        (["diff", "{config}", "{ckpt}"], "A"),
+        (["repair", "{config}", "--base", "{ckpt}", "-o", "{tmp}/r"], "SRC"),
+    ],
+    ids=["inspect", "diff", "repair"],
+)
+def test_commands_reading_a_checkpoint_say_what_a_wrong_file_is(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path, args: list[str], what: str
+) -> None:
+    config = synthetic_checkpoint.path / "config.json"
+    words = [a.format(config=config, ckpt=synthetic_checkpoint.path, tmp=tmp_path) for a in args]
+    line = assert_one_line_error(bv(*words), args[0])
+    assert f"{what} {config} is not a checkpoint file; {what} is a checkpoint folder" in line
+    assert "header length" not in line
+
+
 def test_config_accepts_a_config_file_for_its_folder(
     synthetic_checkpoint: SyntheticCheckpoint,
 ) -> None:

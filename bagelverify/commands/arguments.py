@@ -15,6 +15,9 @@ from ..weights import MODEL_WEIGHTS_FILE
 WEIGHT_FILES: dict[str, str] = {MODEL_FILE: "ema", MODEL_WEIGHTS_FILE: "model", INDEX_FILE: "model"}
 """The weight files a checkpoint folder holds, by name, and the ``--weights`` choice each means."""
 
+KNOWN_FILES = (INDEX_FILE, ".metadata")
+"""Checkpoint files that are not ``.safetensors`` files: the shard index, DCP's metadata."""
+
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 """errnos of a folder that cannot be written: permissions, an immutable folder, a read-only
 file system."""
@@ -37,6 +40,19 @@ def checkpoint_folder(path: str | Path, what: str) -> tuple[Path, str | None]:
         f"{what} {path} is a file; {what} is a checkpoint folder (the folder holding "
         f"{MODEL_FILE} or {INDEX_FILE} and its shards): pass its folder instead"
     )
+
+
+def checkpoint_path(path: str, what: str) -> str:
+    """``path`` where a command takes a checkpoint folder or one ``.safetensors`` file (or the
+    folder's index or DCP ``.metadata``); any other file is a
+    :class:`~bagelverify.cli.UsageError` saying what is needed."""
+    given = Path(path)
+    if given.is_file() and given.suffix != ".safetensors" and given.name not in KNOWN_FILES:
+        raise UsageError(
+            f"{what} {path} is not a checkpoint file; {what} is a checkpoint folder (holding "
+            f"{MODEL_FILE} or {INDEX_FILE}) or one .safetensors file"
+        )
+    return path
 
 
 def config_folder(path: str | Path | None) -> Path | None:

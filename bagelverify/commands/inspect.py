@@ -16,6 +16,7 @@ from typing import Any
 
 from ..buckets import Bucket
 from ..checkpoint import (
+    INDEX_FILE,
     CheckpointReport,
     TensorLike,
     build_report,
@@ -28,7 +29,7 @@ from ..errors import CorruptCheckpointError, counted, format_examples
 from ..manifest import VAE_FILE
 from ..safetensors_io import TensorSpec, dtype_name, read_header
 from ..stage import STAGE_BUCKETS
-from .arguments import config_folder
+from .arguments import checkpoint_path, config_folder
 from .findings import FINDINGS
 from .findings import shown_key as shown_key  # public here since the command began
 from .render import Column, Printer, human_bytes, print_json
@@ -109,7 +110,7 @@ def inspect_path(
     path = Path(path)
     kind = "safetensors"
     tensors: Mapping[str, TensorLike]
-    if path.is_file() and path.name == DCP_METADATA:
+    if path.is_file() and path.name in (DCP_METADATA, INDEX_FILE):  # the folder's own file
         path = path.parent
     if path.is_file():
         header = read_header(path)
@@ -309,7 +310,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Render the report; exit 0 when clean for the stage, 1 otherwise."""
     config_dir = config_folder(args.config)
-    inspection = inspect_path(args.path, stage=args.stage, config_dir=config_dir)
+    path = checkpoint_path(args.path, "PATH")
+    inspection = inspect_path(path, stage=args.stage, config_dir=config_dir)
     if args.json:
         print_json(inspection.as_dict())
     else:

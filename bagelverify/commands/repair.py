@@ -14,7 +14,7 @@ from ..cli import add_stage_argument
 from ..errors import counted
 from ..repair import RepairReport, repair_checkpoint
 from ..weights import WEIGHTS_CHOICES
-from .arguments import shard_size
+from .arguments import checkpoint_path, config_folder, shard_size
 from .diff import add_weights_argument
 from .render import Column, Printer, byte_progress, human_bytes, print_json
 
@@ -65,11 +65,11 @@ def run(args: argparse.Namespace) -> int:
     """Repair (or plan it); print which families came from where."""
     repair = functools.partial(
         repair_checkpoint,
-        args.src,
-        base=args.base,
+        checkpoint_path(args.src, "SRC"),
+        base=checkpoint_path(args.base, "--base"),
         out=args.out,
         stage=args.stage,
-        config=args.config,
+        config=config_folder(args.config),
         weights=args.weights,
         base_weights=args.base_weights,
         max_shard_size=args.max_shard_size,
