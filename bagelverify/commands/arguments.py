@@ -15,7 +15,10 @@ from ..weights import MODEL_WEIGHTS_FILE
 WEIGHT_FILES: dict[str, str] = {MODEL_FILE: "ema", MODEL_WEIGHTS_FILE: "model", INDEX_FILE: "model"}
 """The weight files a checkpoint folder holds, by name, and the ``--weights`` choice each means."""
 
-KNOWN_FILES = (INDEX_FILE, ".metadata")
+DCP_METADATA = ".metadata"
+"""The file that marks a torch.distributed.checkpoint folder."""
+
+KNOWN_FILES = (INDEX_FILE, DCP_METADATA)
 """Checkpoint files that are not ``.safetensors`` files: the shard index, DCP's metadata."""
 
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -28,14 +31,16 @@ def checkpoint_folder(path: str | Path, what: str) -> tuple[Path, str | None]:
 
     A folder (or a path that does not exist, for the caller to report) is itself, with no
     choice. One of the folder's weight files (``ema.safetensors``, ``model.safetensors``, the
-    shard index) means its folder and that file's weights. Any other file is a
-    :class:`~bagelverify.cli.UsageError` saying that ``what`` needs a folder.
+    shard index) means its folder and that file's weights; a DCP ``.metadata`` file, its folder.
+    Any other file is a :class:`~bagelverify.cli.UsageError` saying that ``what`` needs a folder.
     """
     path = Path(path)
     if not path.is_file():
         return path, None
     if path.name in WEIGHT_FILES:
         return path.parent, WEIGHT_FILES[path.name]
+    if path.name == DCP_METADATA:
+        return path.parent, None
     raise UsageError(
         f"{what} {path} is a file; {what} is a checkpoint folder (the folder holding "
         f"{MODEL_FILE} or {INDEX_FILE} and its shards): pass its folder instead"

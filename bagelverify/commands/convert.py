@@ -28,7 +28,14 @@ from ..config import CONFIG_FILES, BagelConfig
 from ..errors import BagelError, counted
 from ..manifest import MODEL_FILE, VAE_FILE
 from ..safetensors_io import read_header
-from .arguments import NOT_WRITABLE, checkpoint_folder, config_folder, not_writable, shard_size
+from .arguments import (
+    DCP_METADATA,
+    NOT_WRITABLE,
+    checkpoint_folder,
+    config_folder,
+    not_writable,
+    shard_size,
+)
 from .render import Printer, activity, byte_progress, human_bytes, print_json
 
 EXAMPLE = "bagelverify convert /ckpt/BAGEL-7B-MoT /ckpt/bagel-stage1 --stage 1 --to native"
@@ -36,10 +43,6 @@ EXAMPLE = "bagelverify convert /ckpt/BAGEL-7B-MoT /ckpt/bagel-stage1 --stage 1 -
 
 class NotCleanError(BagelError, ValueError):
     """The source checkpoint would not load strictly for the stage (see ``inspect``)."""
-
-
-DCP_METADATA = ".metadata"
-"""The file that marks a torch.distributed.checkpoint folder."""
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -76,8 +79,8 @@ def _publish(staging: Path, target: Path, replaced: list[Path]) -> None:
 
 def _check_paths(args: argparse.Namespace) -> tuple[Path, Path, list[Path]]:
     source, weights = checkpoint_folder(args.src, "SRC")
-    if weights == "model" and args.weights is None:
-        args.weights = weights
+    if weights == "model" and args.weights is None and (source / MODEL_FILE).is_file():
+        args.weights = weights  # the folder's default would be its ema.safetensors
     elif weights is not None and args.weights not in (None, weights):
         raise UsageError(f"SRC {args.src} is the {weights} weights, but --weights {args.weights}")
     target = Path(args.dst)

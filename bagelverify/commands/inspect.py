@@ -29,13 +29,10 @@ from ..errors import CorruptCheckpointError, counted, format_examples
 from ..manifest import VAE_FILE
 from ..safetensors_io import TensorSpec, dtype_name, read_header
 from ..stage import STAGE_BUCKETS
-from .arguments import checkpoint_path, config_folder
+from .arguments import DCP_METADATA, checkpoint_path, config_folder
 from .findings import FINDINGS
 from .findings import shown_key as shown_key  # public here since the command began
 from .render import Column, Printer, human_bytes, print_json
-
-DCP_METADATA = ".metadata"
-"""The file that marks a torch.distributed.checkpoint folder."""
 
 EXAMPLE = "bagelverify inspect /ckpt/BAGEL-7B-MoT --stage 2"
 
