@@ -12,22 +12,29 @@ from .errors import (
     BagelError,
     ConfigError,
     CorruptCheckpointError,
+    DestinationError,
     DistributedMismatchError,
     IntegrationError,
     KeyCollisionError,
+    LossyCastError,
     MissingKeysError,
+    PatternError,
+    PatternTooComplexError,
     ReadError,
     RootError,
     ShapeMismatchError,
     StageError,
+    StageTypeError,
     UnknownKeysError,
+    UnsupportedPattern,
+    UnsupportedPlatformError,
+    UnsupportedTensorError,
 )
 from .families import FAMILIES, Family, expected_shapes, patterns_of, und_twin
 from .matcher import Matcher, compile_matcher
 from .partition import classify, partition
 from .plan import Plan, plan
 from .stage import normalize_stage
-from .verify import check_patterns
 
 if TYPE_CHECKING:
     from .checkpoint import (
@@ -49,9 +56,11 @@ if TYPE_CHECKING:
     )
     from .patch_embedding import conv_patch_weight_to_linear, linear_patch_weight_to_conv
     from .synthetic import make_synthetic_checkpoint
+    from .verify import check_patterns
 
-#: Names whose modules import torch, loaded on first use so that ``import bagelverify`` (and the
-#: key-only API: adapter, classify, patterns, proofs) stays light.
+#: Names whose modules import torch (or, for ``check_patterns``, the proof machinery), loaded on
+#: first use so that ``import bagelverify`` (and the key-only API: adapter, classify, patterns)
+#: stays light.
 _LAZY: dict[str, str] = {
     **dict.fromkeys(
         (
@@ -79,6 +88,7 @@ _LAZY: dict[str, str] = {
     "conv_patch_weight_to_linear": "patch_embedding",
     "linear_patch_weight_to_conv": "patch_embedding",
     "make_synthetic_checkpoint": "synthetic",
+    "check_patterns": "verify",
 }
 
 
@@ -118,20 +128,28 @@ __all__ = [
     "CheckpointReport",
     "ConfigError",
     "CorruptCheckpointError",
+    "DestinationError",
     "DistributedLoadResult",
     "DistributedMismatchError",
     "IntegrationError",
     "Family",
     "IncompatibleKeys",
     "KeyCollisionError",
+    "LossyCastError",
     "Matcher",
     "MissingKeysError",
+    "PatternError",
+    "PatternTooComplexError",
     "Plan",
     "RootError",
     "ReadError",
     "ShapeMismatchError",
     "StageError",
+    "StageTypeError",
     "UnknownKeysError",
+    "UnsupportedPattern",
+    "UnsupportedPlatformError",
+    "UnsupportedTensorError",
     "classify",
     "check_patterns",
     "compile_matcher",

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Generic, TypeVar
 
-from .errors import BagelError, PatternTooComplexError, format_examples
+from .errors import PatternTooComplexError, UnsupportedPattern, format_examples
 from .strict_json import short_repr
 
 _parser: Any = importlib.import_module("re._parser" if sys.version_info >= (3, 11) else "sre_parse")
@@ -104,10 +104,6 @@ class _BudgetExceeded(Exception):
     def __init__(self, what: str, limit: int) -> None:
         super().__init__(what, limit)
         self.what, self.limit = what, limit
-
-
-class UnsupportedPattern(BagelError, ValueError):
-    """A pattern with a construct the engine cannot translate exactly (it never approximates)."""
 
 
 def _refuse(pattern: str, construct: str) -> UnsupportedPattern:

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .adapter import strip_root
 from .families import family_of
+from .keys import strip_root
 from .safetensors_io import DTYPES, TensorInfo
 from .tensor_reader import CHUNK_ELEMENTS, TensorReader, element_ranges
 from .weights import SelectedWeights, open_weights

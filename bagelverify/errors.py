@@ -57,15 +57,29 @@ class RootError(BagelError, KeyError):
 
 
 class MissingKeysError(BagelError, KeyError):
-    """Expected keys that the input lacks (including a GEN key's absent UND twin)."""
+    """Expected keys that the input lacks (including a GEN key's absent UND twin).
 
-    def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
+    ``keys`` holds the missing keys only; when a destination state dict and a checkpoint are
+    compared, ``unexpected`` holds the checkpoint's keys that have no destination.
+    """
+
+    def __init__(
+        self, message: str, keys: Sequence[str] = (), unexpected: Sequence[str] = ()
+    ) -> None:
         super().__init__(message)
         self.keys = list(keys)
+        self.unexpected = list(unexpected)
 
 
 class ShapeMismatchError(BagelError, ValueError):
-    """Tensors whose shape or dtype differs from what the config implies."""
+    """Tensors whose shape differs from what the config (or the destination) implies."""
+
+
+class DestinationError(ShapeMismatchError):
+    """Destination tensors of the right shape that cannot take their checkpoint tensor by a
+    plain copy: a dtype cast the ``cast`` policy refuses, a meta-device tensor, or a layout
+    whose elements overlap (an expanded, stride-0 view). A :class:`ShapeMismatchError`, as
+    these were reported before the class existed."""
 
 
 class CorruptCheckpointError(BagelError, ValueError):
@@ -96,6 +110,11 @@ class ConfigError(BagelError, ValueError):
 
 class PatternError(BagelError, ValueError):
     """A user-supplied key pattern that is not a valid regex string."""
+
+
+class UnsupportedPattern(PatternError):
+    """A pattern with a construct the automaton engine cannot translate exactly (it never
+    approximates): a lookaround, a backreference, a word boundary."""
 
 
 class DistributedMismatchError(BagelError, ValueError):

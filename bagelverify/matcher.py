@@ -32,9 +32,9 @@ from typing import Any, NamedTuple
 
 import ahocorasick
 
-from .automata import DFA, UnsupportedPattern, template_verdict
+from .automata import DFA, template_verdict
 from .buckets import MATCH_ORDER, Bucket
-from .errors import PatternError, PatternTooComplexError
+from .errors import PatternError, PatternTooComplexError, UnsupportedPattern
 from .families import patterns_of
 from .keys import check_key
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 
-from .adapter import strip_root
 from .checkpoint import find_config
 from .config import BagelConfig
+from .keys import strip_root
 from .pos_embed import POSITION_TABLE_KEYS, TableCheck, compare_table
 from .tensor_reader import TensorReader
 from .weights import open_weights

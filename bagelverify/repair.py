@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 
-from .adapter import ROOT, strip_root
 from .atomic import move_into_place, staging_folder
 from .checkpoint import INDEX_FILE, build_report, find_config, write_bagel_checkpoint
 from .config import BagelConfig
 from .diff import family_name
 from .errors import MissingKeysError, ShapeMismatchError, format_examples
 from .families import expected_shapes
+from .keys import ROOT, strip_root
 from .manifest import VAE_FILE
 from .safetensors_io import TensorInfo, TensorSpec
 from .stage import normalize_stage

@@ -25,10 +25,10 @@ from typing import Any, Protocol
 
 import torch
 
-from .adapter import strip_root
 from .checkpoint import KeyLayout, build_report, find_config, write_bagel_checkpoint
 from .config import BagelConfig
 from .errors import ConfigError, LossyCastError, format_examples
+from .keys import strip_root
 from .patch_embedding import conv_patch_weight_to_linear
 from .pos_embed import POSITION_TABLE_KEYS, compare_table, grid_side, position_table
 from .safetensors_io import DTYPES, TensorInfo, TensorSpec

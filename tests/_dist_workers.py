@@ -168,23 +168,24 @@ def file_ranges(rank: int, world_size: int, ckpt: str, mesh: Any) -> dict[str, A
     it with the ranges of this rank's rows, computed from the header alone."""
     import bagelverify.distributed as distributed
     from bagelverify.checkpoint import inspect_checkpoint, load_bagel_checkpoint_state_dict
+    from bagelverify.distributed import reader
 
     report = inspect_checkpoint(ckpt, stage="stage1")
     reference = load_bagel_checkpoint_state_dict(ckpt, stage="stage1")
     sharded = shard_like(reference, mesh)
     calls: list[tuple[int, int]] = []
-    original = distributed.run_engine
+    original = reader.run_engine
 
     def recording(transfers: Any, **kwargs: Any) -> Any:
         # the engine reads exactly its transfers' bytes (tests/test_engine.py)
         calls.extend((t.offset, t.nbytes) for t in transfers)
         return original(transfers, **kwargs)
 
-    distributed.run_engine = recording  # type: ignore[assignment]
+    reader.run_engine = recording  # type: ignore[assignment]
     try:
         distributed.load_bagel_checkpoint_distributed(sharded, ckpt, stage="stage1")
     finally:
-        distributed.run_engine = original  # type: ignore[assignment]
+        reader.run_engine = original  # type: ignore[assignment]
     expected: list[tuple[int, int]] = []
     column_sharded_bytes = 0
     for native, info in report.retained.items():

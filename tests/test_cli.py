@@ -444,16 +444,17 @@ def test_convert_holds_one_tensor_at_a_time(
     import weakref
 
     import bagelverify.checkpoint as checkpoint
+    from bagelverify.checkpoint import load
 
     alive: list[weakref.ref[torch.Tensor]] = []
-    real_fill = checkpoint._fill
+    real_fill = load.fill
 
     def fill(jobs: Any, destinations: dict[str, torch.Tensor]) -> None:
         assert [ref() for ref in alive if ref() is not None] == []
         real_fill(jobs, destinations)
         alive.extend(weakref.ref(tensor) for tensor in destinations.values())
 
-    monkeypatch.setattr(checkpoint, "_fill", fill)
+    monkeypatch.setattr(load, "fill", fill)
     seen: list[int] = []
     checkpoint.convert_checkpoint(
         synthetic_checkpoint.path, tmp_path / "out", stage=1, on_tensor=lambda _, n: seen.append(n)

@@ -30,13 +30,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 import bagelverify as bv
 from bagelverify import strategies as bst
 from bagelverify.buckets import Bucket
-from bagelverify.distributed import (
-    _byte_span,
-    _differences,
-    dcp_to_hf,
-    hf_to_dcp,
-    load_bagel_checkpoint_distributed,
-)
+from bagelverify.distributed import dcp_to_hf, hf_to_dcp, load_bagel_checkpoint_distributed
+from bagelverify.distributed.agreement import _differences
+from bagelverify.distributed.reader import _byte_span
 from bagelverify.errors import CorruptCheckpointError, MissingKeysError, UnknownKeysError
 from bagelverify.patch_embedding import PATCH_EMBEDDING_WEIGHT as PATCH
 from bagelverify.patch_embedding import linear_patch_weight_to_conv

@@ -257,7 +257,8 @@ def test_truncated_data_names_file_and_tensor(
         os.truncate(target, header.data_start + 8)
         return header
 
-    monkeypatch.setattr(ckpt, "read_header", then_truncate)
+    monkeypatch.setattr(ckpt.files, "read_header", then_truncate)  # the model file
+    monkeypatch.setattr(ckpt.load, "read_header", then_truncate)  # ae.safetensors
     if name == "load_bagel_vae_state_dict":
         error = exact(
             CorruptCheckpointError, lambda: bv.load_bagel_vae_state_dict(folder, strict=False)

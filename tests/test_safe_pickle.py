@@ -124,3 +124,40 @@ def test_malformed_metadata_is_corrupt(tmp_path: Path, content: bytes, message: 
     with pytest.raises(CorruptCheckpointError) as info:
         load_dcp_metadata(path)
     assert str(info.value).startswith(f"{path}: {message}")
+
+
+def test_convert_from_dcp_refuses_a_payload_before_running_it(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    """The end-to-end path of the defect: `bagelverify convert --from dcp` (dcp_to_hf) on a
+    folder whose .metadata calls os.system is a CorruptCheckpointError; nothing runs."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "dcp"
+    hf_to_dcp(synthetic_checkpoint.path, folder, stage=1)
+    marker = tmp_path / "marker"
+    genuine = load_dcp_metadata(folder / ".metadata")
+    crafted = dataclasses.replace(
+        genuine, planner_data={"x": _Payload(os.system, f"touch {marker}")}
+    )
+    (folder / ".metadata").write_bytes(pickle.dumps(crafted))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bagelverify",
+            "convert",
+            str(folder),
+            str(tmp_path / "out"),
+            "--from",
+            "dcp",
+            "--stage",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0 and not marker.exists()
+    assert f"{folder / '.metadata'}: the DCP metadata pickle names" in done.stderr

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 
 import bagelverify as bv
 from bagelverify import verify
-from bagelverify.automata import DFA, UnsupportedPattern, template_verdict
+from bagelverify.automata import DFA, template_verdict
 from bagelverify.buckets import MATCH_ORDER
 from bagelverify.cli import main
 from bagelverify.commands.verify import read_pattern_file
-from bagelverify.errors import PatternError
+from bagelverify.errors import PatternError, UnsupportedPattern
 from bagelverify.families import FAMILY_BY_NAME
 from bagelverify.manifest import load_manifest
 from bagelverify.matcher import shipped_patterns

@@ -33,7 +33,7 @@ def check_patterns(
 
     Each list holds full-match pattern strings (the meaning of the exported ones); ``None``
     takes the shipped list of that bucket, ``[]`` an empty bucket. ``use_z3`` defaults to "if
-    installed". Raises :class:`~bagelverify.automata.UnsupportedPattern` for a pattern the
+    installed". Raises :class:`~bagelverify.errors.UnsupportedPattern` for a pattern the
     automaton engine cannot translate exactly (nothing can be proved about it).
     """
     from .smt import z3_version

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from ..adapter import ROOT, strip_root, to_native_key
 from ..automata import BreadthFirst
 from ..buckets import Bucket
+from ..keys import ROOT, strip_root, to_native_key
 from ..manifest import load_manifest
 from .checker import Checker, CheckResult, Query, alone, having, verdict
 from .coverage import expected_bucket

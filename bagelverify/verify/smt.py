@@ -2,7 +2,7 @@
 
 Patterns are translated from the IR of :func:`bagelverify.automata.parse` (so both engines read
 the very same parse); a construct z3 cannot express exactly raises
-:class:`~bagelverify.automata.UnsupportedPattern`. Under ``re.fullmatch`` semantics, anchors at
+:class:`~bagelverify.errors.UnsupportedPattern`. Under ``re.fullmatch`` semantics, anchors at
 the very start (``\\A``, ``^``) and very end (``\\Z``, ``$``: a trailing ``$`` cannot match
 before a final ``\\n`` when nothing follows it to consume that ``\\n``) are the identity; anchors
 anywhere else are refused by this engine.
@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..automata import Alt, Anchor, Chars, Node, Repeat, Seq, UnsupportedPattern, parse
+from ..automata import Alt, Anchor, Chars, Node, Repeat, Seq, parse
+from ..errors import UnsupportedPattern
 
 Z3_MAX_CHAR = 0x2FFFF
 """Largest code point of z3's string alphabet under ``encoding=unicode``."""

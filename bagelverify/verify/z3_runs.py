@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import time
 
-from ..automata import UnsupportedPattern
 from ..buckets import MATCH_ORDER
-from ..errors import counted
+from ..errors import UnsupportedPattern, counted
 from .checker import Checker, Refuted
 from .obligations import Z3_CLAIMS, Claim
 from .report import FAILED, MAX_WITNESSES, PROVED, SKIPPED, UNKNOWN, Obligation, Witness

@@ -1,0 +1,349 @@
+"""Reading a validated checkpoint's kept tensors into memory: the read jobs, the destination
+check, and the loaders.
+
+Every load goes the same way: the folder's report (:func:`read_jobs`) is built from the headers
+and raises if it has problems; then the destinations are checked (:func:`check_destinations`)
+and only then are the bytes of the tensors the stage keeps read (:func:`fill`, through
+:mod:`bagelverify.engine`), each straight into its destination. Dropped tensors are never read.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+
+from ..buckets import Bucket
+from ..config import BagelConfig
+from ..engine import EngineOptions, EngineStats, Progress, Transfer
+from ..engine import run as run_engine
+from ..errors import (
+    DestinationError,
+    MissingKeysError,
+    ShapeMismatchError,
+    UnknownKeysError,
+    format_examples,
+)
+from ..keys import strip_root
+from ..manifest import VAE_FILE, load_manifest
+from ..partition import classify
+from ..patch_embedding import conv_patch_weight_to_linear
+from ..safetensors_io import TensorInfo, read_header
+from .files import require_directory
+from .report import CheckpointReport, inspect_checkpoint
+
+logger = logging.getLogger(__name__)
+
+Cast = Literal["exact", "lossless", "any"]
+"""How a destination dtype may differ from the file's: ``exact`` never; ``lossless`` when every
+stored value is representable (floating widening such as BF16 -> F32); ``any`` always."""
+
+
+class ReadJob(NamedTuple):
+    """One kept tensor to read: where its bytes are, and whether it is a Conv2d patch-embedding
+    weight to convert to its Linear form while loading."""
+
+    info: TensorInfo
+    convert: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensor's shape once loaded: a converted Conv2d weight becomes (out, P*P*C)."""
+        shape = tuple(self.info.shape)
+        return (shape[0], math.prod(shape[1:])) if self.convert else shape
+
+
+ReadJobs = Mapping[str, ReadJob]
+"""Native key -> its read job, in checkpoint order."""
+
+
+def read_jobs(
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    stage: object,
+    strict: bool,
+    config: BagelConfig | None,
+    convert_conv: bool,
+) -> tuple[CheckpointReport, dict[str, ReadJob]]:
+    """Validate a folder from its headers (raising its first problem) and return its report
+    and the read jobs of the tensors the stage keeps (keys the config lacks are dropped)."""
+    report = inspect_checkpoint(checkpoint_dir, stage=stage, config=config)
+    report.raise_for_problems(strict=strict, convert_conv=convert_conv)
+    report.plan.log(strict=strict)
+    beyond = {report.plan.native[key] for key in report.beyond_config}
+    jobs: dict[str, ReadJob] = {}
+    for key, native in report.plan.native.items():
+        if native in beyond:
+            continue
+        info = report.tensors[key]
+        assert isinstance(info, TensorInfo)
+        jobs[native] = ReadJob(info, key == report.conv_patch_embedding)
+    if beyond:
+        logger.warning("dropping %d keys the config does not have", len(beyond))
+    return report, jobs
+
+
+def fill(
+    jobs: ReadJobs,
+    destinations: Mapping[str, torch.Tensor],
+    *,
+    read_options: EngineOptions | None = None,
+    progress: Progress | None = None,
+) -> EngineStats:
+    """Read each job's bytes into ``destinations[key]`` through the read engine (see
+    :mod:`bagelverify.engine`); the destinations must have passed :func:`check_destinations`."""
+    transfers = [
+        Transfer(
+            job.info.name,
+            job.info.path,
+            job.info.start,
+            job.info.nbytes,
+            job.info.torch_dtype,
+            job.info.shape,
+            destinations[key],
+            conv_patch_weight_to_linear if job.convert else None,
+        )
+        for key, job in jobs.items()
+    ]
+    return run_engine(transfers, options=read_options, progress=progress)
+
+
+def read_tensor(job: ReadJob) -> torch.Tensor:
+    """One job's tensor, read into a new CPU tensor of the file's dtype."""
+    out = torch.empty(job.shape, dtype=job.info.torch_dtype)
+    fill({job.info.name: job}, {job.info.name: out})
+    return out
+
+
+class IncompatibleKeys(NamedTuple):
+    """What :func:`load_into` did not load (as ``torch.nn.Module.load_state_dict`` reports it)."""
+
+    missing_keys: list[str]
+    """Destination keys the checkpoint does not provide (left untouched)."""
+    unexpected_keys: list[str]
+    """Checkpoint keys (native) that the destination has no tensor for (not read)."""
+
+
+def _cast_allowed(source: torch.dtype, target: torch.dtype, cast: Cast) -> bool:
+    if source == target or cast == "any":
+        return True
+    if cast == "lossless":
+        return (
+            source.is_floating_point
+            and target.is_floating_point
+            and torch.promote_types(source, target) == target
+        )
+    return False
+
+
+def _overlaps(tensor: torch.Tensor) -> bool:
+    """Whether two of ``tensor``'s elements may share memory (an expanded, stride-0 view, or a
+    layout too irregular to tell): such a tensor cannot take a plain element-wise copy."""
+    extent = 1
+    pairs = zip(tensor.shape, tensor.stride(), strict=True)
+    dims = sorted((abs(stride), size) for size, stride in pairs if size > 1)
+    for stride, size in dims:
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
+
+
+def _refusal(key: str, info: TensorInfo, destination: torch.Tensor, cast: Cast) -> str | None:
+    """Why ``destination`` cannot take ``info``'s tensor though its shape is right, or None."""
+    if not _cast_allowed(info.torch_dtype, destination.dtype, cast):
+        return (
+            f"  {key}: destination {destination.dtype}, file {info.torch_dtype} "
+            f"(not allowed by cast={cast!r})"
+        )
+    if destination.device.type == "meta":
+        return f"  {key}: destination is on the meta device (no memory to fill)"
+    if _overlaps(destination):
+        return (
+            f"  {key}: destination's elements share memory (strides "
+            f"{list(destination.stride())}, e.g. an expand() view); pass a tensor with its own "
+            "memory for each element"
+        )
+    return None
+
+
+def check_destinations(
+    jobs: ReadJobs,
+    native_state_dict: Mapping[str, torch.Tensor],
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    strict: bool,
+    cast: Cast,
+) -> tuple[dict[str, ReadJob], IncompatibleKeys]:
+    """Check destinations against a validated folder's read jobs (see :func:`load_into`).
+
+    Returns the jobs both sides have and what each side lacks. Raises
+    :class:`~bagelverify.errors.MissingKeysError` under ``strict`` when the key sets differ, and
+    one error listing every destination that cannot hold its tensor: a
+    :class:`~bagelverify.errors.ShapeMismatchError` when a (global) shape differs, else a
+    :class:`~bagelverify.errors.DestinationError` for dtypes ``cast`` refuses, meta-device
+    tensors and layouts whose elements share memory. Reads no tensor data.
+    """
+    wanted = [k for k in native_state_dict if classify(strip_root(k)) is not Bucket.EXTRA]
+    missing = [key for key in wanted if key not in jobs]
+    unexpected = [key for key in jobs if key not in native_state_dict]
+    if strict and (missing or unexpected):
+        raise MissingKeysError(
+            f"{checkpoint_dir}: the destination and the checkpoint's {len(jobs)} kept tensors "
+            f"differ: {len(missing)} destination keys are not in the checkpoint "
+            f"({format_examples(missing)}), {len(unexpected)} checkpoint keys have no "
+            f"destination ({format_examples(unexpected)}). Check the stage, or pass "
+            "strict=False to load the keys both have.",
+            missing,
+            unexpected,
+        )
+    common = {key: jobs[key] for key in jobs if key in native_state_dict}
+    shapes: list[str] = []
+    refusals: list[str] = []
+    for key, job in common.items():
+        destination = native_state_dict[key]
+        if tuple(destination.shape) != job.shape:
+            shapes.append(f"  {key}: destination {list(destination.shape)}, file {list(job.shape)}")
+        elif (refusal := _refusal(key, job.info, destination, cast)) is not None:
+            refusals.append(refusal)
+    if shapes or refusals:
+        error = ShapeMismatchError if shapes else DestinationError
+        raise error(
+            f"{checkpoint_dir}: {len(shapes) + len(refusals)} destination tensors cannot hold "
+            "their checkpoint tensors:\n" + "\n".join(shapes + refusals) + "\nNothing was read. "
+            "Fix the model's config, or pass cast='any' to allow narrowing dtype conversions."
+        )
+    return common, IncompatibleKeys(missing, unexpected)
+
+
+def load_into(
+    native_state_dict: Mapping[str, torch.Tensor],
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    stage: object = "stage1",
+    strict: bool = True,
+    config: BagelConfig | None = None,
+    cast: Cast = "lossless",
+    convert_conv_patch_embedding: bool = False,
+    read_options: EngineOptions | None = None,
+    progress: Progress | None = None,
+) -> IncompatibleKeys:
+    """Fill existing tensors (e.g. ``model.state_dict()``) in place from a checkpoint folder.
+
+    The checkpoint is validated from its headers first (as :func:`inspect_checkpoint`), then the
+    destinations are checked against it: every shape must match exactly, and a dtype may differ
+    only as ``cast`` allows (default ``"lossless"``: BF16 -> F32 master weights are fine, F32 ->
+    BF16 needs ``cast="any"``). All mismatches are listed in one
+    :class:`~bagelverify.errors.ShapeMismatchError` before any data is read. Then each kept
+    tensor's bytes are read straight into its destination's memory when it is a contiguous CPU
+    tensor of the file's dtype (no intermediate copy); otherwise through a one-tensor staging
+    buffer. Under ``strict`` the destination and the stage's keys must be the same set
+    (:class:`~bagelverify.errors.MissingKeysError` otherwise; ``._extra_state`` entries are
+    ignored); without it the common keys are loaded and the rest returned.
+
+    The bytes are read by :mod:`bagelverify.engine` on several threads (``read_options``: its
+    threads, chunk size and staging budget; ``progress(done, total)``: bytes read so far). CPU
+    destinations of the file's dtype are read straight into their memory; CUDA destinations
+    through pinned staging buffers copied asynchronously. If a read fails, the destinations
+    whose reads had started hold new data, the others are untouched.
+    """
+    _, jobs = read_jobs(
+        checkpoint_dir,
+        stage=stage,
+        strict=strict,
+        config=config,
+        convert_conv=convert_conv_patch_embedding,
+    )
+    common, incompatible = check_destinations(
+        jobs, native_state_dict, checkpoint_dir, strict=strict, cast=cast
+    )
+    fill(common, native_state_dict, read_options=read_options, progress=progress)
+    logger.info("%s: loaded %d tensors in place", checkpoint_dir, len(common))
+    return incompatible
+
+
+def load_bagel_checkpoint_state_dict(
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    stage: object = "stage1",
+    strict: bool = True,
+    config: BagelConfig | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    convert_conv_patch_embedding: bool = False,
+    read_options: EngineOptions | None = None,
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """Load the tensors a stage keeps as a native (``model.``-rooted) state dict.
+
+    Validates like :func:`inspect_checkpoint` before reading anything (``config``: a
+    :class:`BagelConfig`, a folder holding the config files, or ``None`` for the checkpoint
+    folder's own; another object, such as a training framework's config, is noted and the
+    folder's files are used), allocates each kept tensor on ``device`` (as ``dtype`` if given, else
+    the file's dtype) and reads it in place; dropped tensors' bytes are never read.
+    ``read_options`` and ``progress`` are the read engine's (see :func:`load_into`).
+    """
+    _, jobs = read_jobs(
+        checkpoint_dir,
+        stage=stage,
+        strict=strict,
+        config=config,
+        convert_conv=convert_conv_patch_embedding,
+    )
+    out = {
+        key: torch.empty(job.shape, dtype=dtype or job.info.torch_dtype, device=device)
+        for key, job in jobs.items()
+    }
+    fill(jobs, out, read_options=read_options, progress=progress)
+    return out
+
+
+def load_bagel_vae_state_dict(
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
+    read_options: EngineOptions | None = None,
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """Load ``ae.safetensors`` (the FLUX VAE): its ``encoder.*``/``decoder.*`` keys as stored.
+
+    Any other key is an :class:`~bagelverify.errors.UnknownKeysError`: this file holds the VAE
+    only. Under ``strict``, every key of the released VAE must be present
+    (:class:`~bagelverify.errors.MissingKeysError` otherwise).
+    """
+    directory = Path(checkpoint_dir)
+    require_directory(directory, VAE_FILE)
+    path = directory / VAE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: VAE file not found")
+    header = read_header(path)
+    other = [key for key in header.tensors if classify(key) is not Bucket.VAE]
+    if other:
+        raise UnknownKeysError(
+            f"{path}: {len(other)} keys are not VAE (encoder./decoder.) keys: "
+            f"{format_examples(other)}. Is this the model file rather than ae.safetensors?",
+            other,
+        )
+    expected = load_manifest()[VAE_FILE]
+    missing = [key for key in expected if key not in header.tensors]
+    if strict and missing:
+        raise MissingKeysError(
+            f"{path}: {len(missing)} of the {len(expected)} VAE keys are missing: "
+            f"{format_examples(missing)}. The file is incomplete; pass strict=False to load "
+            "the keys it has.",
+            missing,
+        )
+    jobs = {key: ReadJob(info) for key, info in header.tensors.items()}
+    out = {
+        key: torch.empty(info.shape, dtype=dtype or info.torch_dtype, device=device)
+        for key, info in header.tensors.items()
+    }
+    fill(jobs, out, read_options=read_options, progress=progress)
+    return out

@@ -1,0 +1,247 @@
+"""Writing BAGEL checkpoint folders: one ``ema.safetensors`` or index-described shards, every
+file atomic, validated like a load before anything is written; and folder-to-folder conversion,
+one tensor in memory at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..atomic import atomic_open, remove_durably
+from ..config import CONFIG_FILES, BagelConfig
+from ..keys import strip_root, to_native_key
+from ..manifest import MODEL_FILE
+from ..plan import unroot
+from ..safetensors_io import (
+    TensorSpec,
+    layout_order,
+    spec_of,
+    stream_safetensors,
+    write_safetensors,
+)
+from .files import INDEX_FILE
+from .load import read_jobs, read_tensor
+from .report import build_report
+
+logger = logging.getLogger(__name__)
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as ``"5GB"`` or ``"500MiB"``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str) and (m := re.fullmatch(r"\s*([0-9]+)\s*([A-Za-z]*)\s*", size)):
+        unit = m.group(2).upper()
+        if unit not in _UNITS:
+            raise ValueError(f"unknown size unit in {size!r}; use B, KB, MB, GB, KiB, MiB or GiB")
+        value = int(m.group(1)) * _UNITS[unit]
+    else:
+        raise ValueError(
+            f"max_shard_size must be a byte count or a string like '5GB', got {size!r}"
+        )
+    if value < 1:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _shards(specs: Iterable[TensorSpec], limit: int) -> list[list[TensorSpec]]:
+    """Greedy split in layout order; a tensor larger than ``limit`` gets a shard of its own."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in layout_order(specs):
+        if shards[-1] and size + spec.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def save_bagel_checkpoint(
+    native_state_dict: Mapping[str, torch.Tensor],
+    out_dir: str | os.PathLike[str],
+    *,
+    stage: object = "stage2",
+    max_shard_size: int | str | None = None,
+    strict: bool = True,
+    config: BagelConfig | None = None,
+) -> list[Path]:
+    """Write a native state dict as an HF-layout BAGEL checkpoint; return the files written.
+
+    Keys must be under the ``model.`` root (``._extra_state`` entries are dropped); ``stage``
+    chooses what is written (``"stage2"``, the default, writes every UND and GEN tensor;
+    ``"stage1"`` only UND). Unknown keys raise under ``strict`` and are dropped with a warning
+    otherwise, as on loading. With a
+    ``config`` the tensors are validated like a load (shapes, missing keys under ``strict``) and
+    the three config files are written too. Without ``max_shard_size`` one ``ema.safetensors``
+    is written; with it, ``model-0000i-of-0000n.safetensors`` shards and
+    ``model.safetensors.index.json`` (written last). Every file is written atomically
+    (temporary file, fsync, rename), with ``__metadata__ {"format": "pt"}``; shards are all
+    written before any is renamed and the old index is removed first, so a crash never leaves
+    an index over shards of two saves. Every value (except dropped ``._extra_state``) must be a
+    tensor a safetensors file can hold, kept by the stage or not:
+    :class:`~bagelverify.errors.UnsupportedTensorError` otherwise, before anything is written.
+    """
+    hf = unroot(native_state_dict)  # the report below checks the keys, strict or not
+    specs = {key: spec_of(key, tensor) for key, tensor in hf.items()}
+    return write_bagel_checkpoint(
+        specs,
+        hf.__getitem__,
+        out_dir,
+        stage=stage,
+        max_shard_size=max_shard_size,
+        strict=strict,
+        config=config,
+    )
+
+
+KeyLayout = Literal["hf", "native"]
+"""Key names a written checkpoint uses: HF keys, or native keys under the ``model.`` root."""
+
+
+def write_bagel_checkpoint(
+    specs: Mapping[str, TensorSpec],
+    fetch: Callable[[str], torch.Tensor],
+    out_dir: str | os.PathLike[str],
+    *,
+    stage: object = "stage2",
+    max_shard_size: int | str | None = None,
+    strict: bool = True,
+    config: BagelConfig | None = None,
+    keys: KeyLayout = "hf",
+) -> list[Path]:
+    """Write a checkpoint described by its specs, fetching one tensor at a time.
+
+    ``specs`` maps HF key -> :class:`TensorSpec`; ``fetch(hf_key)`` returns that tensor and is
+    called once per written tensor, in file order, and its result released after writing, so
+    peak memory is about the largest tensor. Validation, stage selection, sharding and files
+    are those of :func:`save_bagel_checkpoint`; ``keys="native"`` names the tensors by their
+    native (``model.``-rooted) keys instead of their HF keys.
+    """
+    if config is not None and not isinstance(config, BagelConfig):
+        raise TypeError(
+            f"config must be a bagelverify.BagelConfig (written as the checkpoint's config "
+            f"files), got {type(config).__name__}; use BagelConfig.from_pretrained(folder)"
+        )
+    report = build_report(specs, stage=stage, config=config, source=str(out_dir))
+    report.raise_for_problems(strict=strict)
+    report.plan.log(strict=strict)
+    names = {
+        key: (native if keys == "native" else key) for key, native in report.plan.native.items()
+    }
+    kept = [TensorSpec(names[key], specs[key].dtype, specs[key].shape) for key in names]
+    by_name = {name: key for key, name in names.items()}
+
+    def fetch_by_name(name: str) -> torch.Tensor:
+        return fetch(by_name[name])
+
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if max_shard_size is None:
+        target = directory / MODEL_FILE
+        write_safetensors(target, kept, fetch_by_name)
+        written.append(target)
+    else:
+        if (directory / MODEL_FILE).exists():
+            raise FileExistsError(
+                f"{directory / MODEL_FILE} exists and would shadow the sharded checkpoint "
+                "(ema.safetensors wins when loading); remove it or save to another folder"
+            )
+        shards = _shards(kept, parse_size(max_shard_size))
+        weight_map: dict[str, str] = {}
+        # Every shard is complete and fsync'ed under a temporary name before the old index is
+        # removed and the shards renamed: a crash leaves the previous checkpoint, or no index
+        # (a loud FileNotFoundError), never an index over a mix of old and new shards.
+        with contextlib.ExitStack() as renames:
+            for number, shard in enumerate(shards, start=1):
+                name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+                handle = renames.enter_context(atomic_open(directory / name))
+                stream_safetensors(handle, shard, fetch_by_name)
+                handle.flush()
+                os.fsync(handle.fileno())
+                weight_map.update((spec.name, name) for spec in shard)
+                written.append(directory / name)
+            remove_durably(directory / INDEX_FILE)
+        index = {
+            "metadata": {"total_size": sum(spec.nbytes for spec in kept)},
+            "weight_map": {spec.name: weight_map[spec.name] for spec in kept},
+        }
+        with atomic_open(directory / INDEX_FILE) as handle:
+            handle.write((json.dumps(index, indent=2) + "\n").encode("utf-8"))
+        written.append(directory / INDEX_FILE)
+    if config is not None:
+        config.save_pretrained(directory)
+        written.extend(directory / name for name in CONFIG_FILES)
+    logger.info("%s: wrote %d tensors (%s)", directory, len(kept), report.stage)
+    return written
+
+
+def convert_checkpoint(
+    src_dir: str | os.PathLike[str],
+    dst_dir: str | os.PathLike[str],
+    *,
+    stage: object = "stage2",
+    keys: KeyLayout = "hf",
+    max_shard_size: int | str | None = None,
+    strict: bool = True,
+    config: BagelConfig | None = None,
+    convert_conv_patch_embedding: bool = False,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> list[Path]:
+    """Rewrite a checkpoint folder with HF or native keys, streaming one tensor at a time.
+
+    The source (HF- or native-keyed, single file or sharded) is validated from its headers like
+    a load; each kept tensor is then read into a fresh buffer, written and released, so peak
+    memory is about the largest tensor, never the checkpoint. The config (``config`` if given,
+    else the source's config files) is written with the tensors. ``on_tensor(hf_key, nbytes)``
+    is called after each tensor is read (for progress). Returns the files written.
+    """
+    report, jobs = read_jobs(
+        src_dir,
+        stage=stage,
+        strict=strict,
+        config=config,
+        convert_conv=convert_conv_patch_embedding,
+    )
+    specs = {
+        strip_root(native): TensorSpec(strip_root(native), job.info.dtype, job.shape)
+        for native, job in jobs.items()
+    }
+
+    def fetch(hf_key: str) -> torch.Tensor:
+        job = jobs[to_native_key(hf_key)]
+        out = read_tensor(job)
+        if on_tensor is not None:
+            on_tensor(hf_key, job.info.nbytes)
+        return out
+
+    return write_bagel_checkpoint(
+        specs,
+        fetch,
+        dst_dir,
+        stage=report.stage,
+        max_shard_size=max_shard_size,
+        strict=strict,
+        config=report.config,
+        keys=keys,
+    )

@@ -1,0 +1,113 @@
+"""Agreement between ranks: every rank learns whether any rank's checks failed, or whether the
+ranks pass different state dicts, in one small collective before DCP starts."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch.distributed as dist
+
+from ..errors import BagelError, DistributedMismatchError, format_examples
+
+
+def quietly(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a DCP call that was asked for ``no_dist`` without its warning that it is not
+    distributed (which it was told)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return call(*args, **kwargs)
+
+
+def world(process_group: dist.ProcessGroup | None) -> tuple[bool, int]:
+    """(whether to coordinate with other ranks, this rank's number)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False, 0
+    return True, dist.get_rank(process_group)
+
+
+def _transportable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling, else a :class:`BagelError` carrying its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return BagelError(f"{type(error).__name__}: {error}")
+    return error
+
+
+def agree(
+    error: BaseException | None,
+    destinations: Mapping[str, Any],
+    process_group: dist.ProcessGroup | None,
+) -> None:
+    """Raise on every rank if any rank failed its checks or requests different tensors.
+
+    One ``all_gather_object`` that every rank reaches whatever its own outcome, before any DCP
+    collective: a rank whose checks failed re-raises its own error, the others the first failing
+    rank's (same class, same message), so no rank is left waiting for a peer that gave up.
+    """
+    coordinated, rank = world(process_group)
+    if not coordinated:
+        if error is not None:
+            raise error
+        return
+    size = dist.get_world_size(process_group)
+    verdicts: list[Any] = [None] * size
+    sent = None if error is None else _transportable(error)
+    dist.all_gather_object(verdicts, (sent, _fingerprint(destinations)), group=process_group)
+    if error is not None:
+        raise error
+    for other, (remote, _) in enumerate(verdicts):
+        if remote is not None:
+            if hasattr(remote, "add_note"):
+                remote.add_note(f"(raised by the checks on rank {other}; this is rank {rank})")
+            raise remote
+    if len({remote_print for _, remote_print in verdicts}) > 1:
+        # every rank sees the same fingerprints, so every rank takes this second gather
+        described: list[Any] = [None] * size
+        dist.all_gather_object(described, _describe(destinations), group=process_group)
+        raise DistributedMismatchError(
+            "the ranks pass different state dicts: "
+            + "; ".join(_differences(described))
+            + ". Every rank must pass the same model's full state dict (sharded values are "
+            "fine); DCP would hang or fail otherwise."
+        )
+
+
+def _describe(destinations: Mapping[str, Any]) -> dict[str, str]:
+    """Key -> ``"<global shape> <dtype>"`` (the type name for non-tensors)."""
+    out = {}
+    for key, value in destinations.items():
+        kind = getattr(value, "dtype", type(value).__name__)
+        out[key] = f"{list(getattr(value, 'shape', ()))} {kind}"
+    return out
+
+
+def _fingerprint(destinations: Mapping[str, Any]) -> str:
+    """A digest of :func:`_describe`, in key order."""
+    digest = hashlib.sha256()
+    for key, text in sorted(_describe(destinations).items()):
+        digest.update(f"{key}\0{text}\n".encode())
+    return digest.hexdigest()
+
+
+def _differences(described: Sequence[Mapping[str, str]]) -> list[str]:
+    """How each rank's state dict differs from rank 0's, one phrase per differing rank."""
+    base = described[0]
+    phrases = []
+    for rank, other in enumerate(described[1:], start=1):
+        parts = []
+        if lacks := [k for k in base if k not in other]:
+            parts.append(f"lacks {len(lacks)} of rank 0's keys ({format_examples(lacks)})")
+        if extra := [k for k in other if k not in base]:
+            parts.append(f"has {len(extra)} keys rank 0 lacks ({format_examples(extra)})")
+        if changed := [
+            f"{k} {base[k]} vs {other[k]}" for k in base if other.get(k, base[k]) != base[k]
+        ]:
+            parts.append(f"{len(changed)} differ from rank 0's ({format_examples(changed)})")
+        if parts:
+            phrases.append(f"rank {rank} " + ", ".join(parts))
+    return phrases

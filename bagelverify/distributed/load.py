@@ -1,0 +1,127 @@
+"""Filling a (possibly ``DTensor``-sharded) state dict in place through DCP."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ..checkpoint import Cast, ReadJob, ReadJobs, check_destinations, read_jobs, read_tensor
+from .agreement import agree, quietly, world
+from .reader import BagelHFStorageReader
+
+logger = logging.getLogger(__name__)
+
+
+class DistributedLoadResult(NamedTuple):
+    """What :func:`load_bagel_checkpoint_distributed` did on this rank."""
+
+    missing_keys: list[str]
+    """Destination keys the checkpoint does not provide (left untouched; only without strict)."""
+    unexpected_keys: list[str]
+    """Kept checkpoint keys (native) that the destination has no tensor for (not read)."""
+    bytes_read: int
+    """Bytes of tensor data this rank copied out of the checkpoint files."""
+    bytes_loaded: int
+    """Bytes of the loaded tensors in full (what one rank holding everything would read)."""
+
+
+def _fill_converted(jobs: ReadJobs, destinations: Mapping[str, torch.Tensor]) -> None:
+    """Load Conv2d patch-embedding weights converted to Linear: every rank reads the (small)
+    tensor whole, converts it, and keeps its own shard."""
+    for key, job in jobs.items():
+        full = read_tensor(job)
+        destination = destinations[key]
+        with torch.no_grad():
+            if isinstance(destination, DTensor):
+                local = distribute_tensor(
+                    full.to(destination.device),
+                    destination.device_mesh,
+                    destination.placements,
+                    src_data_rank=None,
+                ).to_local()
+                destination.to_local().copy_(local)
+            else:
+                destination.copy_(full)
+
+
+def load_bagel_checkpoint_distributed(
+    model_state_dict: Mapping[str, torch.Tensor],
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    stage: object = "stage1",
+    strict: bool = True,
+    config: Any = None,
+    cast: Cast = "lossless",
+    convert_conv_patch_embedding: bool = False,
+    process_group: dist.ProcessGroup | None = None,
+    thread_count: int = 1,
+) -> DistributedLoadResult:
+    """Fill a native state dict whose values may be sharded ``DTensor`` s, in place, through DCP.
+
+    Call it on every rank with the same keys (e.g. ``model.state_dict()`` of an FSDP2 model).
+    Checks are those of :func:`bagelverify.checkpoint.load_into`, in the same code: the folder is
+    validated from its headers (unknown keys, missing keys, config shapes), then the destinations
+    against it (key sets under ``strict``, global shapes, dtypes as ``cast`` allows). Any failure
+    raises the same error on every rank before DCP starts. Then
+    :func:`torch.distributed.checkpoint.load` with :class:`BagelHFStorageReader` copies into each
+    rank's local shards only the slices they hold. Without an initialised process group it loads
+    in this process alone.
+    """
+    destinations: Mapping[str, torch.Tensor] = model_state_dict
+    error: BaseException | None = None
+    common: dict[str, ReadJob] = {}
+    missing: list[str] = []
+    unexpected: list[str] = []
+    try:
+        _, jobs = read_jobs(
+            checkpoint_dir,
+            stage=stage,
+            strict=strict,
+            config=config,
+            convert_conv=convert_conv_patch_embedding,
+        )
+        common, incompatible = check_destinations(
+            jobs, destinations, checkpoint_dir, strict=strict, cast=cast
+        )
+        missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
+    except Exception as caught:  # any failure must reach the other ranks, not strand them
+        error = caught
+    agree(error, destinations, process_group)
+
+    converted = {key: job for key, job in common.items() if job.convert}
+    direct = {key: job for key, job in common.items() if not job.convert}
+    # DCP addresses tensors by checkpoint (HF) key: map each native destination to its name.
+    by_name = {info.name: destinations[key] for key, (info, _) in direct.items()}
+    reader = BagelHFStorageReader(
+        {info.name: info for info, _ in direct.values()}, thread_count=thread_count
+    )
+    coordinated, rank = world(process_group)
+    quietly(
+        dcp_load,
+        by_name,
+        storage_reader=reader,
+        planner=DefaultLoadPlanner(allow_partial_load=False),
+        process_group=process_group,
+        no_dist=not coordinated,
+    )
+    _fill_converted(converted, destinations)
+    bytes_read = reader.bytes_read + sum(info.nbytes for info, _ in converted.values())
+    total = sum(info.nbytes for info, _ in common.values())
+    logger.info(
+        "rank %d: loaded %d tensors from %s, reading %d of their %d bytes (%.1f%%)",
+        rank,
+        len(common),
+        checkpoint_dir,
+        bytes_read,
+        total,
+        100.0 * bytes_read / total if total else 0.0,
+    )
+    return DistributedLoadResult(missing, unexpected, bytes_read, total)
