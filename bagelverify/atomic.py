@@ -16,10 +16,13 @@ file keeps its mode.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
 import secrets
+import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +63,21 @@ def is_temporary_name(path: Path, name: str) -> bool:
         + f"[0-9a-f]{{{2 * _TOKEN_BYTES}}}"
         + re.escape(TEMPORARY_SUFFIX)
     )
+    return re.fullmatch(pattern, name) is not None
+
+
+STAGING_MARKER = ".partial-"
+"""Fixed part of every staging folder's name (:func:`staging_folder`), before its token."""
+
+
+def staging_name(path: Path) -> str:
+    """A fresh staging-folder name for ``path``: ``.<name>.partial-<16 hex digits>``."""
+    return f".{path.name}{STAGING_MARKER}{secrets.token_hex(_TOKEN_BYTES)}"
+
+
+def is_staging_name(path: Path, name: str) -> bool:
+    """Whether ``name`` has exactly the shape of a :func:`staging_name` of ``path``."""
+    pattern = re.escape(f".{path.name}{STAGING_MARKER}") + f"[0-9a-f]{{{2 * _TOKEN_BYTES}}}"
     return re.fullmatch(pattern, name) is not None
 
 
@@ -120,6 +138,76 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def remove_stale_staging(path: str | os.PathLike[str], where: Path) -> list[Path]:
+    """Delete the staging folders of dead writers of ``path`` found in the folder ``where``.
+
+    Only names of exactly the :func:`staging_name` shape are candidates, and only those no live
+    writer holds (writers ``flock`` their folder) and untouched for :data:`STALE_AFTER_SECONDS`.
+    Best effort, like :func:`remove_stale_temporaries`. Returns what was removed.
+    """
+    path = Path(path)
+    removed: list[Path] = []
+    try:
+        names = [n for n in os.listdir(where) if is_staging_name(path, n)]
+    except OSError:
+        return removed
+    for name in names:
+        candidate = where / name
+        try:
+            if candidate.is_dir() and not candidate.is_symlink() and _is_abandoned(candidate):
+                shutil.rmtree(candidate)
+                removed.append(candidate)
+                logger.info("removed %s, left by an interrupted write of %s", candidate, path)
+        except OSError as error:
+            logger.debug("could not check or remove %s: %s", candidate, error)
+    return removed
+
+
+@contextlib.contextmanager
+def staging_folder(path: str | os.PathLike[str], where: Path) -> Iterator[Path]:
+    """A new, locked, hidden folder in ``where`` in which to build ``path``; removed on exit
+    (whatever is still in it: a finished build moves its files out first).
+
+    Stale staging folders of earlier, killed builds of ``path`` in ``where`` are removed first
+    (:func:`remove_stale_staging`). The folder gets the usual mode (``0o777`` less the umask).
+    """
+    path = Path(path)
+    remove_stale_staging(path, where)
+    while True:
+        folder = where / staging_name(path)
+        try:
+            folder.mkdir(mode=0o777)
+            break
+        except FileExistsError:  # pragma: no cover - a 64-bit token collided
+            continue
+    try:
+        with folder_lock(folder):  # a new folder: never contended; saves into it re-enter
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def move_into_place(source: Path, target: Path) -> None:
+    """Rename ``source`` over ``target``; across file systems (``EXDEV``), copy it next to
+    ``target`` under a temporary name, fsync, rename that over ``target`` and delete ``source``,
+    so ``target`` is still replaced in one step on its own file system."""
+    try:
+        os.replace(source, target)
+        return
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+    if source.is_dir():
+        raise OSError(
+            errno.EXDEV,
+            f"cannot move the folder {source} to {target}: they are on different file systems",
+        )
+    with atomic_open(target) as handle, open(source, "rb") as original:
+        shutil.copyfileobj(original, handle, 16 << 20)
+    shutil.copymode(source, target)
+    source.unlink()
+
+
 def _create_temporary(path: Path) -> tuple[int, Path]:
     """Create a new, empty temporary file for ``path`` (mode ``0o666`` less the umask)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -171,21 +259,47 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     _fsync_directory(path.parent)
 
 
+_held_guard = threading.Lock()
+_held: dict[tuple[int, int], tuple[threading.RLock, list[int]]] = {}
+"""Folders this process holds a :func:`folder_lock` on: (device, inode) -> (a lock for this
+process's threads, [how deep the holding thread has nested])."""
+
+
 @contextlib.contextmanager
 def folder_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the folder ``directory`` itself for the block (nothing is
     created in it), waiting for another writer of the folder to finish first. Every save into a
     folder holds it for its whole run (files, index, renames, clean-up), so two saves never
-    interleave. Without ``fcntl`` (Windows) nothing is locked."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(directory, flags)
-    try:
-        if fcntl is not None:
+    interleave. Re-entrant in one thread (a save into a staging folder its caller holds); other
+    threads of the process wait like other processes. Without ``fcntl`` (Windows) only this
+    process's threads are serialised."""
+    stats = os.stat(directory)
+    key = (stats.st_dev, stats.st_ino)
+    with _held_guard:
+        thread_lock, depth = _held.setdefault(key, (threading.RLock(), [0]))
+    with thread_lock:
+        if depth[0]:
+            depth[0] += 1
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                logger.info("%s: waiting for another save into this folder to finish", directory)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+                yield
+            finally:
+                depth[0] -= 1
+            return
+        flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(directory, flags)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    logger.info(
+                        "%s: waiting for another writer of this folder to finish", directory
+                    )
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            depth[0] = 1
+            try:
+                yield
+            finally:
+                depth[0] = 0
+        finally:
+            os.close(fd)  # releases the lock

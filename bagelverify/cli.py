@@ -18,16 +18,19 @@ exit code 2 (a traceback only with ``--debug``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from types import FrameType
 from typing import NoReturn
 
-from .errors import StageError
-from .stage import Stage, normalize_stage
+from .stage import Stage
 
 #: Command name -> (module implementing it, one line for the command list), in list order.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -75,25 +78,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+STAGE_SPELLINGS: dict[str, Stage] = {
+    "1": "stage1",
+    "2": "stage2",
+    "stage1": "stage1",
+    "stage2": "stage2",
+}
+"""What ``--stage`` accepts, exactly as written (``--help`` names each)."""
+
+
 def _stage(text: str) -> Stage:
-    try:
-        return normalize_stage(text)
-    except StageError:
+    found = STAGE_SPELLINGS.get(text)
+    if found is None:
         raise argparse.ArgumentTypeError(
             f"invalid stage {text!r}: use 1 (understanding) or 2 (understanding + generation)"
-        ) from None
+            " (stage1 and stage2 are accepted too)"
+        )
+    return found
 
 
 def add_stage_argument(parser: argparse.ArgumentParser, *, default: Stage | None = None) -> None:
-    """``--stage 1|2`` (also ``stage1``/``stage2``), parsed to ``"stage1"``/``"stage2"``."""
+    """``--stage 1|2`` (or exactly ``stage1``/``stage2``), parsed to ``"stage1"``/``"stage2"``."""
     parser.add_argument(
         "--stage",
         type=_stage,
         default=default,
         required=default is None,
         metavar="{1,2}",
-        help="1: understanding keys (UND); 2: UND + generation keys (GEN)"
-        + ("" if default is None else f" (default {default[-1]})"),
+        help="1: understanding keys (UND); 2: UND + generation keys (GEN); stage1 and stage2 "
+        "are accepted too" + ("" if default is None else f" (default {default[-1]})"),
     )
 
 
@@ -111,6 +124,40 @@ class _OneLineFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         return " ".join(part.strip() for part in super().formatMessage(record).splitlines())
+
+
+class _OnceFilter(logging.Filter):
+    """Lets each distinct message through once per run: a check that the library makes twice
+    (once to validate, once while writing) warns once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt while a command runs, so that it cleans up (staging
+    folders, the demo's folder) and reports "interrupted" as for Ctrl-C."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def one_line(error: BaseException) -> str:
@@ -160,11 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(words)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_OnceFilter())
     quiet = getattr(args, "quiet", False)
     level = logging.DEBUG if args.debug else logging.ERROR if quiet else logging.WARNING
     logging.basicConfig(level=level, handlers=[handler])
     try:
-        return int(args.run(args))
+        with terminate_as_interrupt():
+            return int(args.run(args))
     except KeyboardInterrupt:
         print("bagelverify: interrupted", file=sys.stderr)
         return EXIT_ERROR

@@ -22,6 +22,11 @@ def format_examples(
     return f"{shown} (and {rest} more)" if rest > 0 else shown
 
 
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """``1 key``, ``1,223 keys``: the count with thousands separators and the noun agreeing."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
+
+
 class BagelError(Exception):
     """Base class of every bagelverify error."""
 

@@ -20,6 +20,7 @@ from .errors import (
     PatternError,
     RootError,
     UnknownKeysError,
+    counted,
     format_examples,
 )
 from .families import und_twin
@@ -94,7 +95,9 @@ class Plan:
         if self.collisions:
             found.append(
                 KeyCollisionError(
-                    f"{len(self.collisions)} keys occur both unrooted and under the {ROOT!r} root: "
+                    f"{counted(len(self.collisions), 'key')} "
+                    f"{'occurs' if len(self.collisions) == 1 else 'occur'} both unrooted and "
+                    f"under the {ROOT!r} root: "
                     f"{format_examples(self.collisions)}; both would load into the same parameter. "
                     "Remove one of each pair from the state dict.",
                     self.collisions,
@@ -103,7 +106,8 @@ class Plan:
         if strict and self.unknown:
             found.append(
                 UnknownKeysError(
-                    f"{len(self.unknown)} keys match no BAGEL key family: "
+                    f"{counted(len(self.unknown), 'key')} "
+                    f"{'matches' if len(self.unknown) == 1 else 'match'} no BAGEL key family: "
                     f"{format_examples(self.unknown)}. Check that this is a BAGEL-7B-MoT "
                     "checkpoint (ema.safetensors), or pass strict=False to drop them with a "
                     "warning.",
@@ -114,7 +118,8 @@ class Plan:
             missing = [und for _, und in self.twin_violations]
             found.append(
                 MissingKeysError(
-                    f"{self.stage}: {len(missing)} GEN keys lack their UND twin, e.g. "
+                    f"{self.stage}: GEN keys lack their UND twin "
+                    f"({counted(len(missing), 'key')}), e.g. "
                     f"{format_examples(self.twin_violations)} as (GEN key, missing UND key). "
                     "The checkpoint is incomplete; pass strict=False to load it anyway.",
                     missing,
@@ -133,15 +138,15 @@ class Plan:
         dropped = self.dropped
         if dropped[Bucket.UNKNOWN] and not strict:
             logger.warning(
-                "dropping %d keys that match no BAGEL key family: %s",
-                len(self.unknown),
+                "dropping %s of no BAGEL key family: %s",
+                counted(len(self.unknown), "key"),
                 format_examples(self.unknown),
             )
         if self.twin_violations and not strict:
             logger.warning(
-                "%s: %d GEN keys lack their UND twin: %s",
+                "%s: %s without the UND twin: %s",
                 self.stage,
-                len(self.twin_violations),
+                counted(len(self.twin_violations), "GEN key"),
                 format_examples(self.twin_violations),
             )
         if dropped[Bucket.VAE]:

@@ -5,8 +5,9 @@ or all ``vit_model.*`` keys, repaired from the release. :func:`repair_checkpoint
 sides from their headers (the source like a load, apart from the keys it lacks; the base's
 tensors for those keys against the config's shapes), then writes every tensor of the source
 unchanged plus the missing ones from the base through the writer ``convert`` uses
-(:func:`bagelverify.checkpoint.write_bagel_checkpoint`), into a hidden folder next to ``out``
-that is renamed into place only when complete.
+(:func:`bagelverify.checkpoint.write_bagel_checkpoint`), into a hidden staging folder
+(:func:`bagelverify.atomic.staging_folder`: next to a new ``out``, inside an existing empty one
+such as a mount point) that is moved into place only when complete.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import build_report, find_config, write_bagel_checkpoint
+from .atomic import move_into_place, staging_folder
+from .checkpoint import INDEX_FILE, build_report, find_config, write_bagel_checkpoint
 from .config import BagelConfig
 from .diff import family_name
 from .errors import MissingKeysError, ShapeMismatchError, format_examples
@@ -187,8 +188,8 @@ def repair_checkpoint(
         return report
     specs = {key: TensorSpec(key, info.dtype, info.shape) for key, info in jobs.items()}
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
+    where = target if target.is_dir() else target.parent  # an existing OUT may be a mount point
+    with staging_folder(target, where) as staging:
         with TensorReader() as reader:
 
             def fetch(hf_key: str) -> torch.Tensor:
@@ -210,14 +211,11 @@ def repair_checkpoint(
         if vae is not None:
             shutil.copyfile(vae, staging / VAE_FILE)
             written.append(staging / VAE_FILE)
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700
-        if target.exists():
-            target.rmdir()
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if where == target:  # an empty OUT: the files move in, the index last
+            for path in sorted(staging.iterdir(), key=lambda p: p.name == INDEX_FILE):
+                move_into_place(path, target / path.name)
+        else:
+            move_into_place(staging, target)
     report.files = [str(target / path.name) for path in written]
     logger.info(
         "%s: %d tensors from %s, %d from %s (config from %s)",

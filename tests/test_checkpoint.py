@@ -567,14 +567,14 @@ def test_save_refuses_unknown_keys_unless_not_strict_then_drops_them(
 ) -> None:
     native = {"model." + UND[0]: torch.ones(3), "model.bogus.weight": torch.ones(2)}
     with pytest.raises(
-        UnknownKeysError, match=re.escape("1 keys match no BAGEL key family: 'bogus.weight'")
+        UnknownKeysError, match=re.escape("1 key matches no BAGEL key family: 'bogus.weight'")
     ):
         bv.save_bagel_checkpoint(native, tmp_path / "strict")
     assert not (tmp_path / "strict" / "ema.safetensors").exists()
     with caplog.at_level(logging.WARNING, logger="bagelverify"):
         bv.save_bagel_checkpoint(native, tmp_path / "lax", strict=False)
     assert list(read_header(tmp_path / "lax" / "ema.safetensors").tensors) == [UND[0]]
-    assert "dropping 1 keys that match no BAGEL key family" in caplog.text
+    assert "dropping 1 key of no BAGEL key family" in caplog.text
     assert "unchanged" not in caplog.text
 
 

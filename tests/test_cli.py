@@ -428,6 +428,7 @@ def test_force_replaces_a_sharded_checkpoint_without_leaving_stale_shards(
     assert cli.main([*argv, "--max-shard-size", "1MB"]) == 0
     assert cli.main([*argv, "--force"]) == 0
     assert sorted(p.name for p in target.iterdir()) == [
+        "ae.safetensors",  # carried from the source (issue 15, item 10)
         "config.json",
         "ema.safetensors",
         "llm_config.json",
@@ -546,6 +547,7 @@ def test_demo_interrupted_removes_its_folder(tmp_path: Path, signum: int) -> Non
 INSPECT_SCHEMA: dict[str, Any] = {
     "schema_version": int,
     "command": str,
+    "format": str,  # "safetensors" or "dcp" (issue 15, item 10)
     "stage": str,
     "clean": bool,
     "exit_code": int,

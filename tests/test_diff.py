@@ -142,7 +142,7 @@ def test_cli_diff_json_and_text(synthetic_checkpoint: SyntheticCheckpoint, tmp_p
     save_tensors(tmp_path / "ema.safetensors", tensors)
     changed = _bv("diff", synthetic_checkpoint.path, tmp_path)
     assert changed.returncode == 1, changed.stderr
-    assert "vit.fc1" in changed.stdout and "1 keys differ" in changed.stdout
+    assert "vit.fc1" in changed.stdout and "1 key differs" in changed.stdout
     assert "\x1b" not in changed.stdout + changed.stderr  # piped: plain text, no progress bar
     keys = json.loads(
         _bv("diff", synthetic_checkpoint.path, tmp_path, "--keys-only", "--json").stdout

@@ -260,3 +260,32 @@ def test_without_config_a_model_with_keys_beyond_the_release_is_not_judged_by_it
     save_tensors(folder / "ema.safetensors", tensors)
     report = bv.inspect_checkpoint(folder, stage=1)
     assert report.expected_from is None and report.missing == {}
+
+
+def test_inspect_command_checks_completeness_by_the_manifest_without_config(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    """`bagelverify inspect` on a folder without config files used to call a checkpoint missing
+    a key clean; it now uses the manifest as the API does, and says so."""
+    import subprocess
+    import sys
+
+    gone = "vit_model.vision_model.encoder.layers.3.mlp.fc1.weight"
+    folder = bare(synthetic_checkpoint, tmp_path / "nofc1", (gone,))
+    done = subprocess.run(
+        [sys.executable, "-m", "bagelverify", "inspect", str(folder), "--stage", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0, done.stdout
+    assert "completeness checked against the shipped BAGEL-7B-MoT manifest" in done.stdout
+    assert "vit.fc1: 1 key missing (layers 3)" in done.stdout
+    whole = bare(synthetic_checkpoint, tmp_path / "whole", ())
+    clean = subprocess.run(
+        [sys.executable, "-m", "bagelverify", "inspect", str(whole), "--stage", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert clean.returncode == 0, clean.stdout + clean.stderr

@@ -18,12 +18,11 @@ Methods, each timed as ``for key in keys: classify(key)`` (process CPU time):
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import math
 import platform
 import re
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -34,6 +33,7 @@ from ..config import BagelConfig
 from ..families import EXTRA_STATE, FAMILIES, FAMILY_BY_NAME, MOE_SUFFIX, Family
 from ..manifest import load_manifest
 from ..matcher import Matcher, NaiveMatcher, PatternSets, shipped_patterns
+from .render import print_json, step_progress
 
 EXAMPLE = "bagelverify bench --sizes 100000 1000000 --plot matcher.png"
 
@@ -271,14 +271,19 @@ def _timed_pass(classify: Classify, keys: Sequence[str]) -> float:
     return (_clock() - start) / len(keys)
 
 
-def run_set(key_set: KeySet, repeat: int, min_pass: int = MIN_PASS_KEYS) -> SetResult:
+def run_set(
+    key_set: KeySet,
+    repeat: int,
+    min_pass: int = MIN_PASS_KEYS,
+    on_pass: Callable[[], None] | None = None,
+) -> SetResult:
     """Time every method on one key set.
 
     Per method: build it (timed), then one first pass over fresh keys (timed; for the compiled
     matcher the memo is empty) whose answers must equal the naive ones. Then ``repeat`` rounds,
     each timing one pass of every method in turn over fresh keys (at least ``min_pass`` keys,
     repeating small sets), so that a load change on the machine hits all methods alike; the
-    median pass is the result.
+    median pass is the result. ``on_pass`` is called after each pass (for progress).
     """
     encoded = [key.encode() for key in key_set.keys]
     copies = max(1, math.ceil(min_pass / len(encoded)))
@@ -299,9 +304,13 @@ def run_set(key_set: KeySet, repeat: int, min_pass: int = MIN_PASS_KEYS) -> SetR
         if wrong:
             raise AssertionError(f"{name} disagrees with naive on {len(wrong)} keys: {wrong[:3]}")
         results[name] = MethodResult(build_ms, first_ns, 0.0)
+        if on_pass is not None:
+            on_pass()
     for _ in range(repeat):
         for name, classify in classifiers.items():
             results[name].runs_ns.append(_timed_pass(classify, _fresh(encoded, copies)))
+            if on_pass is not None:
+                on_pass()
     naive, floor = (statistics.median(results[n].runs_ns) for n in ("naive", "dict.get"))
     for result in results.values():
         result.median_ns = statistics.median(result.runs_ns)
@@ -444,22 +453,27 @@ def run(args: argparse.Namespace) -> int:
     if repeat < 1 or any(size < 1 for size in sizes) or args.experts < 1:
         raise ValueError("--repeat, --sizes and --experts must be positive")
     results: list[SetResult] = []
-    for key_set in key_sets(sizes, args.experts):
-        if not (args.json or args.quiet):
-            print(f"timing {key_set.name} ({len(key_set.keys):,} keys)...", file=sys.stderr)
-        results.append(run_set(key_set, repeat, QUICK_MIN_PASS if args.quick else MIN_PASS_KEYS))
+    passes = (1 + len(sizes)) * len(METHOD_NAMES) * (1 + repeat)  # the manifest, then each size
+    with step_progress(passes, "building key sets", quiet=args.quiet) as advance:
+        for key_set in key_sets(sizes, args.experts):
+            what = f"timing {key_set.name} ({len(key_set.keys):,} keys)"
+            advance(what, 0)
+            on_pass = functools.partial(advance, what, 1)
+            min_pass = QUICK_MIN_PASS if args.quick else MIN_PASS_KEYS
+            results.append(run_set(key_set, repeat, min_pass, on_pass=on_pass))
     checked = targets(results)
     if args.plot:
         plot(results, args.plot)
     if args.json:
         document: dict[str, Any] = {
+            "command": "bench",
             "python": platform.python_version(),
             "machine": platform.machine(),
             "repeat": repeat,
             "sets": [asdict(result) for result in results],
             "targets": [asdict(target) for target in checked],
         }
-        print(json.dumps(document, indent=2))
+        print_json(document)
     elif not args.quiet:
         print(format_table(results))
         for target in checked:

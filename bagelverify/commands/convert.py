@@ -4,27 +4,39 @@ Safetensors -> safetensors streams one tensor at a time
 (:func:`bagelverify.checkpoint.convert_checkpoint`): peak memory is about the largest tensor.
 To DCP (:func:`bagelverify.hf_to_dcp`) and from DCP (:func:`bagelverify.dcp_to_hf`) one tensor
 at a time.
-The output is written into a hidden staging folder next to ``DST`` and moved into place only when
-complete, so an interrupted run never leaves a partial checkpoint under ``DST``; an existing
-checkpoint in ``DST`` is replaced only with ``--force``.
+The output is written into a hidden staging folder (``.DST.partial-<token>``) on ``DST``'s own file
+system -- inside an existing ``DST`` (a mount point, say), else next to it -- and moved into place
+only when complete, so an interrupted run (Ctrl-C, SIGTERM) never leaves a partial checkpoint
+under ``DST``; a later run removes the staging folders of killed ones
+(:func:`bagelverify.atomic.staging_folder`). An existing checkpoint in ``DST`` is replaced only
+with ``--force``. ``ae.safetensors`` (the VAE) is carried over from ``SRC`` when it has one.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from ..atomic import move_into_place, remove_stale_staging, staging_folder
 from ..checkpoint import INDEX_FILE, convert_checkpoint, inspect_checkpoint
 from ..cli import UsageError, add_stage_argument, one_line
 from ..config import CONFIG_FILES, BagelConfig
-from ..errors import BagelError
-from ..manifest import MODEL_FILE
-from .render import Printer, byte_progress, human_bytes, print_json
+from ..errors import BagelError, counted
+from ..manifest import MODEL_FILE, VAE_FILE
+from ..safetensors_io import read_header
+from .arguments import (
+    DCP_METADATA,
+    NOT_WRITABLE,
+    checkpoint_folder,
+    config_folder,
+    not_writable,
+    shard_size,
+)
+from .render import Printer, activity, byte_progress, human_bytes, print_json
 
 EXAMPLE = "bagelverify convert /ckpt/BAGEL-7B-MoT /ckpt/bagel-stage1 --stage 1 --to native"
 
@@ -33,15 +45,11 @@ class NotCleanError(BagelError, ValueError):
     """The source checkpoint would not load strictly for the stage (see ``inspect``)."""
 
 
-DCP_METADATA = ".metadata"
-"""The file that marks a torch.distributed.checkpoint folder."""
-
-
 def checkpoint_files(folder: Path) -> list[Path]:
     """Files in ``folder`` that belong to a checkpoint and that a conversion would replace."""
     if not folder.is_dir():
         return []
-    names = {MODEL_FILE, INDEX_FILE, DCP_METADATA, *CONFIG_FILES}
+    names = {MODEL_FILE, INDEX_FILE, DCP_METADATA, VAE_FILE, *CONFIG_FILES}
     return sorted(
         path
         for path in folder.iterdir()
@@ -52,25 +60,30 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 def _publish(staging: Path, target: Path, replaced: list[Path]) -> None:
-    """Move a finished staging folder to ``target``.
+    """Move a finished staging folder's files to ``target``.
 
-    A new ``target`` is the renamed staging folder. Into an existing folder, the old checkpoint
-    files are removed first, then each new file is renamed in, the index (or DCP metadata) last,
-    so the folder never pairs an index with missing shards.
+    A staging folder beside ``target`` is renamed to be the new ``target``. One inside an
+    existing ``target`` has its files moved up after the old checkpoint files are removed, the
+    index (or DCP metadata) last, so the folder never pairs an index with missing shards; each
+    move is a rename, or a copy and rename where the file system refuses (``EXDEV``).
     """
-    if not target.exists():
-        os.replace(staging, target)
+    if staging.parent != target:
+        move_into_place(staging, target)
         return
     for path in replaced:
         path.unlink()
     last = {INDEX_FILE, DCP_METADATA}
     for path in sorted(staging.iterdir(), key=lambda p: p.name in last):
-        os.replace(path, target / path.name)
-    staging.rmdir()
+        move_into_place(path, target / path.name)
 
 
 def _check_paths(args: argparse.Namespace) -> tuple[Path, Path, list[Path]]:
-    source, target = Path(args.src), Path(args.dst)
+    source, weights = checkpoint_folder(args.src, "SRC")
+    if weights == "model" and args.weights is None and (source / MODEL_FILE).is_file():
+        args.weights = weights  # the folder's default would be its ema.safetensors
+    elif weights is not None and args.weights not in (None, weights):
+        raise UsageError(f"SRC {args.src} is the {weights} weights, but --weights {args.weights}")
+    target = Path(args.dst)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such checkpoint folder")
     if args.from_format != "dcp" and (source / DCP_METADATA).is_file():
@@ -150,27 +163,29 @@ def _convert(
     if args.from_format == "dcp" or args.to == "dcp":
         from ..distributed import dcp_to_hf, hf_to_dcp
 
-        if args.to == "dcp":
-            count = hf_to_dcp(source, staging, stage=args.stage, strict=strict, config=config)
-        else:
-            count = dcp_to_hf(
-                source,
-                staging,
-                stage=args.stage,
-                strict=strict,
-                config=config,
-                max_shard_size=args.max_shard_size,
-            )
+        what = f"{args.stage}: {args.from_format} -> {args.to}"
+        with activity(what, quiet=args.quiet):  # these report no progress of their own
+            if args.to == "dcp":
+                count = hf_to_dcp(source, staging, stage=args.stage, strict=strict, config=config)
+            else:
+                count = dcp_to_hf(
+                    source,
+                    staging,
+                    stage=args.stage,
+                    strict=strict,
+                    config=config,
+                    max_shard_size=args.max_shard_size,
+                )
         return count, -1, {}
     report = inspect_checkpoint(source, stage=args.stage, config=config)
     problems = report.problems(strict=strict, convert_conv=args.convert_conv_patch_embedding)
     if problems:
         kinds = ", ".join(type(p).__name__ for p in problems)
+        hint = "" if not strict else "; --no-strict drops unknown keys and accepts missing ones"
         raise NotCleanError(
             f"{source} is not clean for {args.stage} ({kinds}); nothing was written. First: "
             f"{one_line(problems[0])} Run `bagelverify inspect {source} --stage "
-            f"{args.stage[-1]}` for the full report; --no-strict drops unknown keys and accepts "
-            "missing ones."
+            f"{args.stage[-1]}` for the full report{hint}."
         )
     total = sum(info.nbytes for info in report.retained.values())
     done = [0, 0]
@@ -218,6 +233,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-shard-size",
+        type=shard_size,
         metavar="SIZE",
         help="write model-0000i-of-0000n.safetensors shards of at most SIZE (e.g. 5GB, 500MiB) "
         "plus model.safetensors.index.json, instead of one ema.safetensors",
@@ -265,23 +281,72 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _staging_place(target: Path) -> Path:
+    """Where to stage ``target``: inside it when it exists (so a mount point's files never
+    cross file systems), else next to it. Stale staging folders of killed runs are removed from
+    both places."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        if error.errno not in NOT_WRITABLE:
+            raise
+        raise not_writable(
+            Path(error.filename or target.parent),
+            error,
+            f"Create {target} yourself, or choose a DST under a folder you can write to.",
+        ) from error
+    remove_stale_staging(target, target.parent)
+    return target if target.is_dir() else target.parent
+
+
+def _carry_vae(source: Path, staging: Path) -> Path | None:
+    """Copy ``SRC/ae.safetensors`` (header checked first) into the output, if there is one."""
+    vae = source / VAE_FILE
+    if not vae.is_file():
+        return None
+    read_header(vae)
+    shutil.copyfile(vae, staging / VAE_FILE)
+    return vae
+
+
+def _file_list(files: list[Path]) -> str:
+    """The written files for the text output, shards summarised: ``N shards first .. last``."""
+    shards = [p for p in files if p.name.startswith("model-") and p.suffix == ".safetensors"]
+    others = [f"{p.name} ({human_bytes(p.stat().st_size)})" for p in files if p not in shards]
+    if len(shards) > 3:
+        total = sum(p.stat().st_size for p in shards)
+        others.append(
+            f"{counted(len(shards), 'shard')} {shards[0].name} .. {shards[-1].name} "
+            f"({human_bytes(total)} in all)"
+        )
+    else:
+        others += [f"{p.name} ({human_bytes(p.stat().st_size)})" for p in shards]
+    return ", ".join(others)
+
+
 def run(args: argparse.Namespace) -> int:
     """Convert; print what was written."""
     _check_formats(args)
     source, target, replaced = _check_paths(args)
-    config = BagelConfig.from_pretrained(args.config) if args.config else None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; DST gets the usual folder mode
+    config_dir = config_folder(args.config)
+    config = BagelConfig.from_pretrained(config_dir) if config_dir is not None else None
+    where = _staging_place(target)
     started = time.perf_counter()
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            staging = stack.enter_context(staging_folder(target, where))
+        except OSError as error:
+            if error.errno not in NOT_WRITABLE:
+                raise
+            fix = (
+                f"Make it writable (e.g. chmod u+w {where}; chattr -i for an immutable folder), "
+                "or choose another DST."
+            )
+            raise not_writable(where, error, fix) from error
         count, nbytes, extra = _convert(args, source, staging, config)
+        vae = _carry_vae(source, staging)
         written = sorted(p.name for p in staging.iterdir())
         _publish(staging, target, replaced)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
     files = [target / name for name in written]
     document: dict[str, Any] = {
@@ -296,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
         "replaced": [p.name for p in replaced],
         "files": [{"path": str(p), "bytes": p.stat().st_size} for p in files if p.is_file()],
         "seconds": round(seconds, 3),
+        "vae_from": None if vae is None else str(vae),
         **extra,
     }
     if args.json:
@@ -304,12 +370,11 @@ def run(args: argparse.Namespace) -> int:
     printer = Printer(quiet=args.quiet)
     size = f" ({human_bytes(nbytes)})" if nbytes >= 0 else ""
     printer.line(
-        f"wrote {count:,} tensors{size} for {args.stage} to {target} in {seconds:.1f}s "
+        f"wrote {counted(count, 'tensor')}{size} for {args.stage} to {target} in {seconds:.1f}s "
         f"({args.from_format} -> {args.to})",
         style="green",
     )
-    sizes = [f"{p.name} ({human_bytes(p.stat().st_size)})" for p in files if p.is_file()]
-    printer.line("  " + ", ".join(sizes))
+    printer.line("  " + _file_list([p for p in files if p.is_file()]))
     if extra:
         printer.line(
             f"  tensor bytes {human_bytes(extra['bytes_before'])} -> "
@@ -318,5 +383,5 @@ def run(args: argparse.Namespace) -> int:
             + "".join(f"; regenerated {key}" for key in extra["tables_regenerated"])
         )
     if replaced:
-        printer.line(f"  replaced the previous checkpoint ({len(replaced)} files)")
+        printer.line(f"  replaced the previous checkpoint ({counted(len(replaced), 'file')})")
     return 0

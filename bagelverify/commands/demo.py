@@ -10,24 +10,20 @@ also on an error, Ctrl-C or SIGTERM, unless ``--keep DIR`` names where to leave 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import shutil
-import signal
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
 
 from ..buckets import Bucket
 from ..checkpoint import convert_checkpoint, load_bagel_checkpoint_state_dict, save_bagel_checkpoint
-from ..cli import EXIT_OK, EXIT_PROBLEMS, one_line
+from ..cli import EXIT_OK, EXIT_PROBLEMS, one_line, terminate_as_interrupt
 from ..manifest import MODEL_FILE, VAE_FILE
 from ..stage import STAGE_BUCKETS, Stage
 from ..synthetic import make_synthetic_checkpoint
@@ -197,21 +193,7 @@ class Demo:
         )
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt while the demo runs, so its folder is cleaned up."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+_terminate_as_interrupt = terminate_as_interrupt  # the demo's name since it began
 
 
 def _work_folder(keep: str | None) -> Path:

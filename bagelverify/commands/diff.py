@@ -13,7 +13,9 @@ import math
 
 from ..cli import EXIT_OK, EXIT_PROBLEMS
 from ..diff import CheckpointDiff, compare_headers, diff_checkpoints
+from ..errors import counted
 from ..weights import WEIGHTS_CHOICES, open_weights
+from .arguments import checkpoint_path
 from .inspect import shown_key
 from .render import Column, Printer, byte_progress, print_json
 
@@ -95,11 +97,15 @@ def render(printer: Printer, diff: CheckpointDiff, limit: int) -> None:
     if diff.empty:
         printer.line("identical", style="green")
     else:
-        printer.line(f"{len(diff.changed_keys)} keys differ", style="yellow")
+        changed = len(diff.changed_keys)
+        verb = "differs" if changed == 1 else "differ"
+        printer.line(f"{counted(changed, 'key')} {verb}", style="yellow")
 
 
 def run(args: argparse.Namespace) -> int:
     """Compare; exit 1 when anything differs."""
+    checkpoint_path(args.a, "A")
+    checkpoint_path(args.b, "B")
     total = 0
     if not args.keys_only:
         left, right = open_weights(args.a, args.weights), open_weights(args.b, args.weights)

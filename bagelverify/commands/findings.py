@@ -34,13 +34,16 @@ class Finding:
     lines: Callable[[CheckpointReport], list[str]]
     """One printed line per listed item, keys escaped by :func:`shown_key`."""
     unchecked: str | None = None
-    """The row's text when the report has no config to check against (``None``: always checked)."""
+    """The row's text when the report has nothing to check against (``None``: always checked)."""
+    needs_config: bool = True
+    """Whether checking needs a config (else expected keys, which the manifest can supply)."""
     heading_count: Callable[[CheckpointReport], str] | None = None
     """The count in the heading, when it is not the number of lines."""
 
     def row(self, report: CheckpointReport) -> str:
         """The ``Checks`` table's value: the count, or why there is none."""
-        if self.unchecked is not None and report.config is None:
+        available = report.config is not None if self.needs_config else report.expected_from
+        if self.unchecked is not None and not available:
             return self.unchecked
         return str(self.count(report))
 
@@ -69,6 +72,7 @@ FINDINGS: tuple[Finding, ...] = (
         lambda r: len(r.missing_keys),
         lambda r: r.missing_summary(),
         unchecked="not checked",
+        needs_config=False,
         heading_count=lambda r: f"{len(r.missing_keys)} in {len(r.missing)} families",
     ),
     Finding(

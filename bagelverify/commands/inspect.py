@@ -9,17 +9,27 @@ only renders the result.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..buckets import Bucket
-from ..checkpoint import CheckpointReport, build_report, find_config, open_checkpoint
+from ..checkpoint import (
+    INDEX_FILE,
+    CheckpointReport,
+    TensorLike,
+    build_report,
+    find_config,
+    open_checkpoint,
+)
 from ..cli import EXIT_OK, EXIT_PROBLEMS, add_stage_argument
 from ..config import BagelConfig
+from ..errors import CorruptCheckpointError, counted, format_examples
 from ..manifest import VAE_FILE
-from ..safetensors_io import read_header
+from ..safetensors_io import TensorSpec, dtype_name, read_header
 from ..stage import STAGE_BUCKETS
+from .arguments import DCP_METADATA, checkpoint_path, config_folder
 from .findings import FINDINGS
 from .findings import shown_key as shown_key  # public here since the command began
 from .render import Column, Printer, human_bytes, print_json
@@ -51,6 +61,8 @@ class Inspection:
     files: list[FileSummary]
     vae_file: FileSummary | None
     config_source: str | None
+    format: str = "safetensors"
+    """``"safetensors"`` or ``"dcp"`` (a torch.distributed.checkpoint folder)."""
 
     @property
     def problems(self) -> list[Exception]:
@@ -67,6 +79,7 @@ class Inspection:
         problems = self.problems
         return {
             "command": "inspect",
+            "format": self.format,
             "stage": self.report.stage,
             "clean": not problems,
             "exit_code": self.exit_code,
@@ -92,10 +105,18 @@ def inspect_path(
     config files exist. Reads headers and config files only.
     """
     path = Path(path)
+    kind = "safetensors"
+    tensors: Mapping[str, TensorLike]
+    if path.is_file() and path.name in (DCP_METADATA, INDEX_FILE):  # the folder's own file
+        path = path.parent
     if path.is_file():
         header = read_header(path)
         tensors, source, folder = header.tensors, str(path), path.parent
         files = [FileSummary(str(path), len(header.tensors), header.file_size)]
+    elif (path / DCP_METADATA).is_file():
+        kind, folder = "dcp", path
+        tensors, files = _dcp_tensors(path)
+        source = str(path)
     else:
         found = open_checkpoint(path)
         tensors, source, folder = found.tensors, found.source, found.directory
@@ -106,10 +127,46 @@ def inspect_path(
     else:
         config = find_config(folder)
         config_source = None if config is None else str(folder)
-    report = build_report(tensors, stage=stage, config=config, source=source)
+    report = build_report(
+        tensors, stage=stage, config=config, source=source, manifest_fallback=True
+    )
     vae = folder / VAE_FILE
     vae_file = _summary(vae) if vae.is_file() and vae != path else None
-    return Inspection(report, files, vae_file, config_source)
+    return Inspection(report, files, vae_file, config_source, kind)
+
+
+def _dcp_tensors(folder: Path) -> tuple[dict[str, TensorSpec], list[FileSummary]]:
+    """The tensors a DCP folder's metadata lists (its keys as stored, ``model.``-rooted), and
+    its files (``.metadata``, then each ``.distcp`` file with the tensors it holds).
+
+    The metadata is read with the restricted unpickler; no tensor data is read."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from ..safe_pickle import load_dcp_metadata
+
+    metadata_file = folder / DCP_METADATA
+    metadata = load_dcp_metadata(metadata_file)
+    tensors: dict[str, TensorSpec] = {}
+    others: list[str] = []
+    for key, entry in metadata.state_dict_metadata.items():
+        if isinstance(entry, TensorStorageMetadata):
+            tensors[key] = TensorSpec(key, dtype_name(entry.properties.dtype), tuple(entry.size))
+        else:
+            others.append(key)
+    if others:
+        raise CorruptCheckpointError(
+            f"{metadata_file}: {counted(len(others), 'entry', 'entries')} that are not tensors "
+            f"({format_examples(others)}); a BAGEL DCP checkpoint holds the model's tensors only"
+        )
+    held: dict[str, set[str]] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        held.setdefault(info.relative_path, set()).add(index.fqn)
+    files = [FileSummary(str(metadata_file), len(tensors), metadata_file.stat().st_size)]
+    for name in sorted(held):
+        data = folder / name
+        size = data.stat().st_size if data.is_file() else 0
+        files.append(FileSummary(str(data), len(held[name]), size))
+    return tensors, files
 
 
 def _keys(printer: Printer, heading: str, items: list[str], limit: int) -> None:
@@ -127,13 +184,24 @@ def _keys(printer: Printer, heading: str, items: list[str], limit: int) -> None:
 def render(printer: Printer, inspection: Inspection, *, limit: int = DEFAULT_LIMIT) -> None:
     """Print an inspection as the ``inspect`` command does."""
     report = inspection.report
-    printer.line(f"{report.source}  ({len(report.tensors)} tensors, checked for {report.stage})")
+    kind = "DCP checkpoint, " if inspection.format == "dcp" else ""
     printer.line(
-        f"config: {inspection.config_source}"
-        if inspection.config_source
-        else "config: none found; shapes and completeness are not checked (use --config DIR)",
-        style=None if inspection.config_source else "yellow",
+        f"{report.source}  ({kind}{counted(len(report.tensors), 'tensor')}, "
+        f"checked for {report.stage})"
     )
+    if inspection.config_source:
+        printer.line(f"config: {inspection.config_source}")
+    elif report.expected_from == "manifest":
+        printer.line(
+            "config: none found; completeness checked against the shipped BAGEL-7B-MoT "
+            "manifest, shapes not checked (use --config DIR)",
+            style="yellow",
+        )
+    else:
+        printer.line(
+            "config: none found; shapes and completeness are not checked (use --config DIR)",
+            style="yellow",
+        )
     _bucket_table(printer, report)
     _sizes(printer, inspection)
     printer.heading(f"Checks ({report.stage})")
@@ -188,7 +256,7 @@ def _sizes(printer: Printer, inspection: Inspection) -> None:
         ("stage 2 reads", human_bytes(report.stage2_bytes)),
     ]
     pairs += [
-        (Path(f.path).name, f"{human_bytes(f.bytes)}, {f.tensors:,} tensors")
+        (Path(f.path).name, f"{human_bytes(f.bytes)}, {counted(f.tensors, 'tensor')}")
         for f in inspection.files
     ]
     if inspection.vae_file is not None:
@@ -196,7 +264,8 @@ def _sizes(printer: Printer, inspection: Inspection) -> None:
         pairs.append(
             (
                 Path(vae.path).name,
-                f"{human_bytes(vae.bytes)}, {vae.tensors:,} tensors (VAE, loaded separately)",
+                f"{human_bytes(vae.bytes)}, {counted(vae.tensors, 'tensor')} "
+                "(VAE, loaded separately)",
             )
         )
     printer.fields(pairs)
@@ -210,7 +279,8 @@ def _verdict(printer: Printer, inspection: Inspection) -> None:
     if not problems:
         kept = report.stage1_bytes if report.stage == "stage1" else report.stage2_bytes
         printer.line(
-            f"clean for {report.stage}: a strict load reads {len(report.plan.native):,} tensors "
+            f"clean for {report.stage}: a strict load reads "
+            f"{counted(len(report.plan.native), 'tensor')} "
             f"({human_bytes(kept)})",
             style="bold green",
         )
@@ -245,7 +315,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Render the report; exit 0 when clean for the stage, 1 otherwise."""
-    inspection = inspect_path(args.path, stage=args.stage, config_dir=args.config)
+    config_dir = config_folder(args.config)
+    path = checkpoint_path(args.path, "PATH")
+    inspection = inspect_path(path, stage=args.stage, config_dir=config_dir)
     if args.json:
         print_json(inspection.as_dict())
     else:

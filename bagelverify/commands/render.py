@@ -34,10 +34,16 @@ def human_bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def print_json(document: dict[str, Any], stream: TextIO | None = None) -> None:
-    """One JSON document with the ``schema_version`` field first."""
+def print_json(
+    document: dict[str, Any], stream: TextIO | None = None, *, ascii_only: bool = False
+) -> None:
+    """One JSON document with the ``schema_version`` field first, then ``command`` (every
+    command's document has both). ``ascii_only`` escapes every non-ASCII character (for text
+    that may hold a lone surrogate, which no terminal encoding prints)."""
+    if "command" not in document:
+        raise ValueError("a --json document names its command")
     out = {"schema_version": SCHEMA_VERSION, **document}
-    print(json.dumps(out, indent=2, ensure_ascii=False), file=stream or sys.stdout)
+    print(json.dumps(out, indent=2, ensure_ascii=ascii_only), file=stream or sys.stdout)
 
 
 @dataclass(frozen=True)
@@ -135,3 +141,62 @@ def byte_progress(total: int, description: str, *, quiet: bool) -> Iterator[Call
     ) as progress:
         task = progress.add_task(description, total=total)
         yield lambda nbytes: progress.advance(task, nbytes)
+
+
+def _ignore(_: str | None = None, steps: int = 1) -> None:
+    """Progress nobody sees."""
+
+
+@contextlib.contextmanager
+def step_progress(
+    total: int, description: str, *, quiet: bool
+) -> Iterator[Callable[[str | None, int], None]]:
+    """Yield ``advance(description=None, steps=1)``: steps done (and, if given, the new
+    description); draws a step counter with elapsed time on stderr when it is a terminal,
+    nothing otherwise."""
+    if quiet or not is_terminal(sys.stderr):
+        yield _ignore
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as progress:
+        task = progress.add_task(description, total=total)
+
+        def advance(text: str | None = None, steps: int = 1) -> None:
+            progress.update(task, advance=steps, description=text)
+
+        yield advance
+
+
+@contextlib.contextmanager
+def activity(description: str, *, quiet: bool) -> Iterator[None]:
+    """A spinner with elapsed time on stderr while the block runs, for work that reports no
+    progress of its own; only when stderr is a terminal."""
+    if quiet or not is_terminal(sys.stderr):
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    ) as progress:
+        progress.add_task(description, total=None)
+        yield

@@ -11,8 +11,10 @@ import functools
 from pathlib import Path
 
 from ..cli import add_stage_argument
+from ..errors import counted
 from ..repair import RepairReport, repair_checkpoint
 from ..weights import WEIGHTS_CHOICES
+from .arguments import checkpoint_path, config_folder, shard_size
 from .diff import add_weights_argument
 from .render import Column, Printer, byte_progress, human_bytes, print_json
 
@@ -28,7 +30,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", metavar="DIR", help="config folder (default: SRC's, else BASE's)"
     )
-    parser.add_argument("--max-shard-size", metavar="SIZE", help="write shards of at most SIZE")
+    parser.add_argument(
+        "--max-shard-size", type=shard_size, metavar="SIZE", help="write shards of at most SIZE"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
     add_weights_argument(parser)
     parser.add_argument(
@@ -48,7 +52,7 @@ def render(printer: Printer, report: RepairReport) -> None:
     printer.line()
     verb = "would write" if report.dry_run else "wrote"
     printer.line(
-        f"{verb} {report.out}: {sum(report.from_source.values())} tensors "
+        f"{verb} {report.out}: {counted(sum(report.from_source.values()), 'tensor')} "
         f"({human_bytes(report.bytes_from_source)}) from {report.source}, "
         f"{len(report.filled)} ({human_bytes(report.bytes_from_base)}) from {report.base}",
         style="green",
@@ -61,11 +65,11 @@ def run(args: argparse.Namespace) -> int:
     """Repair (or plan it); print which families came from where."""
     repair = functools.partial(
         repair_checkpoint,
-        args.src,
-        base=args.base,
+        checkpoint_path(args.src, "SRC"),
+        base=checkpoint_path(args.base, "--base"),
         out=args.out,
         stage=args.stage,
-        config=args.config,
+        config=config_folder(args.config),
         weights=args.weights,
         base_weights=args.base_weights,
         max_shard_size=args.max_shard_size,

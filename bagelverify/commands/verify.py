@@ -7,7 +7,6 @@ arguments and an optional pattern file, and prints the report.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -15,6 +14,7 @@ from ..buckets import MATCH_ORDER
 from ..errors import PatternError
 from ..strict_json import json_type, parse_json
 from ..verify import check_patterns
+from .render import print_json
 
 EXAMPLE = "bagelverify verify --json"
 
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         # ASCII escapes: a witness may hold a lone surrogate, which no terminal encoding prints
-        print(json.dumps(report.to_json(), indent=2))
+        print_json({"command": "verify", **report.to_json()}, ascii_only=True)
     elif not args.quiet:
         print(report.format())
     elif not report.ok:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from ..buckets import MATCH_ORDER
-from ..errors import UnsupportedPattern
+from ..errors import UnsupportedPattern, counted
 from .checker import Checker, Refuted
 from .obligations import Z3_CLAIMS, Claim
 from .report import FAILED, MAX_WITNESSES, PROVED, SKIPPED, UNKNOWN, Obligation, Witness
@@ -61,6 +61,12 @@ def _obligation(
     detail = claim.z3_detail
     if witnesses:
         result = FAILED
+        scope = detail.partition(":")[0]
+        first = witnesses[0]
+        detail = (
+            f"{scope}: sat, z3 found {counted(len(witnesses), 'witness', 'witnesses')} "
+            f"(confirmed by re), first {first.claim}: {', '.join(map(repr, first.keys))}"
+        )
     elif unknown:
         result, detail = UNKNOWN, "z3 gave up: " + "; ".join(unknown)
     else:

@@ -1,0 +1,94 @@
+"""Argument checks shared by the commands: folders given as files, sizes, writable outputs."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+from pathlib import Path
+
+from ..checkpoint import INDEX_FILE, parse_size
+from ..cli import UsageError
+from ..config import CONFIG_FILES
+from ..manifest import MODEL_FILE
+from ..weights import MODEL_WEIGHTS_FILE
+
+WEIGHT_FILES: dict[str, str] = {MODEL_FILE: "ema", MODEL_WEIGHTS_FILE: "model", INDEX_FILE: "model"}
+"""The weight files a checkpoint folder holds, by name, and the ``--weights`` choice each means."""
+
+DCP_METADATA = ".metadata"
+"""The file that marks a torch.distributed.checkpoint folder."""
+
+KNOWN_FILES = (INDEX_FILE, DCP_METADATA)
+"""Checkpoint files that are not ``.safetensors`` files: the shard index, DCP's metadata."""
+
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+"""errnos of a folder that cannot be written: permissions, an immutable folder, a read-only
+file system."""
+
+
+def checkpoint_folder(path: str | Path, what: str) -> tuple[Path, str | None]:
+    """The checkpoint folder that ``path`` names, and the ``--weights`` choice it implies.
+
+    A folder (or a path that does not exist, for the caller to report) is itself, with no
+    choice. One of the folder's weight files (``ema.safetensors``, ``model.safetensors``, the
+    shard index) means its folder and that file's weights; a DCP ``.metadata`` file, its folder.
+    Any other file is a :class:`~bagelverify.cli.UsageError` saying that ``what`` needs a folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return path, None
+    if path.name in WEIGHT_FILES:
+        return path.parent, WEIGHT_FILES[path.name]
+    if path.name == DCP_METADATA:
+        return path.parent, None
+    raise UsageError(
+        f"{what} {path} is a file; {what} is a checkpoint folder (the folder holding "
+        f"{MODEL_FILE} or {INDEX_FILE} and its shards): pass its folder instead"
+    )
+
+
+def checkpoint_path(path: str, what: str) -> str:
+    """``path`` where a command takes a checkpoint folder or one ``.safetensors`` file (or the
+    folder's index or DCP ``.metadata``); any other file is a
+    :class:`~bagelverify.cli.UsageError` saying what is needed."""
+    given = Path(path)
+    if given.is_file() and given.suffix != ".safetensors" and given.name not in KNOWN_FILES:
+        raise UsageError(
+            f"{what} {path} is not a checkpoint file; {what} is a checkpoint folder (holding "
+            f"{MODEL_FILE} or {INDEX_FILE}) or one .safetensors file"
+        )
+    return path
+
+
+def config_folder(path: str | Path | None) -> Path | None:
+    """The folder of ``--config``: a config file (``config.json``, ...) means its folder; any
+    other file is a :class:`~bagelverify.cli.UsageError`."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        return path
+    if path.name in CONFIG_FILES:
+        return path.parent
+    raise UsageError(
+        f"--config {path} is a file; --config is the folder holding {', '.join(CONFIG_FILES)}"
+    )
+
+
+def shard_size(text: str) -> int:
+    """``--max-shard-size``: a byte count or a size such as ``5GB`` or ``500MiB``."""
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: use a positive byte count or a size such as 5GB or 500MiB"
+        ) from None
+
+
+def not_writable(folder: Path, error: OSError, fix: str) -> PermissionError:
+    """The error for an output ``folder`` that cannot be written: which folder, what the file
+    system said, and ``fix``."""
+    return PermissionError(
+        error.errno,
+        f"cannot write in {folder} ({error.strerror or error}); nothing was written. {fix}",
+    )
