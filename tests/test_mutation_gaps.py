@@ -370,8 +370,8 @@ def test_from_hf_non_strict_logs_each_dropped_bucket_once(
         out = bv.BagelStateDictAdapter(stage=2).from_hf(dict.fromkeys(keys, 0), strict=False)
     assert out == {"model." + Q_GEN: 0}
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
-        (logging.WARNING, "dropping 1 keys that match no BAGEL key family: 'bogus'"),
-        (logging.WARNING, f"stage2: 1 GEN keys lack their UND twin: ({Q_GEN!r}, {Q!r})"),
+        (logging.WARNING, "dropping 1 key of no BAGEL key family: 'bogus'"),
+        (logging.WARNING, f"stage2: 1 GEN key without the UND twin: ({Q_GEN!r}, {Q!r})"),
         (
             logging.WARNING,
             "dropping 1 VAE keys (encoder./decoder.) merged into the model checkpoint; "
@@ -428,20 +428,20 @@ ADAPTER = bv.BagelStateDictAdapter()
         (
             lambda: ADAPTER.from_hf({Q: 1, "model." + Q: 2}),
             bv.KeyCollisionError,
-            f"1 keys occur both unrooted and under the 'model.' root: ({Q!r}, 'model.{Q}'); "
+            f"1 key occurs both unrooted and under the 'model.' root: ({Q!r}, 'model.{Q}'); "
             "both would load into the same parameter. Remove one of each pair from the state "
             "dict.",
         ),
         (
             lambda: ADAPTER.from_hf({"bogus": 1}),
             bv.UnknownKeysError,
-            "1 keys match no BAGEL key family: 'bogus'. Check that this is a BAGEL-7B-MoT "
+            "1 key matches no BAGEL key family: 'bogus'. Check that this is a BAGEL-7B-MoT "
             "checkpoint (ema.safetensors), or pass strict=False to drop them with a warning.",
         ),
         (
             lambda: ADAPTER.from_hf({Q_GEN: 1}, stage=2),
             bv.MissingKeysError,
-            f"stage2: 1 GEN keys lack their UND twin, e.g. ({Q_GEN!r}, {Q!r}) as (GEN key, "
+            f"stage2: GEN keys lack their UND twin (1 key), e.g. ({Q_GEN!r}, {Q!r}) as (GEN key, "
             "missing UND key). The checkpoint is incomplete; pass strict=False to load it anyway.",
         ),
         (
