@@ -267,3 +267,27 @@ def test_a_valid_10_tb_file_is_an_allocation_error_naming_file_and_size(tmp_path
     message = str(info.value)
     assert message.startswith(f"{path}: cannot allocate 'language_model.model.norm.weight'")
     assert f"{2 * count:,} bytes" in message
+
+
+def test_folder_lock_is_reentrant_in_a_thread_and_serialises_threads(tmp_path: Path) -> None:
+    """A save into a staging folder its caller holds does not deadlock (it did: convert hung);
+    another thread waits until the holder is done."""
+    import threading
+
+    from bagelverify.atomic import folder_lock
+
+    order: list[str] = []
+    with folder_lock(tmp_path), folder_lock(tmp_path):
+        other = threading.Thread(target=lambda: _hold(tmp_path, order))
+        other.start()
+        time.sleep(0.3)
+        order.append("first done")
+    other.join(timeout=30)
+    assert not other.is_alive() and order == ["first done", "second"]
+
+
+def _hold(folder: Path, order: list[str]) -> None:
+    from bagelverify.atomic import folder_lock
+
+    with folder_lock(folder):
+        order.append("second")
