@@ -447,7 +447,7 @@ def test_bench_shows_progress_on_a_terminal_and_nothing_when_piped() -> None:
     code, output = on_terminal("bench", "--quick")
     assert code == 0, output
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
-    assert re.search(r"timing manifest \(1,467 keys\) [━╺ ]+ *\d+/30", plain), output
+    assert re.search(r"timing manifest \(1,467 keys\) [━╸╺ ]+ *\d+/30", plain), output
     piped = bv("bench", "--quick")
     assert piped.returncode == 0 and piped.stderr == ""
     assert ANSI not in piped.stdout
