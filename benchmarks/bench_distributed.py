@@ -46,6 +46,13 @@ def _io_read_bytes() -> int:
     return int(fields["read_bytes"])
 
 
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` field in bytes (the GPU benchmark's reader)."""
+    from bench_gpu import _status as status  # a sibling script: its folder is on sys.path
+
+    return status(field)
+
+
 def _evict(paths: list[Path]) -> None:
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
@@ -53,13 +60,6 @@ def _evict(paths: list[Path]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _check_rows(model: dict[str, object], report: object, rank: int, world: int) -> int:
