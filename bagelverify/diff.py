@@ -13,16 +13,17 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .checkpoint import CheckpointFiles, open_weights
 from .families import family_of
 from .keys import strip_root
 from .safetensors_io import DTYPES, TensorInfo
-from .tensor_reader import CHUNK_ELEMENTS, TensorReader, element_ranges
-from .weights import SelectedWeights, open_weights
+from .tensor_reader import CHUNK_ELEMENTS, TensorReader, element_ranges, read_ahead
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class CheckpointDiff:
         }
 
 
-def _by_hf_key(selected: SelectedWeights) -> dict[str, TensorInfo]:
+def _by_hf_key(selected: CheckpointFiles) -> dict[str, TensorInfo]:
     return {strip_root(key): info for key, info in selected.tensors.items()}
 
 
@@ -170,6 +171,66 @@ def _scratch(scratch: dict[torch.dtype, torch.Tensor], dtype: torch.dtype, n: in
     return buffer
 
 
+def _magnitude(values: torch.Tensor) -> float:
+    """``max |values|`` in one pass (NaN when any value is NaN)."""
+    low, high = torch.aminmax(values)
+    return max(-float(low), float(high))
+
+
+_SUBTRACTABLE = {
+    torch.bfloat16,
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+}
+"""Dtypes that ``float.sub_`` takes as they are (float8 and bool must be widened first)."""
+
+
+class _Tally:
+    """The comparison of one tensor pair, fed piece by piece."""
+
+    def __init__(self, a: TensorInfo, b: TensorInfo, scratch: dict[torch.dtype, torch.Tensor]):
+        self.a, self.same_dtype, self.work = a, a.dtype == b.dtype, _work_dtype(a, b)
+        self.scratch = scratch
+        self.differs, self.max_abs, self.max_a = False, 0.0, 0.0
+        self.skipped: list[tuple[int, int]] = []  # identical pieces, for max |a| if it differs
+
+    def add(self, begin: int, end: int, left: torch.Tensor, right: torch.Tensor) -> None:
+        """Compare elements ``[begin, end)``: ``left`` from A, ``right`` from B."""
+        if self.same_dtype:
+            if _same_bytes(left, right):
+                self.skipped.append((begin, end))
+                return
+            self.differs = True
+        pair = _scratch(self.scratch, self.work, end - begin)
+        wide = pair[0, : end - begin]
+        wide.copy_(left)
+        self.max_a = max(self.max_a, _magnitude(wide))
+        if right.dtype not in _SUBTRACTABLE:
+            right = pair[1, : end - begin].copy_(right)
+        peak = _magnitude(wide.sub_(right))
+        peak = math.inf if math.isnan(peak) else peak
+        self.differs = self.differs or peak > 0
+        self.max_abs = max(self.max_abs, peak)
+
+    def finish(
+        self, reader: TensorReader, buffer: torch.Tensor, step: int
+    ) -> tuple[bool, float, float]:
+        """``(differs, max |a - b|, max |a|)``; reads A's identical pieces again (into
+        ``buffer``) for ``max |a|`` when the tensor differs."""
+        if self.differs:
+            for begin, end in self.skipped:
+                piece = _scratch(self.scratch, self.work, step)[0, : end - begin]
+                piece.copy_(reader.read_range(self.a, begin, end, buffer))
+                self.max_a = max(self.max_a, _magnitude(piece))
+        return self.differs, self.max_abs, self.max_a
+
+
 def compare_tensors(
     reader: TensorReader,
     a: TensorInfo,
@@ -186,46 +247,18 @@ def compare_tensors(
     difference of 0); different dtypes: when a value does (NaN against anything counts as an
     infinite difference). ``max |a|`` is only computed for a tensor that differs.
     """
-    scratch = {} if scratch is None else scratch
-    same_dtype = a.dtype == b.dtype
-    work = _work_dtype(a, b)
-    differs, max_abs, max_a = False, 0.0, 0.0
-    skipped: list[tuple[int, int]] = []  # identical pieces, for max |a| if the tensor differs
-
-    def magnitude(values: torch.Tensor) -> float:
-        low, high = torch.aminmax(values)
-        return max(-float(low), float(high))
-
+    tally = _Tally(a, b, {} if scratch is None else scratch)
     for begin, end in element_ranges(math.prod(a.shape), step):
         left = reader.read_range(a, begin, end, buffers[0])
-        right = reader.read_range(b, begin, end, buffers[1])
-        if same_dtype:
-            if _same_bytes(left, right):
-                skipped.append((begin, end))
-                continue
-            differs = True
-        pair = _scratch(scratch, work, step)
-        wide_left, wide_right = pair[0, : end - begin], pair[1, : end - begin]
-        wide_left.copy_(left)
-        wide_right.copy_(right)
-        max_a = max(max_a, magnitude(wide_left))
-        peak = float(wide_left.sub_(wide_right).abs_().max())
-        peak = math.inf if math.isnan(peak) else peak
-        differs = differs or peak > 0
-        max_abs = max(max_abs, peak)
-    if differs:
-        for begin, end in skipped:
-            piece = _scratch(scratch, work, step)[0, : end - begin]
-            piece.copy_(reader.read_range(a, begin, end, buffers[0]))
-            max_a = max(max_a, magnitude(piece))
-    return differs, max_abs, max_a
+        tally.add(begin, end, left, reader.read_range(b, begin, end, buffers[1]))
+    return tally.finish(reader, buffers[0], step)
 
 
 Pair = tuple[str, TensorInfo, TensorInfo]
 
 
 def compare_headers(
-    left: SelectedWeights, right: SelectedWeights
+    left: CheckpointFiles, right: CheckpointFiles
 ) -> tuple[list[str], list[str], list[HeaderChange], list[Pair]]:
     """From the headers alone: HF keys only in ``left``, only in ``right``, shape or dtype
     changes, and the ``(key, a, b)`` pairs of equal shape whose values can be compared."""
@@ -271,15 +304,24 @@ def diff_checkpoints(
         return result
     widest = max((DTYPES[i.dtype].itemsize for _, x, y in pairs for i in (x, y)), default=1)
     largest = max((math.prod(x.shape) for _, x, _ in pairs), default=0)
-    size = min(CHUNK_ELEMENTS, max(largest, 1)) * widest
-    buffers = (torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8))
+    step = min(CHUNK_ELEMENTS, max(largest, 1))
     pairs.sort(key=lambda pair: (str(pair[1].path), pair[1].start))  # A's file order
+    groups = (
+        ((x, begin, end), (y, begin, end))
+        for _, x, y in pairs
+        for begin, end in element_ranges(math.prod(x.shape), step)
+    )
     scratch: dict[torch.dtype, torch.Tensor] = {}
-    with TensorReader() as reader:
+    again = torch.empty(step * widest, dtype=torch.uint8)  # A's identical pieces, re-read
+    with TensorReader() as reader, closing(read_ahead(reader, groups, step * widest)) as pieces:
         for key, info, other in pairs:
-            family = result.families.setdefault(family_name(key), FamilyDiff(family_name(key)))
+            tally = _Tally(info, other, scratch)
+            for begin, end in element_ranges(math.prod(info.shape), step):
+                tally.add(begin, end, *next(pieces))
+            differs, max_abs, max_a = tally.finish(reader, again, step)
+            name = family_name(key)
+            family = result.families.setdefault(name, FamilyDiff(name))
             family.tensors += 1
-            differs, max_abs, max_a = compare_tensors(reader, info, other, buffers, scratch=scratch)
             if differs:
                 family.differing.append(key)
                 family.max_abs_diff = max(family.max_abs_diff, max_abs)

@@ -18,6 +18,7 @@ float32 (then the checkpoint's dtype); :func:`position_table` does the same, so 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ import torch
 
 from .config import BagelConfig
 from .errors import ConfigError
+from .safetensors_io import dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class TableCheck:
 
     key: str
     dtype: str
-    """The stored tensor's torch dtype, e.g. ``"torch.bfloat16"``."""
+    """The stored tensor's safetensors dtype, e.g. ``"BF16"``."""
     shape: tuple[int, ...]
     expected_shape: tuple[int, ...]
     exact: bool
@@ -104,9 +106,14 @@ class TableCheck:
         }
 
     def describe(self) -> str:
-        """One line: ``vit_pos_embed.pos_embed: exact (torch.bfloat16)`` or how it differs."""
+        """One line: ``KEY: equals the regenerated table (BF16)`` or how it differs."""
         if self.exact:
             return f"{self.key}: equals the regenerated table ({self.dtype})"
+        if not self.expected_shape:
+            return (
+                f"{self.key}: shape {list(self.shape)} is no square grid's (side * side, width) "
+                "table; not compared (give a config)"
+            )
         if self.max_abs_diff is None:
             return (
                 f"{self.key}: shape {list(self.shape)}, the config implies "
@@ -115,14 +122,23 @@ class TableCheck:
         return f"{self.key}: differs from the regenerated table by up to {self.max_abs_diff:.3g}"
 
 
-def compare_table(key: str, stored: torch.Tensor, config: BagelConfig) -> TableCheck:
-    """Compare a stored table (HF key ``key``) with the one ``config`` implies."""
-    reference = position_table(key, config)
+def compare_table(key: str, stored: torch.Tensor, config: BagelConfig | None) -> TableCheck:
+    """Compare a stored table (HF key ``key``) with the one ``config`` implies, or without a
+    config with the table of the stored one's own grid and width (a square number of rows)."""
+    dtype = dtype_name(stored.dtype)
+    if config is not None:
+        reference = position_table(key, config)
+    else:
+        rows, width = stored.shape if stored.dim() == 2 else (0, 0)
+        side = math.isqrt(rows)
+        if side * side != rows or side < 1 or width < 4 or width % 4:
+            return TableCheck(key, dtype, tuple(stored.shape), (), False, None)
+        reference = sincos_table(side, width)
     shape, expected = tuple(stored.shape), tuple(reference.shape)
     if shape != expected:
-        return TableCheck(key, str(stored.dtype), shape, expected, False, None)
+        return TableCheck(key, dtype, shape, expected, False, None)
     rounded = reference.to(stored.dtype)
     exact = bool(torch.equal(stored, rounded))
     delta = stored.to(torch.float64) - rounded.to(torch.float64)
     diff = float(delta.abs().max()) if stored.numel() else 0.0
-    return TableCheck(key, str(stored.dtype), shape, expected, exact, diff)
+    return TableCheck(key, dtype, shape, expected, exact, diff)

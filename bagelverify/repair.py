@@ -23,7 +23,14 @@ from typing import Any
 import torch
 
 from .atomic import move_into_place, staging_folder
-from .checkpoint import INDEX_FILE, build_report, find_config, write_bagel_checkpoint
+from .checkpoint import (
+    INDEX_FILE,
+    CheckpointFiles,
+    build_report,
+    find_config,
+    open_weights,
+    write_bagel_checkpoint,
+)
 from .config import BagelConfig
 from .diff import family_name
 from .errors import MissingKeysError, ShapeMismatchError, format_examples
@@ -33,7 +40,6 @@ from .manifest import VAE_FILE
 from .safetensors_io import TensorInfo, TensorSpec
 from .stage import normalize_stage
 from .tensor_reader import TensorReader
-from .weights import SelectedWeights, open_weights
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +87,7 @@ class RepairReport:
 
 
 def _config_for(
-    source: SelectedWeights, base: SelectedWeights, given: object
+    source: CheckpointFiles, base: CheckpointFiles, given: object
 ) -> tuple[BagelConfig, Path]:
     for folder in (source.directory, base.directory):
         found = find_config(folder, given)
@@ -93,7 +99,7 @@ def _config_for(
     )
 
 
-def _check_source(source: SelectedWeights, config: BagelConfig) -> None:
+def _check_source(source: CheckpointFiles, config: BagelConfig) -> None:
     """Everything a strict stage-2 load checks, except the keys the source lacks."""
     report = build_report(source.tensors, stage="stage2", config=config, source=source.source)
     problems = [p for p in report.problems(strict=True) if not isinstance(p, MissingKeysError)]
@@ -102,7 +108,7 @@ def _check_source(source: SelectedWeights, config: BagelConfig) -> None:
 
 
 def _base_tensors(
-    base: SelectedWeights, wanted: dict[str, list[str]], config: BagelConfig
+    base: CheckpointFiles, wanted: dict[str, list[str]], config: BagelConfig
 ) -> dict[str, TensorInfo]:
     """The base's tensor for every wanted HF key, shape-checked against the config."""
     by_hf = {strip_root(key): info for key, info in base.tensors.items()}

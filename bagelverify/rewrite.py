@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .checkpoint import KeyLayout, build_report, find_config, write_bagel_checkpoint
+from .checkpoint import KeyLayout, build_report, find_config, open_weights, write_bagel_checkpoint
 from .config import BagelConfig
 from .errors import ConfigError, LossyCastError, format_examples
 from .keys import strip_root
@@ -33,7 +33,6 @@ from .patch_embedding import conv_patch_weight_to_linear
 from .pos_embed import POSITION_TABLE_KEYS, compare_table, grid_side, position_table
 from .safetensors_io import DTYPES, TensorInfo, TensorSpec
 from .tensor_reader import TensorReader
-from .weights import open_weights
 
 logger = logging.getLogger(__name__)
 

@@ -523,7 +523,9 @@ def test_ema_wins_over_index(
     with caplog.at_level(logging.INFO, logger="bagelverify"):
         loaded = bv.load_bagel_checkpoint_state_dict(folder)
     assert len(loaded) == len(UND)
-    assert "using ema.safetensors; model.safetensors.index.json is ignored" in caplog.text
+    assert (
+        "reading ema.safetensors (the default); model.safetensors.index.json ignored" in caplog.text
+    )
 
 
 def test_sharded_save_refuses_to_be_shadowed_by_ema(

@@ -248,7 +248,7 @@ def test_inspect_reads_headers_only_so_a_29_gb_file_is_instant(full_size_sparse:
     assert 0.54 < report["stage1_bytes"] / report["stage2_bytes"] < 0.56
 
 
-def test_inspect_never_calls_a_data_reader(
+def test_inspect_headers_only_never_calls_a_data_reader(
     full_size_sparse: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import mmap
@@ -263,10 +263,37 @@ def test_inspect_never_calls_a_data_reader(
     monkeypatch.setattr(mmap, "mmap", forbidden)
     monkeypatch.setattr(io, "read_into", forbidden)
     monkeypatch.setattr(engine, "run", forbidden)
+    assert cli.main(["inspect", str(full_size_sparse), "--headers-only"]) == 0
+    out = capsys.readouterr().out
+    assert "clean for stage2: a strict load reads 1,223 tensors (29.2 GB)" in out
+    assert "Position tables" not in out
+
+
+def test_inspect_reads_the_two_position_tables_and_no_other_byte(
+    full_size_sparse: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --headers-only the only data read are the two tables' byte ranges; the sparse
+    file's all-zero tables differ from the regenerated ones, which warns but exits 0."""
+    read: list[tuple[int, int]] = []
+    preadv = os.preadv
+
+    def recording(fd: int, buffers: list[memoryview], offset: int) -> int:
+        got = preadv(fd, buffers, offset)
+        read.append((offset, offset + got))
+        return got
+
+    monkeypatch.setattr(os, "preadv", recording)
     assert cli.main(["inspect", str(full_size_sparse)]) == 0
-    assert (
-        "clean for stage2: a strict load reads 1,223 tensors (29.2 GB)" in capsys.readouterr().out
-    )
+    out = capsys.readouterr().out
+    infos = read_header(full_size_sparse / MODEL_FILE).tensors
+    tables = [infos[key] for key in ("vit_pos_embed.pos_embed", "latent_pos_embed.pos_embed")]
+    assert read, "inspect read no table"
+    for begin, end in read:
+        assert any(t.start <= begin and end <= t.end for t in tables), (begin, end)
+    assert sum(end - begin for begin, end in read) == sum(t.nbytes for t in tables)
+    assert "vit_pos_embed.pos_embed: differs from the regenerated table by up to" in out
+    assert "latent_pos_embed.pos_embed: differs from the regenerated table by up to" in out
+    assert "clean for stage2" in out
 
 
 def test_inspect_accepts_a_single_safetensors_file(
@@ -555,10 +582,12 @@ INSPECT_SCHEMA: dict[str, Any] = {
     "config_source": (str, type(None)),
     "files": list,
     "vae_file": (dict, type(None)),
+    "position_tables": (list, type(None)),
     "report": dict,
 }
 REPORT_SCHEMA: dict[str, Any] = {
     "source": str,
+    "weights": (str, type(None)),
     "stage": str,
     "config": (dict, type(None)),
     "tensors": int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -116,3 +117,34 @@ def test_a_changed_table_is_reported_with_its_difference(tmp_path: Path) -> None
     vit, latent = check_position_tables(made.path)
     assert not vit.exact and vit.max_abs_diff == pytest.approx(1.0, abs=0.01)
     assert latent.exact
+
+
+def test_without_a_config_a_table_is_compared_with_its_own_grid() -> None:
+    """Invariant: a table of any square grid compares exact against itself regenerated from
+    its shape alone; a non-square row count is named, never guessed."""
+    table = torch.from_numpy(reference(5, 12)).to(torch.bfloat16)
+    check = compare_table(VIT_POS_EMBED, table, None)
+    assert check.exact and check.expected_shape == (25, 12)
+    odd = compare_table(VIT_POS_EMBED, table[:24], None)
+    assert not odd.exact and odd.max_abs_diff is None
+    assert "no square grid" in odd.describe()
+
+
+def test_inspect_reports_the_position_tables(tmp_path: Path) -> None:
+    from test_cli import bv
+
+    made = make_synthetic_checkpoint(tmp_path / "a", scale=64, with_vae=False)
+    clean = bv("inspect", made.path)
+    assert clean.returncode == 0, clean.stderr
+    assert f"{VIT_POS_EMBED}: equals the regenerated table (BF16)" in clean.stdout
+    from safetensors.torch import load_file
+
+    tensors = load_file(made.path / "ema.safetensors")
+    tensors[LATENT_POS_EMBED] = tensors[LATENT_POS_EMBED] * 0.5
+    save_tensors(made.path / "ema.safetensors", tensors)
+    shown = bv("inspect", made.path, "--json")
+    assert shown.returncode == 0  # a differing frozen table is reported, not a load problem
+    latent = {t["key"]: t for t in json.loads(shown.stdout)["position_tables"]}[LATENT_POS_EMBED]
+    assert not latent["exact"] and latent["max_abs_diff"] == pytest.approx(0.5, abs=0.01)
+    skipped = bv("inspect", made.path, "--json", "--headers-only")
+    assert json.loads(skipped.stdout)["position_tables"] is None

@@ -1,8 +1,10 @@
 """The files of a checkpoint folder: which safetensors file(s) hold its tensors, and the config.
 
-Folder layouts: ``ema.safetensors`` (the release), or ``model.safetensors.index.json`` plus the
-shards it names. When both exist ``ema.safetensors`` wins: the released folder ships an index
-that does not describe ``ema.safetensors``, so the index is only used without it.
+Folder layouts: ``ema.safetensors`` (the release: the EMA weights), ``model.safetensors`` (the
+non-EMA weights that upstream training writes beside it), or ``model.safetensors.index.json``
+plus the shards it names. ``weights="ema"|"model"`` picks one; by default ``ema.safetensors``
+wins when it exists (the released folder ships an index that does not describe it), then
+``model.safetensors``, then the index.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 """Index of a sharded checkpoint: ``{"metadata": {...}, "weight_map": {key: shard file}}``."""
+
+MODEL_WEIGHTS_FILE = "model.safetensors"
+"""The non-EMA weights of an upstream training output folder (one file)."""
+
+Weights = Literal["ema", "model"]
+"""``"ema"``: ``ema.safetensors``; ``"model"``: ``model.safetensors`` or the sharded index."""
+WEIGHTS_CHOICES: tuple[Weights, ...] = ("ema", "model")
 
 SAVE_ID = "bagelverify_save_id"
 """Metadata field naming the save that wrote a sharded checkpoint: in the index's ``metadata``
@@ -45,11 +54,14 @@ class CheckpointFiles:
     """Checkpoint key -> where its bytes are, in file order."""
     fds: dict[Path, int] = field(default_factory=dict, compare=False, repr=False)
     """File -> the open descriptor its header was read through (empty once closed)."""
+    weights: str = "the default"
+    """Which weights file was read and why, e.g. ``model.safetensors (no ema.safetensors in the
+    folder)``."""
 
     @property
     def source(self) -> str:
-        """The file the tensors were listed from: ``ema.safetensors`` or the index."""
-        return str(self.directory / (MODEL_FILE if self.layout == "single" else INDEX_FILE))
+        """The file the tensors were listed from: the one weights file, or the index."""
+        return str(self.files[0] if self.layout == "single" else self.directory / INDEX_FILE)
 
     def close(self) -> None:
         """Close the descriptors in :attr:`fds` (safe to call twice)."""
@@ -113,7 +125,7 @@ def _open(path: Path, fds: dict[Path, int]) -> int:
     return fds[path]
 
 
-def _read_index(directory: Path, fds: dict[Path, int]) -> CheckpointFiles:
+def _read_index(directory: Path, fds: dict[Path, int], why: str) -> CheckpointFiles:
     index_path = directory / INDEX_FILE
     index_fd = os.dup(_open(index_path, fds))
     try:
@@ -182,7 +194,7 @@ def _read_index(directory: Path, fds: dict[Path, int]) -> CheckpointFiles:
             "checkpoint or fix the index."
         )
     os.close(fds.pop(index_path))
-    return CheckpointFiles(directory, "sharded", tuple(shards), tensors, fds)
+    return CheckpointFiles(directory, "sharded", tuple(shards), tensors, fds, why)
 
 
 OPEN_ATTEMPTS = 3
@@ -190,10 +202,67 @@ OPEN_ATTEMPTS = 3
 opened (another process saving into it) before it gives up."""
 
 
+def check_weights(weights: object) -> Weights | None:
+    """``weights`` as given when it is ``"ema"``, ``"model"`` or ``None``; else ``ValueError``."""
+    if weights is None or weights in WEIGHTS_CHOICES:
+        return weights
+    raise ValueError(
+        f"weights must be 'ema' (ema.safetensors), 'model' (model.safetensors or its shard "
+        f"index) or None (ema.safetensors when present), got {weights!r}"
+    )
+
+
+def choose_weights(directory: Path, weights: object = None) -> tuple[Path, str]:
+    """The weights file of a folder, from file names alone, and why it was chosen.
+
+    ``weights=None``: ``ema.safetensors`` when present, else ``model.safetensors``, else the
+    shard index; ``"ema"`` requires ``ema.safetensors``; ``"model"`` takes
+    ``model.safetensors``, else the index. ``FileNotFoundError`` names what was looked for and
+    what the folder holds.
+    """
+    wanted = check_weights(weights)
+    candidates = {
+        None: (MODEL_FILE, MODEL_WEIGHTS_FILE, INDEX_FILE),
+        "ema": (MODEL_FILE,),
+        "model": (MODEL_WEIGHTS_FILE, INDEX_FILE),
+    }[wanted]
+    for name in candidates:
+        if (directory / name).is_file():
+            if wanted is not None:
+                why = f"weights={wanted!r}"
+            elif name == MODEL_FILE:
+                why = "the default"
+            else:
+                why = f"no {MODEL_FILE} in the folder"
+            return directory / name, f"{name} ({why})"
+    held = sorted(
+        path.name for path in directory.glob("*.safetensors*") if not path.name.startswith(".")
+    )
+    holds = (
+        f"it holds {format_examples(held, show=str)}" if held else "it holds no safetensors file"
+    )
+    if wanted is None:
+        raise FileNotFoundError(
+            f"{directory}: no {MODEL_FILE}, no {MODEL_WEIGHTS_FILE} and no sharded checkpoint "
+            f"({INDEX_FILE}); {holds}. Is {directory} a BAGEL checkpoint folder?"
+        )
+    other = "model" if wanted == "ema" else "ema"
+    advice = f": pass weights={other!r} (--weights {other}) or leave it out" if held else ""
+    raise FileNotFoundError(
+        f"{directory}: no {' or '.join(candidates)} (weights={wanted!r}); {holds}{advice}."
+    )
+
+
 def open_checkpoint(
-    checkpoint_dir: str | os.PathLike[str], *, keep_open: bool = False
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    keep_open: bool = False,
+    weights: object = None,
 ) -> CheckpointFiles:
     """List a checkpoint folder's tensors from its header(s), reading no tensor data.
+
+    ``weights`` picks the weights file (see :func:`choose_weights`); the result's
+    :attr:`~CheckpointFiles.weights` says which was read and why.
 
     Every header is read through one descriptor per file; with ``keep_open`` those stay open in
     :attr:`CheckpointFiles.fds` for the data reads (close them with ``close()`` or a ``with``
@@ -207,13 +276,13 @@ def open_checkpoint(
     :class:`~bagelverify.errors.ReadError` when the folder kept changing.
     """
     directory = Path(checkpoint_dir)
+    check_weights(weights)
     require_directory(directory, MODEL_FILE)
-    single, index = directory / MODEL_FILE, directory / INDEX_FILE
     what = ""
     for attempt in range(1, OPEN_ATTEMPTS + 1):
         fds: dict[Path, int] = {}
         try:
-            files = _open_folder(directory, single, index, fds)
+            files = _open_folder(directory, weights, fds)
         except _Changed as changed:
             _close_all(fds)
             logger.info("%s: %s while opening it (attempt %d)", directory, changed, attempt)
@@ -232,25 +301,43 @@ def open_checkpoint(
     )
 
 
-def _open_folder(
-    directory: Path, single: Path, index: Path, fds: dict[Path, int]
+def open_weights(
+    path: str | os.PathLike[str], weights: object = None, *, keep_open: bool = False
 ) -> CheckpointFiles:
-    if single.is_file():
-        if index.exists():
-            logger.info(
-                "%s: using %s; %s is ignored (ema.safetensors wins when both exist)",
-                directory,
-                MODEL_FILE,
-                INDEX_FILE,
-            )
-        header = read_header(single, fd=_open(single, fds))
-        return CheckpointFiles(directory, "single", (single,), header.tensors, fds)
-    if index.is_file():
-        return _read_index(directory, fds)
-    raise FileNotFoundError(
-        f"{single}: not found, and no sharded checkpoint ({index}) either; "
-        f"is {directory} a BAGEL checkpoint folder?"
+    """:func:`open_checkpoint` of a folder, or the header of one ``.safetensors`` file given
+    directly (``weights`` must then be ``None``: it only selects within a folder)."""
+    path = Path(path)
+    if not path.is_file():
+        return open_checkpoint(path, keep_open=keep_open, weights=weights)
+    if check_weights(weights) is not None:
+        raise ValueError(f"{path} is a file; weights={weights!r} only selects within a folder")
+    fds: dict[Path, int] = {}
+    try:
+        header = read_header(path, fd=_open(path, fds))
+    except BaseException:
+        _close_all(fds)
+        raise
+    files = CheckpointFiles(
+        path.parent, "single", (path,), header.tensors, fds, f"{path.name} (given)"
     )
+    if not keep_open:
+        files.close()
+    return files
+
+
+def _open_folder(directory: Path, weights: object, fds: dict[Path, int]) -> CheckpointFiles:
+    path, why = choose_weights(directory, weights)
+    others = [
+        name
+        for name in (MODEL_FILE, MODEL_WEIGHTS_FILE, INDEX_FILE)
+        if name != path.name and (directory / name).is_file()
+    ]
+    ignored = f"; {', '.join(others)} ignored (weights= chooses)" if others else ""
+    logger.info("%s: reading %s%s", directory, why, ignored)
+    if path.name == INDEX_FILE:
+        return _read_index(directory, fds, why)
+    header = read_header(path, fd=_open(path, fds))
+    return CheckpointFiles(directory, "single", (path,), header.tensors, fds, why)
 
 
 def find_config(checkpoint_dir: str | os.PathLike[str], given: object = None) -> BagelConfig | None:

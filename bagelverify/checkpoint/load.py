@@ -75,6 +75,7 @@ def read_jobs(
     strict: bool,
     config: BagelConfig | None,
     convert_conv: bool,
+    weights: object = None,
 ) -> Iterator[tuple[CheckpointReport, dict[str, ReadJob]]]:
     """Validate a folder from its headers (raising its first problem) and yield its report and
     the read jobs of the tensors the stage keeps (keys the config lacks are dropped).
@@ -83,7 +84,7 @@ def read_jobs(
     the headers were read through, so a save that replaces the files meanwhile cannot mix
     another file's bytes into the load.
     """
-    with open_checkpoint(checkpoint_dir, keep_open=True) as files:
+    with open_checkpoint(checkpoint_dir, keep_open=True, weights=weights) as files:
         report = report_files(files, stage=stage, config=config)
         report.raise_for_problems(strict=strict, convert_conv=convert_conv)
         report.plan.log(strict=strict)
@@ -291,6 +292,7 @@ def load_into(
     convert_conv_patch_embedding: bool = False,
     read_options: EngineOptions | None = None,
     progress: Progress | None = None,
+    weights: object = None,
 ) -> IncompatibleKeys:
     """Fill existing tensors (e.g. ``model.state_dict()``) in place from a checkpoint folder.
 
@@ -310,6 +312,8 @@ def load_into(
     destinations of the file's dtype are read straight into their memory; CUDA destinations
     through pinned staging buffers copied asynchronously. If a read fails, the destinations
     whose reads had started hold new data, the others are untouched.
+    ``weights`` picks ``ema.safetensors`` or ``model.safetensors`` (or its index) in a training
+    output folder (see :func:`~bagelverify.checkpoint.files.choose_weights`).
     """
     with read_jobs(
         checkpoint_dir,
@@ -317,6 +321,7 @@ def load_into(
         strict=strict,
         config=config,
         convert_conv=convert_conv_patch_embedding,
+        weights=weights,
     ) as (report, jobs):
         common, incompatible = check_destinations(
             jobs, native_state_dict, checkpoint_dir, strict=strict, cast=cast, report=report
@@ -337,6 +342,7 @@ def load_bagel_checkpoint_state_dict(
     convert_conv_patch_embedding: bool = False,
     read_options: EngineOptions | None = None,
     progress: Progress | None = None,
+    weights: object = None,
 ) -> dict[str, torch.Tensor]:
     """Load the tensors a stage keeps as a native (``model.``-rooted) state dict.
 
@@ -346,6 +352,8 @@ def load_bagel_checkpoint_state_dict(
     folder's files are used), allocates each kept tensor on ``device`` (as ``dtype`` if given, else
     the file's dtype) and reads it in place; dropped tensors' bytes are never read.
     ``read_options`` and ``progress`` are the read engine's (see :func:`load_into`).
+    ``weights`` picks ``ema.safetensors`` or ``model.safetensors`` (or its index) in a training
+    output folder (see :func:`~bagelverify.checkpoint.files.choose_weights`).
     """
     with read_jobs(
         checkpoint_dir,
@@ -353,6 +361,7 @@ def load_bagel_checkpoint_state_dict(
         strict=strict,
         config=config,
         convert_conv=convert_conv_patch_embedding,
+        weights=weights,
     ) as (_, jobs):
         out = allocate(jobs, device=device, dtype=dtype)
         fill(jobs, out, read_options=read_options, progress=progress)

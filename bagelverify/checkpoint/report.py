@@ -95,6 +95,8 @@ class CheckpointReport:
     expected_from: ExpectedFrom = None
     """Source of ``missing``'s expected keys: ``"config"``, ``"manifest"`` (no config; the
     checkpoint looks like BAGEL-7B-MoT, so the shipped key list stands in) or ``None``."""
+    weights: str | None = None
+    """Which weights file of the folder was read and why (``None`` for a state dict)."""
 
     @property
     def retained(self) -> dict[str, TensorLike]:
@@ -217,6 +219,7 @@ class CheckpointReport:
         """A JSON-ready summary (no tensor-by-tensor listing)."""
         return {
             "source": self.source,
+            "weights": self.weights,
             "stage": self.stage,
             "config": None if self.config is None else vars(self.config),
             "tensors": len(self.tensors),
@@ -525,14 +528,19 @@ def inspect_checkpoint(
     *,
     stage: object = "stage1",
     config: BagelConfig | None = None,
+    weights: object = None,
 ) -> CheckpointReport:
     """Validate a checkpoint folder from its headers alone, reading no tensor data.
 
     ``config`` defaults to the folder's own config files when they exist. Without any config,
     a checkpoint that looks like BAGEL-7B-MoT is checked for completeness against the shipped
     manifest's key list (shapes are not checked); any other only gets the key checks.
+    ``weights`` picks ``ema.safetensors`` or ``model.safetensors`` (or its index) in a training
+    output folder (see :func:`~bagelverify.checkpoint.files.choose_weights`).
+    :attr:`CheckpointReport.weights` says which file was read and why.
     """
-    return report_files(open_checkpoint(checkpoint_dir), stage=stage, config=config)
+    files = open_checkpoint(checkpoint_dir, weights=weights)
+    return report_files(files, stage=stage, config=config)
 
 
 def report_files(
@@ -544,6 +552,7 @@ def report_files(
     report = build_report(
         files.tensors, stage=stage, config=config, source=files.source, manifest_fallback=True
     )
+    report.weights = files.weights
     if config is None:
         logger.warning(
             "%s: no config given and no %s in the folder; %s",

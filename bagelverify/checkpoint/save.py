@@ -30,7 +30,7 @@ from ..safetensors_io import (
     stream_safetensors,
     write_safetensors,
 )
-from .files import INDEX_FILE, SAVE_ID, open_checkpoint
+from .files import INDEX_FILE, MODEL_WEIGHTS_FILE, SAVE_ID, open_checkpoint
 from .load import read_jobs, read_tensor
 from .report import build_report
 
@@ -198,18 +198,19 @@ SHARD_NAME = re.compile(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors")
 def _indexed_shards(directory: Path) -> set[str]:
     """The shard names the folder's current index lists (none if it has no readable index)."""
     try:
-        files = open_checkpoint(directory)
+        files = open_checkpoint(directory, weights="model")
     except (OSError, ValueError):  # no index, or one that does not parse: nothing to go by
         return set()
     return {path.name for path in files.files} if files.layout == "sharded" else set()
 
 
 def _refuse_shadowing(directory: Path) -> None:
-    if (directory / MODEL_FILE).exists():
-        raise FileExistsError(
-            f"{directory / MODEL_FILE} exists and would shadow the sharded checkpoint "
-            "(ema.safetensors wins when loading); remove it or save to another folder"
-        )
+    for name in (MODEL_FILE, MODEL_WEIGHTS_FILE):
+        if (directory / name).exists():
+            raise FileExistsError(
+                f"{directory / name} exists and would shadow the sharded checkpoint (a load "
+                f"reads {name} before {INDEX_FILE}); remove it or save to another folder"
+            )
 
 
 def _write_shards(
@@ -266,6 +267,7 @@ def convert_checkpoint(
     convert_conv_patch_embedding: bool = False,
     on_tensor: Callable[[str, int], None] | None = None,
     overwrite: bool = False,
+    weights: object = None,
 ) -> list[Path]:
     """Rewrite a checkpoint folder with HF or native keys, streaming one tensor at a time.
 
@@ -274,7 +276,8 @@ def convert_checkpoint(
     memory is about the largest tensor, never the checkpoint. The config (``config`` if given,
     else the source's config files) is written with the tensors. ``on_tensor(hf_key, nbytes)``
     is called after each tensor is read (for progress); ``overwrite`` as for
-    :func:`save_bagel_checkpoint`. Returns the files written.
+    :func:`save_bagel_checkpoint`; ``weights`` picks the source's ``ema`` or ``model`` weights.
+    Returns the files written.
     """
     with read_jobs(
         src_dir,
@@ -282,6 +285,7 @@ def convert_checkpoint(
         strict=strict,
         config=config,
         convert_conv=convert_conv_patch_embedding,
+        weights=weights,
     ) as (report, jobs):
         specs = {
             strip_root(native): TensorSpec(strip_root(native), job.info.dtype, job.shape)

@@ -6,11 +6,10 @@ import argparse
 import errno
 from pathlib import Path
 
-from ..checkpoint import INDEX_FILE, parse_size
+from ..checkpoint import INDEX_FILE, MODEL_WEIGHTS_FILE, WEIGHTS_CHOICES, parse_size
 from ..cli import UsageError
 from ..config import CONFIG_FILES
 from ..manifest import MODEL_FILE
-from ..weights import MODEL_WEIGHTS_FILE
 
 WEIGHT_FILES: dict[str, str] = {MODEL_FILE: "ema", MODEL_WEIGHTS_FILE: "model", INDEX_FILE: "model"}
 """The weight files a checkpoint folder holds, by name, and the ``--weights`` choice each means."""
@@ -24,6 +23,16 @@ KNOWN_FILES = (INDEX_FILE, DCP_METADATA)
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 """errnos of a folder that cannot be written: permissions, an immutable folder, a read-only
 file system."""
+
+
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    """``--weights ema|model``: which weights file of a training output folder to read."""
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS_CHOICES,
+        help="ema: ema.safetensors; model: model.safetensors or its index (default: "
+        "ema.safetensors when present, else the model weights)",
+    )
 
 
 def checkpoint_folder(path: str | Path, what: str) -> tuple[Path, str | None]:

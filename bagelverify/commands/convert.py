@@ -31,6 +31,7 @@ from ..safetensors_io import read_header
 from .arguments import (
     DCP_METADATA,
     NOT_WRITABLE,
+    add_weights_argument,
     checkpoint_folder,
     config_folder,
     not_writable,
@@ -104,25 +105,29 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path, list[Path]]:
 def _check_formats(args: argparse.Namespace) -> None:
     if args.from_format == "dcp" and args.to != "hf":
         raise UsageError("--from dcp writes an HF-layout folder; drop --to or use --to hf")
+    if args.from_format == "dcp" and args.weights is not None:
+        raise UsageError(
+            "--weights picks ema.safetensors or model.safetensors in a safetensors folder; a DCP "
+            "checkpoint holds one set of weights: drop --weights"
+        )
     if args.to == "dcp" and args.max_shard_size is not None:
         raise UsageError("--max-shard-size applies to safetensors output, not --to dcp")
 
 
 def _rewrites(args: argparse.Namespace) -> bool:
-    """Whether a flag asks for a per-tensor transform or a weights choice (``rewrite``)."""
+    """Whether a flag asks for a per-tensor transform (``rewrite``)."""
     return any(
         value is not None
-        for value in (args.dtype, args.max_latent_size, args.vit_max_patches_per_side, args.weights)
+        for value in (args.dtype, args.max_latent_size, args.vit_max_patches_per_side)
     )
 
 
 def _rewrite(
     args: argparse.Namespace, source: Path, staging: Path, config: BagelConfig | None
 ) -> tuple[int, int, dict[str, Any]]:
-    """``--dtype``, ``--max-latent-size``, ``--vit-max-patches-per-side``, ``--weights``."""
-    from ..checkpoint import build_report
+    """``--dtype``, ``--max-latent-size``, ``--vit-max-patches-per-side``."""
+    from ..checkpoint import build_report, open_weights
     from ..rewrite import rewrite_checkpoint
-    from ..weights import open_weights
 
     selected = open_weights(source, args.weights)
     kept = build_report(selected.tensors, stage=args.stage).plan.native
@@ -156,7 +161,7 @@ def _convert(
     if _rewrites(args):
         if args.from_format == "dcp" or args.to == "dcp":
             raise UsageError(
-                "--dtype, --max-latent-size, --vit-max-patches-per-side and --weights apply to "
+                "--dtype, --max-latent-size and --vit-max-patches-per-side apply to "
                 "safetensors -> safetensors conversions"
             )
         return _rewrite(args, source, staging, config)
@@ -166,7 +171,14 @@ def _convert(
         what = f"{args.stage}: {args.from_format} -> {args.to}"
         with activity(what, quiet=args.quiet):  # these report no progress of their own
             if args.to == "dcp":
-                count = hf_to_dcp(source, staging, stage=args.stage, strict=strict, config=config)
+                count = hf_to_dcp(
+                    source,
+                    staging,
+                    stage=args.stage,
+                    strict=strict,
+                    config=config,
+                    weights=args.weights,
+                )
             else:
                 count = dcp_to_hf(
                     source,
@@ -177,7 +189,7 @@ def _convert(
                     max_shard_size=args.max_shard_size,
                 )
         return count, -1, {}
-    report = inspect_checkpoint(source, stage=args.stage, config=config)
+    report = inspect_checkpoint(source, stage=args.stage, config=config, weights=args.weights)
     problems = report.problems(strict=strict, convert_conv=args.convert_conv_patch_embedding)
     if problems:
         kinds = ", ".join(type(p).__name__ for p in problems)
@@ -206,6 +218,7 @@ def _convert(
             config=config,
             convert_conv_patch_embedding=args.convert_conv_patch_embedding,
             on_tensor=on_tensor,
+            weights=args.weights,
         )
     return done[0], done[1], {}
 
@@ -273,12 +286,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="regenerate vit_pos_embed for N x N patches and write vit_max_num_patch_per_side N",
     )
-    parser.add_argument(
-        "--weights",
-        choices=("ema", "model"),
-        help="which weights of a training output folder: ema.safetensors or model.safetensors "
-        "(default: ema.safetensors when present)",
-    )
+    add_weights_argument(parser)
 
 
 def _staging_place(target: Path) -> Path:

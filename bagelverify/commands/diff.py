@@ -11,25 +11,15 @@ from __future__ import annotations
 import argparse
 import math
 
+from ..checkpoint import open_weights
 from ..cli import EXIT_OK, EXIT_PROBLEMS
 from ..diff import CheckpointDiff, compare_headers, diff_checkpoints
 from ..errors import counted
-from ..weights import WEIGHTS_CHOICES, open_weights
-from .arguments import checkpoint_path
+from .arguments import add_weights_argument, checkpoint_path
 from .inspect import shown_key
 from .render import Column, Printer, byte_progress, print_json
 
 EXAMPLE = "bagelverify diff /ckpt/BAGEL-7B-MoT /ckpt/my-finetune --limit 20"
-
-
-def add_weights_argument(parser: argparse.ArgumentParser) -> None:
-    """``--weights ema|model``: which weights file of a training output folder to read."""
-    parser.add_argument(
-        "--weights",
-        choices=WEIGHTS_CHOICES,
-        help="ema: ema.safetensors; model: model.safetensors or its index (default: "
-        "ema.safetensors when present, else the model weights)",
-    )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -1,14 +1,17 @@
-"""``bagelverify inspect``: validate a checkpoint from its headers alone and show the report.
+"""``bagelverify inspect``: validate a checkpoint from its headers and show the report.
 
-Reads only the safetensors header(s) and the config files: no tensor byte is read, so it takes
-the same few milliseconds on a 29 GB file as on a 4 MB one. Every check is the library's own
-(:func:`bagelverify.checkpoint.build_report` and :meth:`CheckpointReport.problems`); this module
+Reads the safetensors header(s), the config files and the bytes of the two position tables
+(about 40 MB for BAGEL-7B-MoT; ``--headers-only`` skips them): it takes well under a second on
+a 29 GB file. Every check is the library's own (:func:`bagelverify.checkpoint.build_report`,
+:meth:`CheckpointReport.problems`, :func:`bagelverify.position_check.check_tables`); this module
 only renders the result.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +24,17 @@ from ..checkpoint import (
     TensorLike,
     build_report,
     find_config,
-    open_checkpoint,
+    open_weights,
 )
-from ..cli import EXIT_OK, EXIT_PROBLEMS, add_stage_argument
+from ..cli import EXIT_OK, EXIT_PROBLEMS, UsageError, add_stage_argument
 from ..config import BagelConfig
 from ..errors import CorruptCheckpointError, counted, format_examples
 from ..manifest import VAE_FILE
+from ..pos_embed import TableCheck
+from ..position_check import check_tables
 from ..safetensors_io import TensorSpec, dtype_name, read_header
 from ..stage import STAGE_BUCKETS
-from .arguments import DCP_METADATA, checkpoint_path, config_folder
+from .arguments import DCP_METADATA, add_weights_argument, checkpoint_path, config_folder
 from .findings import FINDINGS
 from .findings import shown_key as shown_key  # public here since the command began
 from .render import Column, Printer, human_bytes, print_json
@@ -63,6 +68,9 @@ class Inspection:
     config_source: str | None
     format: str = "safetensors"
     """``"safetensors"`` or ``"dcp"`` (a torch.distributed.checkpoint folder)."""
+    position_tables: list[TableCheck] | None = None
+    """The position tables the checkpoint holds against the regenerated ones; ``None`` when
+    not compared (``--headers-only``, or a DCP checkpoint)."""
 
     @property
     def problems(self) -> list[Exception]:
@@ -87,6 +95,9 @@ class Inspection:
             "config_source": self.config_source,
             "files": [f.as_dict() for f in self.files],
             "vae_file": None if self.vae_file is None else self.vae_file.as_dict(),
+            "position_tables": None
+            if self.position_tables is None
+            else [check.as_dict() for check in self.position_tables],
             "report": self.report.as_dict(),
         }
 
@@ -97,42 +108,72 @@ def _summary(path: Path) -> FileSummary:
 
 
 def inspect_path(
-    path: str | Path, *, stage: object = "stage2", config_dir: str | Path | None = None
+    path: str | Path,
+    *,
+    stage: object = "stage2",
+    config_dir: str | Path | None = None,
+    weights: object = None,
+    headers_only: bool = False,
 ) -> Inspection:
-    """Inspect a checkpoint folder (single file or sharded) or one ``.safetensors`` file.
+    """Inspect a checkpoint folder (single file or sharded), one ``.safetensors`` file, or a
+    DCP folder.
 
     The config is read from ``config_dir`` if given, else from the checkpoint's folder when its
-    config files exist. Reads headers and config files only.
+    config files exist; ``weights`` picks ``ema`` or ``model`` weights in a training output
+    folder. Reads headers and config files, and unless ``headers_only`` the two position
+    tables, which are compared with the regenerated ones.
     """
     path = Path(path)
-    kind = "safetensors"
-    tensors: Mapping[str, TensorLike]
     if path.is_file() and path.name in (DCP_METADATA, INDEX_FILE):  # the folder's own file
         path = path.parent
-    if path.is_file():
-        header = read_header(path)
-        tensors, source, folder = header.tensors, str(path), path.parent
-        files = [FileSummary(str(path), len(header.tensors), header.file_size)]
-    elif (path / DCP_METADATA).is_file():
-        kind, folder = "dcp", path
+    config = None if config_dir is None else BagelConfig.from_pretrained(config_dir)
+    if (path / DCP_METADATA).is_file():
+        if weights is not None:
+            raise UsageError(
+                f"{path} is a DCP checkpoint, which holds one set of weights; --weights picks "
+                "ema.safetensors or model.safetensors in a safetensors folder: drop --weights"
+            )
         tensors, files = _dcp_tensors(path)
-        source = str(path)
-    else:
-        found = open_checkpoint(path)
-        tensors, source, folder = found.tensors, found.source, found.directory
-        files = [_summary(file) for file in found.files]
-    if config_dir is not None:
-        config: BagelConfig | None = BagelConfig.from_pretrained(config_dir)
-        config_source: str | None = str(config_dir)
-    else:
-        config = find_config(folder)
-        config_source = None if config is None else str(folder)
-    report = build_report(
-        tensors, stage=stage, config=config, source=source, manifest_fallback=True
-    )
+        if config_dir is None:
+            config = find_config(path)
+        report = _report(tensors, stage, config, str(path))
+        source = _config_source(path, config_dir, config)
+        return Inspection(report, files, _vae_file(path), source, "dcp")
+    with open_weights(path, weights, keep_open=True) as found:
+        folder = found.directory
+        if config_dir is None:
+            config = find_config(folder)
+        report = _report(found.tensors, stage, config, found.source)
+        report.weights = found.weights
+        tables = None if headers_only else check_tables(found.tensors, config, found.fds)
+        held = Counter(info.path for info in found.tensors.values())
+        summaries = [
+            FileSummary(str(file), held[file], os.fstat(found.fds[file]).st_size)
+            for file in found.files
+        ]
+    source = _config_source(folder, config_dir, config)
+    vae_file = _vae_file(folder, found.files)
+    return Inspection(report, summaries, vae_file, source, "safetensors", tables)
+
+
+def _vae_file(folder: Path, model_files: tuple[Path, ...] = ()) -> FileSummary | None:
+    """``ae.safetensors`` beside the checkpoint, unless it is the file being inspected."""
     vae = folder / VAE_FILE
-    vae_file = _summary(vae) if vae.is_file() and vae != path else None
-    return Inspection(report, files, vae_file, config_source, kind)
+    return _summary(vae) if vae.is_file() and vae not in model_files else None
+
+
+def _report(
+    tensors: Mapping[str, TensorLike], stage: object, config: BagelConfig | None, source: str
+) -> CheckpointReport:
+    return build_report(tensors, stage=stage, config=config, source=source, manifest_fallback=True)
+
+
+def _config_source(
+    folder: Path, config_dir: str | Path | None, config: BagelConfig | None
+) -> str | None:
+    if config_dir is not None:
+        return str(config_dir)
+    return None if config is None else str(folder)
 
 
 def _dcp_tensors(folder: Path) -> tuple[dict[str, TensorSpec], list[FileSummary]]:
@@ -189,6 +230,8 @@ def render(printer: Printer, inspection: Inspection, *, limit: int = DEFAULT_LIM
         f"{report.source}  ({kind}{counted(len(report.tensors), 'tensor')}, "
         f"checked for {report.stage})"
     )
+    if report.weights is not None:
+        printer.line(f"weights: {report.weights}")
     if inspection.config_source:
         printer.line(f"config: {inspection.config_source}")
     elif report.expected_from == "manifest":
@@ -212,7 +255,18 @@ def render(printer: Printer, inspection: Inspection, *, limit: int = DEFAULT_LIM
     for finding in FINDINGS:
         lines = finding.lines(report)
         _keys(printer, finding.heading(report, lines), lines, limit)
+    _position_tables(printer, inspection.position_tables)
     _verdict(printer, inspection)
+
+
+def _position_tables(printer: Printer, checks: list[TableCheck] | None) -> None:
+    """Each position table against the regenerated one (frozen tables: a difference is a
+    warning, never a load problem)."""
+    if not checks:
+        return
+    printer.heading("Position tables (against the regenerated sine-cosine tables)")
+    for check in checks:
+        printer.line(f"  {check.describe()}", style=None if check.exact else "yellow")
 
 
 def _bucket_table(printer: Printer, report: CheckpointReport) -> None:
@@ -304,6 +358,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="folder with config.json, llm_config.json, vit_config.json (default: PATH's own)",
     )
+    add_weights_argument(parser)
+    parser.add_argument(
+        "--headers-only",
+        action="store_true",
+        help="read no tensor data: skip comparing the two position tables with regenerated ones",
+    )
     parser.add_argument(
         "--limit",
         type=int,
@@ -317,7 +377,13 @@ def run(args: argparse.Namespace) -> int:
     """Render the report; exit 0 when clean for the stage, 1 otherwise."""
     config_dir = config_folder(args.config)
     path = checkpoint_path(args.path, "PATH")
-    inspection = inspect_path(path, stage=args.stage, config_dir=config_dir)
+    inspection = inspect_path(
+        path,
+        stage=args.stage,
+        config_dir=config_dir,
+        weights=args.weights,
+        headers_only=args.headers_only,
+    )
     if args.json:
         print_json(inspection.as_dict())
     else:

@@ -10,12 +10,11 @@ import argparse
 import functools
 from pathlib import Path
 
+from ..checkpoint import WEIGHTS_CHOICES
 from ..cli import add_stage_argument
 from ..errors import counted
 from ..repair import RepairReport, repair_checkpoint
-from ..weights import WEIGHTS_CHOICES
-from .arguments import checkpoint_path, config_folder, shard_size
-from .diff import add_weights_argument
+from .arguments import add_weights_argument, checkpoint_path, config_folder, shard_size
 from .render import Column, Printer, byte_progress, human_bytes, print_json
 
 EXAMPLE = "bagelverify repair /ckpt/my-finetune --base /ckpt/BAGEL-7B-MoT -o /ckpt/repaired"

@@ -64,6 +64,7 @@ def hf_to_dcp(
     strict: bool = True,
     config: Any = None,
     convert_conv_patch_embedding: bool = False,
+    weights: object = None,
 ) -> int:
     """Convert an HF-layout BAGEL folder to a DCP checkpoint in native layout; return the count
     of tensors written.
@@ -75,7 +76,8 @@ def hf_to_dcp(
     from the source as the writer reaches it, into one DCP file per tensor: the process holds
     about one tensor at a time. The config
     files (``config`` if given, else the source folder's) are written next to DCP's files so
-    that :func:`dcp_to_hf` validates shapes on the way back.
+    that :func:`dcp_to_hf` validates shapes on the way back. ``weights`` picks the source's
+    ``ema`` or ``model`` weights.
     """
     with read_jobs(
         src_dir,
@@ -83,6 +85,7 @@ def hf_to_dcp(
         strict=strict,
         config=config,
         convert_conv=convert_conv_patch_embedding,
+        weights=weights,
     ) as (_, jobs):
         state = _placeholders(jobs)
         target = Path(dst_dir)

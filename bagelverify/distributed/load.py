@@ -64,6 +64,7 @@ def load_bagel_checkpoint_distributed(
     convert_conv_patch_embedding: bool = False,
     process_group: dist.ProcessGroup | None = None,
     thread_count: int = 1,
+    weights: object = None,
 ) -> DistributedLoadResult:
     """Fill a native state dict whose values may be sharded ``DTensor`` s, in place, through DCP.
 
@@ -74,7 +75,7 @@ def load_bagel_checkpoint_distributed(
     raises the same error on every rank before DCP starts. Then
     :func:`torch.distributed.checkpoint.load` with :class:`BagelHFStorageReader` copies into each
     rank's local shards only the slices they hold. Without an initialised process group it loads
-    in this process alone.
+    in this process alone. ``weights`` picks the folder's ``ema`` or ``model`` weights.
     """
     destinations: Mapping[str, torch.Tensor] = model_state_dict
     with contextlib.ExitStack() as files:  # the checkpoint's files stay open for the reads
@@ -90,6 +91,7 @@ def load_bagel_checkpoint_distributed(
                     strict=strict,
                     config=config,
                     convert_conv=convert_conv_patch_embedding,
+                    weights=weights,
                 )
             )
             common, incompatible = check_destinations(
