@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from .checkpoint import CheckpointFiles, open_weights
 from .families import family_of
 from .keys import strip_root
 from .safetensors_io import DTYPES, TensorInfo
-from .tensor_reader import CHUNK_ELEMENTS, TensorReader, element_ranges, read_ahead
+from .tensor_reader import CHUNK_ELEMENTS, TensorReader, element_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,8 @@ _SUBTRACTABLE = {
     torch.int32,
     torch.int64,
 }
-"""Dtypes that ``float.sub_`` takes as they are (float8 and bool must be widened first)."""
+"""Dtypes that ``float.sub_`` and ``aminmax`` take as they are (float8 and bool must be
+widened first)."""
 
 
 class _Tally:
@@ -210,7 +211,8 @@ class _Tally:
         pair = _scratch(self.scratch, self.work, end - begin)
         wide = pair[0, : end - begin]
         wide.copy_(left)
-        self.max_a = max(self.max_a, _magnitude(wide))
+        # max |a| of the stored values where aminmax takes their dtype (exact, fewer bytes)
+        self.max_a = max(self.max_a, _magnitude(left if left.dtype in _SUBTRACTABLE else wide))
         if right.dtype not in _SUBTRACTABLE:
             right = pair[1, : end - begin].copy_(right)
         peak = _magnitude(wide.sub_(right))
@@ -278,6 +280,37 @@ def compare_headers(
     return only_a, only_b, changes, pairs
 
 
+def _compare_values(
+    pairs: list[Pair],
+    fds: Mapping[Path, int],
+    result: CheckpointDiff,
+    on_tensor: Callable[[str, int], None] | None,
+) -> None:
+    """Compare every pair's values, in A's file order, into ``result.families``."""
+    widest = max((DTYPES[i.dtype].itemsize for _, x, y in pairs for i in (x, y)), default=1)
+    largest = max((math.prod(x.shape) for _, x, _ in pairs), default=0)
+    step = min(CHUNK_ELEMENTS, max(largest, 1))
+    buffers = (
+        torch.empty(step * widest, dtype=torch.uint8),
+        torch.empty(step * widest, dtype=torch.uint8),
+    )
+    pairs.sort(key=lambda pair: (str(pair[1].path), pair[1].start))
+    scratch: dict[torch.dtype, torch.Tensor] = {}
+    with TensorReader(fds) as reader:
+        for key, info, other in pairs:
+            differs, max_abs, max_a = compare_tensors(reader, info, other, buffers, step, scratch)
+            name = family_name(key)
+            family = result.families.setdefault(name, FamilyDiff(name))
+            family.tensors += 1
+            if differs:
+                family.differing.append(key)
+                family.max_abs_diff = max(family.max_abs_diff, max_abs)
+                relative = max_abs / max_a if max_a > 0 else math.inf
+                family.max_rel_diff = max(family.max_rel_diff, relative)
+            if on_tensor is not None:
+                on_tensor(key, info.nbytes + other.nbytes)
+
+
 def diff_checkpoints(
     a: str | os.PathLike[str],
     b: str | os.PathLike[str],
@@ -295,40 +328,17 @@ def diff_checkpoints(
     dtype must match bitwise, tensors of different dtypes by value. ``on_tensor(key, nbytes)``
     is called after each comparison (``nbytes``: bytes read from both sides).
     """
-    left, right = open_weights(a, weights_a), open_weights(b, weights_b)
-    only_a, only_b, changes, pairs = compare_headers(left, right)
-    result = CheckpointDiff(
-        left.source, right.source, only_a, only_b, changes, {}, values_compared=not keys_only
-    )
-    if keys_only:
-        return result
-    widest = max((DTYPES[i.dtype].itemsize for _, x, y in pairs for i in (x, y)), default=1)
-    largest = max((math.prod(x.shape) for _, x, _ in pairs), default=0)
-    step = min(CHUNK_ELEMENTS, max(largest, 1))
-    pairs.sort(key=lambda pair: (str(pair[1].path), pair[1].start))  # A's file order
-    groups = (
-        ((x, begin, end), (y, begin, end))
-        for _, x, y in pairs
-        for begin, end in element_ranges(math.prod(x.shape), step)
-    )
-    scratch: dict[torch.dtype, torch.Tensor] = {}
-    again = torch.empty(step * widest, dtype=torch.uint8)  # A's identical pieces, re-read
-    with TensorReader() as reader, closing(read_ahead(reader, groups, step * widest)) as pieces:
-        for key, info, other in pairs:
-            tally = _Tally(info, other, scratch)
-            for begin, end in element_ranges(math.prod(info.shape), step):
-                tally.add(begin, end, *next(pieces))
-            differs, max_abs, max_a = tally.finish(reader, again, step)
-            name = family_name(key)
-            family = result.families.setdefault(name, FamilyDiff(name))
-            family.tensors += 1
-            if differs:
-                family.differing.append(key)
-                family.max_abs_diff = max(family.max_abs_diff, max_abs)
-                relative = max_abs / max_a if max_a > 0 else math.inf
-                family.max_rel_diff = max(family.max_rel_diff, relative)
-            if on_tensor is not None:
-                on_tensor(key, info.nbytes + other.nbytes)
+    with (
+        open_weights(a, weights_a, keep_open=True) as left,
+        open_weights(b, weights_b, keep_open=True) as right,
+    ):
+        only_a, only_b, changes, pairs = compare_headers(left, right)
+        result = CheckpointDiff(
+            left.source, right.source, only_a, only_b, changes, {}, values_compared=not keys_only
+        )
+        if not keys_only:
+            # the data is read through the descriptors the headers were read through
+            _compare_values(pairs, {**right.fds, **left.fds}, result, on_tensor)
     logger.info(
         "%s vs %s: %d tensors differ", left.source, right.source, len(result.differing_keys)
     )

@@ -162,66 +162,72 @@ def repair_checkpoint(
     appears only when complete. ``dry_run`` checks and plans but writes nothing.
     """
     stage_name = normalize_stage(stage)
-    source, donor = open_weights(src, weights), open_weights(base, base_weights)
-    found, config_folder = _config_for(source, donor, config)
-    _check_source(source, found)
-    missing = build_report(
-        source.tensors, stage=stage_name, config=found, source=source.source
-    ).missing
-    filled = _base_tensors(donor, missing, found)
-    target = Path(out)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise FileExistsError(f"{target} exists and is not an empty folder; choose a new folder")
-    kept = build_report(source.tensors, stage="stage2", config=found).plan.native
-    native_layout = bool(kept) and all(key.startswith(ROOT) for key in kept)
-    jobs: dict[str, TensorInfo] = {strip_root(key): source.tensors[key] for key in kept}
-    report = RepairReport(source.source, donor.source, str(target), stage_name, dry_run=dry_run)
-    for key, info in jobs.items():
-        family = family_name(key)
-        report.from_source[family] = report.from_source.get(family, 0) + 1
-        report.bytes_from_source += info.nbytes
-    for family, keys in missing.items():
-        report.from_base[family] = list(keys)
-    report.bytes_from_base = sum(info.nbytes for info in filled.values())
-    jobs.update(filled)
-    vae = next(
-        (d / VAE_FILE for d in (source.directory, donor.directory) if (d / VAE_FILE).is_file()),
-        None,
-    )
-    if vae is not None:
-        report.vae_from = "source" if vae.parent == source.directory else "base"
-    if dry_run:
-        return report
-    specs = {key: TensorSpec(key, info.dtype, info.shape) for key, info in jobs.items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    where = target if target.is_dir() else target.parent  # an existing OUT may be a mount point
-    with staging_folder(target, where) as staging:
-        with TensorReader() as reader:
-
-            def fetch(hf_key: str) -> torch.Tensor:
-                tensor = reader.read(jobs[hf_key])
-                if on_tensor is not None:
-                    on_tensor(hf_key, jobs[hf_key].nbytes)
-                return tensor
-
-            written = write_bagel_checkpoint(
-                specs,
-                fetch,
-                staging,
-                stage="stage2",
-                max_shard_size=max_shard_size,
-                strict=False,  # the stage's keys are all there; GEN keys of a stage-1 repair stay
-                config=found,
-                keys="native" if native_layout else "hf",
+    with (  # the data is read through the descriptors the headers were read through
+        open_weights(src, weights, keep_open=True) as source,
+        open_weights(base, base_weights, keep_open=True) as donor,
+    ):
+        found, config_folder = _config_for(source, donor, config)
+        _check_source(source, found)
+        missing = build_report(
+            source.tensors, stage=stage_name, config=found, source=source.source
+        ).missing
+        filled = _base_tensors(donor, missing, found)
+        target = Path(out)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise FileExistsError(
+                f"{target} exists and is not an empty folder; choose a new folder"
             )
+        kept = build_report(source.tensors, stage="stage2", config=found).plan.native
+        native_layout = bool(kept) and all(key.startswith(ROOT) for key in kept)
+        jobs: dict[str, TensorInfo] = {strip_root(key): source.tensors[key] for key in kept}
+        report = RepairReport(source.source, donor.source, str(target), stage_name, dry_run=dry_run)
+        for key, info in jobs.items():
+            family = family_name(key)
+            report.from_source[family] = report.from_source.get(family, 0) + 1
+            report.bytes_from_source += info.nbytes
+        for family, keys in missing.items():
+            report.from_base[family] = list(keys)
+        report.bytes_from_base = sum(info.nbytes for info in filled.values())
+        jobs.update(filled)
+        vae = next(
+            (d / VAE_FILE for d in (source.directory, donor.directory) if (d / VAE_FILE).is_file()),
+            None,
+        )
         if vae is not None:
-            shutil.copyfile(vae, staging / VAE_FILE)
-            written.append(staging / VAE_FILE)
-        if where == target:  # an empty OUT: the files move in, the index last
-            for path in sorted(staging.iterdir(), key=lambda p: p.name == INDEX_FILE):
-                move_into_place(path, target / path.name)
-        else:
-            move_into_place(staging, target)
+            report.vae_from = "source" if vae.parent == source.directory else "base"
+        if dry_run:
+            return report
+        specs = {key: TensorSpec(key, info.dtype, info.shape) for key, info in jobs.items()}
+        target.parent.mkdir(parents=True, exist_ok=True)
+        where = target if target.is_dir() else target.parent  # an existing OUT may be a mount point
+        with staging_folder(target, where) as staging:
+            with TensorReader({**donor.fds, **source.fds}) as reader:
+
+                def fetch(hf_key: str) -> torch.Tensor:
+                    tensor = reader.read(jobs[hf_key])
+                    if on_tensor is not None:
+                        on_tensor(hf_key, jobs[hf_key].nbytes)
+                    return tensor
+
+                # not strict: the stage's keys are all there; GEN keys of a stage-1 repair stay
+                written = write_bagel_checkpoint(
+                    specs,
+                    fetch,
+                    staging,
+                    stage="stage2",
+                    max_shard_size=max_shard_size,
+                    strict=False,
+                    config=found,
+                    keys="native" if native_layout else "hf",
+                )
+            if vae is not None:
+                shutil.copyfile(vae, staging / VAE_FILE)
+                written.append(staging / VAE_FILE)
+            if where == target:  # an empty OUT: the files move in, the index last
+                for path in sorted(staging.iterdir(), key=lambda p: p.name == INDEX_FILE):
+                    move_into_place(path, target / path.name)
+            else:
+                move_into_place(staging, target)
     report.files = [str(target / path.name) for path in written]
     logger.info(
         "%s: %d tensors from %s, %d from %s (config from %s)",

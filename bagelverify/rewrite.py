@@ -206,86 +206,89 @@ def rewrite_checkpoint(
     config that says so (a config is then required). ``weights`` picks ``ema`` or ``model``
     weights of a training output folder. Returns sizes before and after.
     """
-    selected = open_weights(src, weights)
-    found = find_config(selected.directory, config)
-    report = build_report(selected.tensors, stage=stage, config=found, source=selected.source)
-    report.raise_for_problems(strict=strict, convert_conv=convert_conv_patch_embedding)
-    report.plan.log(strict=strict)
-    transforms: list[TensorTransform] = []
-    new_config = found
-    if max_latent_size is not None or vit_max_num_patch_per_side is not None:
-        if found is None:
-            raise ConfigError(
-                f"{selected.directory}: resizing the position tables needs the source's config "
-                "files (or config=/--config DIR) to know the current sizes"
+    # the data is read through the descriptors the headers were read through
+    with open_weights(src, weights, keep_open=True) as selected:
+        found = find_config(selected.directory, config)
+        report = build_report(selected.tensors, stage=stage, config=found, source=selected.source)
+        report.raise_for_problems(strict=strict, convert_conv=convert_conv_patch_embedding)
+        report.plan.log(strict=strict)
+        transforms: list[TensorTransform] = []
+        new_config = found
+        if max_latent_size is not None or vit_max_num_patch_per_side is not None:
+            if found is None:
+                raise ConfigError(
+                    f"{selected.directory}: resizing the position tables needs the source's config "
+                    "files (or config=/--config DIR) to know the current sizes"
+                )
+            new_config = resized_config(
+                found,
+                max_latent_size=max_latent_size,
+                vit_max_num_patch_per_side=vit_max_num_patch_per_side,
             )
-        new_config = resized_config(
-            found,
-            max_latent_size=max_latent_size,
-            vit_max_num_patch_per_side=vit_max_num_patch_per_side,
-        )
-    beyond = set(report.beyond_config)
-    jobs: dict[str, tuple[TensorInfo, bool]] = {}
-    for key in report.plan.native:
-        if key in beyond:
-            continue
-        info = report.tensors[key]
-        assert isinstance(info, TensorInfo)
-        jobs[strip_root(key)] = (info, key == report.conv_patch_embedding)
-    stored = {  # a converted Conv2d patch weight is stored as its Linear form
-        hf: TensorSpec(
-            hf, info.dtype, (info.shape[0], math.prod(info.shape[1:])) if conv else info.shape
-        )
-        for hf, (info, conv) in jobs.items()
-    }
-    result = RewriteReport(selected.source, str(dst), report.stage, config=new_config)
-    if dtype is not None:
-        name = parse_dtype(dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."))
-        cast = CastTransform(name)
-        result.dtype, result.narrowed = name, cast.narrowing(list(stored.values()))
-        if result.narrowed and not allow_lossy:
-            raise LossyCastError(
-                f"{selected.source}: casting to {name} loses precision or range for "
-                f"{len(result.narrowed)} tensors ({format_examples(result.narrowed)}); nothing "
-                "was written. Pass allow_lossy=True (--allow-lossy) to cast anyway."
+        beyond = set(report.beyond_config)
+        jobs: dict[str, tuple[TensorInfo, bool]] = {}
+        for key in report.plan.native:
+            if key in beyond:
+                continue
+            info = report.tensors[key]
+            assert isinstance(info, TensorInfo)
+            jobs[strip_root(key)] = (info, key == report.conv_patch_embedding)
+        stored = {  # a converted Conv2d patch weight is stored as its Linear form
+            hf: TensorSpec(
+                hf, info.dtype, (info.shape[0], math.prod(info.shape[1:])) if conv else info.shape
             )
-        transforms.append(cast)
-    if found is not None and new_config is not None and new_config != found:
-        resize = TableResize(found, new_config)
-        result.tables_regenerated = [k for k in resize.keys if k in stored]
-        transforms.append(resize)
-    specs = {}
-    for hf, spec in stored.items():
-        for transform in transforms:
-            spec = transform.spec(spec)
-        specs[hf] = spec
-    result.tensors = len(specs)
-    result.bytes_before = sum(info.nbytes for info, _ in jobs.values())
-    result.bytes_after = sum(spec.nbytes for spec in specs.values())
-
-    with TensorReader() as reader:
-
-        def fetch(hf_key: str) -> torch.Tensor:
-            info, conv = jobs[hf_key]
-            tensor = reader.read(info)
-            if on_tensor is not None:
-                on_tensor(hf_key, info.nbytes)
-            if conv:
-                tensor = conv_patch_weight_to_linear(tensor)
+            for hf, (info, conv) in jobs.items()
+        }
+        result = RewriteReport(selected.source, str(dst), report.stage, config=new_config)
+        if dtype is not None:
+            name = parse_dtype(
+                dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+            )
+            cast = CastTransform(name)
+            result.dtype, result.narrowed = name, cast.narrowing(list(stored.values()))
+            if result.narrowed and not allow_lossy:
+                raise LossyCastError(
+                    f"{selected.source}: casting to {name} loses precision or range for "
+                    f"{len(result.narrowed)} tensors ({format_examples(result.narrowed)}); nothing "
+                    "was written. Pass allow_lossy=True (--allow-lossy) to cast anyway."
+                )
+            transforms.append(cast)
+        if found is not None and new_config is not None and new_config != found:
+            resize = TableResize(found, new_config)
+            result.tables_regenerated = [k for k in resize.keys if k in stored]
+            transforms.append(resize)
+        specs = {}
+        for hf, spec in stored.items():
             for transform in transforms:
-                tensor = transform.apply(hf_key, tensor)
-            return tensor
+                spec = transform.spec(spec)
+            specs[hf] = spec
+        result.tensors = len(specs)
+        result.bytes_before = sum(info.nbytes for info, _ in jobs.values())
+        result.bytes_after = sum(spec.nbytes for spec in specs.values())
 
-        result.files = write_bagel_checkpoint(
-            specs,
-            fetch,
-            dst,
-            stage=report.stage,
-            max_shard_size=max_shard_size,
-            strict=strict,
-            config=new_config,
-            keys=keys,
-        )
+        with TensorReader(selected.fds) as reader:
+
+            def fetch(hf_key: str) -> torch.Tensor:
+                info, conv = jobs[hf_key]
+                tensor = reader.read(info)
+                if on_tensor is not None:
+                    on_tensor(hf_key, info.nbytes)
+                if conv:
+                    tensor = conv_patch_weight_to_linear(tensor)
+                for transform in transforms:
+                    tensor = transform.apply(hf_key, tensor)
+                return tensor
+
+            result.files = write_bagel_checkpoint(
+                specs,
+                fetch,
+                dst,
+                stage=report.stage,
+                max_shard_size=max_shard_size,
+                strict=strict,
+                config=new_config,
+                keys=keys,
+            )
     logger.info(
         "%s: %d tensors, %d -> %d bytes",
         dst,

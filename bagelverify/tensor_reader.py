@@ -3,19 +3,15 @@
 :class:`TensorReader` keeps one open descriptor per file and reads each requested tensor's byte
 range (and nothing else) with :func:`~bagelverify.safetensors_io.read_into`; it can ask the kernel
 to start reading the next tensor while the caller works on the current one. Streaming commands
-(``diff``, ``repair``, rewrites) hold one or two tensors in memory at a time this way;
-:func:`read_ahead` reads pieces on a background thread while the caller works on earlier ones.
+(``diff``, ``repair``, rewrites) hold one or two tensors in memory at a time this way.
 """
 
 from __future__ import annotations
 
 import os
-import queue
-import threading
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
 
 import torch
 
@@ -40,15 +36,11 @@ class TensorReader:
         read through); they stay open on :meth:`close`. Other files are opened by path."""
         self._borrowed = dict(fds or {})
         self._fds: dict[Path, int] = {}
-        self._opening = threading.Lock()  # reads may come from several threads
 
     def _fd(self, path: Path) -> int:
         fd = self._borrowed.get(path, self._fds.get(path))
         if fd is None:
-            with self._opening:
-                fd = self._fds.get(path)
-                if fd is None:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         return fd
 
     def read(self, info: TensorInfo) -> torch.Tensor:
@@ -100,69 +92,3 @@ def element_ranges(count: int, step: int = CHUNK_ELEMENTS) -> Iterator[tuple[int
     """``[begin, end)`` ranges of at most ``step`` elements covering ``count`` elements."""
     for begin in range(0, count, step):
         yield begin, min(count, begin + step)
-
-
-Piece = tuple[TensorInfo, int, int]
-"""``(info, begin, end)``: elements ``[begin, end)`` of a tensor, as :meth:`TensorReader.read_range`
-takes them."""
-
-
-class _Failed(NamedTuple):
-    error: BaseException
-
-
-def read_ahead(
-    reader: TensorReader, groups: Iterable[Sequence[Piece]], piece_bytes: int, depth: int = 2
-) -> Generator[list[torch.Tensor], None, None]:
-    """Read each group of pieces on a background thread, up to ``depth`` groups ahead of the
-    consumer, and yield the group's views (as :meth:`TensorReader.read_range` returns them).
-
-    A group's views stay valid until the next group is asked for; buffers of ``piece_bytes``
-    bytes are reused, so memory is ``(depth + 1) * piece_bytes`` per piece of a group. An error
-    while reading is raised to the consumer at that group; closing the iterator early stops
-    the thread.
-    """
-    slots: list[list[torch.Tensor]] = [[] for _ in range(depth + 1)]
-    free: queue.SimpleQueue[int] = queue.SimpleQueue()
-    ready: queue.SimpleQueue[tuple[int, list[torch.Tensor]] | _Failed | None]
-    ready = queue.SimpleQueue()  # a group's slot and views; None: the end
-    stop = threading.Event()
-    for slot in range(len(slots)):
-        free.put(slot)
-
-    def produce() -> None:
-        try:
-            for group in groups:
-                slot = free.get()
-                if stop.is_set():
-                    return
-                buffers = slots[slot]
-                while len(buffers) < len(group):
-                    buffers.append(torch.empty(piece_bytes, dtype=torch.uint8))
-                views = [
-                    reader.read_range(*p, into) for p, into in zip(group, buffers, strict=False)
-                ]
-                ready.put((slot, views))
-            ready.put(None)
-        except BaseException as error:  # handed to the consumer, which raises it
-            ready.put(_Failed(error))
-
-    thread = threading.Thread(target=produce, name="bagelverify-read-ahead", daemon=True)
-    thread.start()
-    held: int | None = None
-    try:
-        while True:
-            if held is not None:
-                free.put(held)
-                held = None
-            item = ready.get()
-            if item is None:
-                return
-            if isinstance(item, _Failed):
-                raise item.error
-            held, views = item
-            yield views
-    finally:
-        stop.set()
-        free.put(-1)  # wakes a producer waiting for a slot; it then sees the stop
-        thread.join()

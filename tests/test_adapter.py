@@ -372,5 +372,7 @@ def test_to_hf_with_a_config_checks_shapes_and_load_destinations_completeness() 
     with pytest.raises(bv.ShapeMismatchError, match="found \\[1, 2\\]"):
         adapter.to_hf({**subset, first: torch.empty(1, 2, device="meta")})
     rope_key = "model.vit_model.vision_model.rope.cos_h"
-    with pytest.raises(bv.UnknownKeysError, match="do not exist in a model with this config"):
+    with pytest.raises(
+        bv.UnknownKeysError, match="1 key does not exist in a model with this config"
+    ):
         adapter.to_hf({**native, rope_key: torch.empty(1, device="meta")})

@@ -145,7 +145,7 @@ def test_vae_loader(synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path) -
     assert list(loaded) == list(load_manifest()["ae.safetensors"])
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
     save_tensors(tmp_path / "ae.safetensors", {**expected, UND[0]: torch.ones(1)})
-    with pytest.raises(UnknownKeysError, match="1 keys are not VAE") as info:
+    with pytest.raises(UnknownKeysError, match="1 key is not VAE") as info:
         bv.load_bagel_vae_state_dict(tmp_path)
     assert info.value.keys == [UND[0]]
 
@@ -269,7 +269,7 @@ def test_keys_beyond_the_config_are_errors_under_strict(
         synthetic_checkpoint, tmp_path / "l28", lambda sd: {**sd, extra: torch.ones(1)}
     )
     with pytest.raises(
-        UnknownKeysError, match="1 keys do not exist in a model with this config"
+        UnknownKeysError, match="1 key does not exist in a model with this config"
     ) as info:
         bv.load_bagel_checkpoint_state_dict(folder)
     assert info.value.keys == [extra]

@@ -1,108 +1,103 @@
-"""``TensorReader`` pieces and ``read_ahead``: pieces read on a background thread, in order."""
+"""``TensorReader`` reading through borrowed descriptors, and ``diff`` reading through the
+descriptors its headers were read through."""
 
 from __future__ import annotations
 
-import math
-import threading
-from contextlib import closing
+import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from safetensors.torch import load_file
 
-from bagelverify.errors import CorruptCheckpointError
+from bagelverify import diff, repair, rewrite
+from bagelverify.checkpoint import open_weights
+from bagelverify.manifest import MODEL_FILE
 from bagelverify.safetensors_io import read_header, save_tensors
-from bagelverify.tensor_reader import Piece, TensorReader, element_ranges, read_ahead
+from bagelverify.synthetic import SyntheticCheckpoint, make_synthetic_checkpoint
+from bagelverify.tensor_reader import TensorReader
 
 
-def _file(folder: Path, sizes: list[int]) -> dict[str, torch.Tensor]:
-    tensors = {f"t{i}": torch.arange(n, dtype=torch.float32) * (i + 1) for i, n in enumerate(sizes)}
-    save_tensors(folder / "x.safetensors", tensors)
-    return tensors
-
-
-def _ahead_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "bagelverify-read-ahead"]
-
-
-@settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=6),
-    step=st.integers(1, 128),
-    depth=st.integers(1, 3),
-)
-def test_read_ahead_yields_every_group_in_order_with_the_bytes_of_a_direct_read(
-    tmp_path_factory: pytest.TempPathFactory, sizes: list[int], step: int, depth: int
-) -> None:
-    """Invariant: read_ahead yields exactly the groups asked for, in order, each view equal to
-    the tensor's elements [begin, end), whatever the depth and piece size (buffers reused)."""
-    folder = tmp_path_factory.mktemp("ahead")
-    tensors = _file(folder, sizes)
-    infos = read_header(folder / "x.safetensors").tensors
-    groups: list[tuple[Piece, Piece]] = [
-        ((infos[a], begin, end), (infos[b], begin, end))
-        for a, b in zip(infos, reversed(infos), strict=True)
-        for begin, end in element_ranges(
-            min(math.prod(infos[a].shape), math.prod(infos[b].shape)), step
-        )
-    ]
-    seen = 0
-    with TensorReader() as reader:
-        for group, views in zip(groups, read_ahead(reader, groups, step * 4, depth), strict=True):
-            for (info, begin, end), view in zip(group, views, strict=True):
-                assert torch.equal(view, tensors[info.name][begin:end])
-            seen += 1
-    assert seen == len(groups)
-    assert not _ahead_threads()
-
-
-def test_read_ahead_raises_a_read_error_at_its_group_after_the_earlier_ones(
+def test_a_reader_reads_through_the_descriptors_it_is_given_and_leaves_them_open(
     tmp_path: Path,
 ) -> None:
-    _file(tmp_path, [100, 100])
+    """A file replaced after its header was read: the reader still reads the bytes of the file
+    the header describes, and the borrowed descriptor stays open when the reader closes."""
     path = tmp_path / "x.safetensors"
-    infos = read_header(path).tensors
-    with path.open("r+b") as handle:  # the second tensor's bytes end early
-        handle.truncate(infos["t1"].start + 40)
-    groups = [
-        [(info, begin, end)] for info in infos.values() for begin, end in element_ranges(100, 50)
-    ]
-    got = []
-    with (
-        TensorReader() as reader,
-        closing(read_ahead(reader, groups, 200)) as pieces,
-        pytest.raises(CorruptCheckpointError, match=r"x\.safetensors: 't1': unexpected end"),
-    ):
-        for views in pieces:
-            got.append(views[0].clone())
-    assert [len(g) for g in got] == [50, 50]  # t0's two pieces came first
-    assert not _ahead_threads()
+    save_tensors(path, {"t": torch.arange(8, dtype=torch.float32)})
+    with open_weights(path, keep_open=True) as files:
+        replacement = tmp_path / "y.safetensors"
+        save_tensors(replacement, {"t": torch.zeros(8, dtype=torch.float32)})
+        os.replace(replacement, path)
+        with TensorReader(files.fds) as reader:
+            assert torch.equal(reader.read(files.tensors["t"]), torch.arange(8.0))
+        assert os.fstat(files.fds[path]).st_size > 0  # still open
+    with TensorReader() as reader:  # by path: the new file
+        assert torch.equal(reader.read(read_header(path).tensors["t"]), torch.zeros(8))
 
 
-def test_closing_read_ahead_early_stops_its_thread(tmp_path: Path) -> None:
-    _file(tmp_path, [1000])
-    info = read_header(tmp_path / "x.safetensors").tensors["t0"]
-    groups = [[(info, begin, end)] for begin, end in element_ranges(1000, 10)]
-    with TensorReader() as reader:
-        pieces = read_ahead(reader, groups, 40, depth=2)
-        first = next(pieces)
-        assert torch.equal(first[0], torch.arange(10, dtype=torch.float32))
-        assert len(_ahead_threads()) == 1  # blocked: every slot is full or held
-        pieces.close()
-    assert not _ahead_threads()
+@pytest.fixture
+def two_checkpoints(synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path) -> tuple[Path, Path]:
+    """A (a copy of the session checkpoint) and B (seed 1: every value differs)."""
+    a = tmp_path / "a"
+    shutil.copytree(synthetic_checkpoint.path, a)
+    return a, make_synthetic_checkpoint(tmp_path / "b", scale=64, seed=1).path
 
 
-def test_a_reader_shared_by_threads_opens_each_file_once(tmp_path: Path) -> None:
-    _file(tmp_path, [10])
-    info = read_header(tmp_path / "x.safetensors").tensors["t0"]
-    with TensorReader() as reader:
-        threads = [threading.Thread(target=reader.read, args=(info,)) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert len(reader._fds) == 1
+def _replace_after(
+    monkeypatch: pytest.MonkeyPatch, module: object, name: str, path: Path, new: Path
+) -> None:
+    """Once ``module.name`` (called after the headers are read, before any data) returns,
+    ``path`` is replaced by a copy of ``new``, as a concurrent save would."""
+    original = getattr(module, name)
+
+    def then_replace(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        shutil.copyfile(new, path.with_suffix(".new"))
+        os.replace(path.with_suffix(".new"), path)
+        return result
+
+    monkeypatch.setattr(module, name, then_replace)
+
+
+def test_diff_reads_the_files_its_headers_came_from(
+    two_checkpoints: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = two_checkpoints
+    differing = diff.diff_checkpoints(a, b).differing_keys
+    assert len(differing) == 1221  # all but the two position tables, which seeds do not change
+    _replace_after(monkeypatch, diff, "compare_headers", b / MODEL_FILE, a / MODEL_FILE)
+    assert diff.diff_checkpoints(a, b).differing_keys == differing  # B's old values, not A's
+
+
+def test_repair_copies_the_bytes_of_the_files_its_headers_came_from(
+    two_checkpoints: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = two_checkpoints
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = load_file(a / MODEL_FILE)
+    save_tensors(src / MODEL_FILE, {k: v for k, v in tensors.items() if "vit_model" not in k})
+    for name in ("config.json", "llm_config.json", "vit_config.json"):
+        shutil.copy(a / name, src / name)
+    _replace_after(monkeypatch, repair, "_base_tensors", b / MODEL_FILE, a / MODEL_FILE)
+    repair.repair_checkpoint(src, base=b, out=tmp_path / "out")
+    repaired = load_file(tmp_path / "out" / MODEL_FILE)
+    base_values = make_synthetic_checkpoint(tmp_path / "b2", scale=64, seed=1).path
+    original = load_file(base_values / MODEL_FILE)
+    vision = [k for k in repaired if "vit_model" in k]
+    assert vision and all(torch.equal(repaired[k], original[k]) for k in vision)
+
+
+def test_rewrite_reads_the_file_its_header_came_from(
+    two_checkpoints: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = two_checkpoints
+    before = load_file(a / MODEL_FILE)
+    _replace_after(monkeypatch, rewrite, "build_report", a / MODEL_FILE, b / MODEL_FILE)
+    rewrite.rewrite_checkpoint(a, tmp_path / "out", stage=2, dtype="f32")
+    after = load_file(tmp_path / "out" / MODEL_FILE)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k].float()) for k in before)

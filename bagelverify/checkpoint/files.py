@@ -243,8 +243,9 @@ def choose_weights(directory: Path, weights: object = None) -> tuple[Path, str]:
     )
     if wanted is None:
         raise FileNotFoundError(
-            f"{directory}: no {MODEL_FILE}, no {MODEL_WEIGHTS_FILE} and no sharded checkpoint "
-            f"({INDEX_FILE}); {holds}. Is {directory} a BAGEL checkpoint folder?"
+            f"{directory / MODEL_FILE}: not found, and no {MODEL_WEIGHTS_FILE} and no sharded "
+            f"checkpoint ({directory / INDEX_FILE}) either; {holds}. Is {directory} a BAGEL "
+            "checkpoint folder?"
         )
     other = "model" if wanted == "ema" else "ema"
     advice = f": pass weights={other!r} (--weights {other}) or leave it out" if held else ""

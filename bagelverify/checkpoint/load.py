@@ -29,6 +29,7 @@ from ..errors import (
     MissingKeysError,
     ShapeMismatchError,
     UnknownKeysError,
+    counted,
     format_examples,
 )
 from ..keys import strip_root
@@ -409,7 +410,8 @@ def _load_vae(
     other = [key for key in header.tensors if classify(key) is not Bucket.VAE]
     if other:
         raise UnknownKeysError(
-            f"{path}: {len(other)} keys are not VAE (encoder./decoder.) keys: "
+            f"{path}: {counted(len(other), 'key')} {'is' if len(other) == 1 else 'are'} not "
+            "VAE (encoder./decoder.) keys: "
             f"{format_examples(other)}. Is this the model file rather than ae.safetensors?",
             other,
         )

@@ -25,6 +25,7 @@ from ..errors import (
     MissingKeysError,
     ShapeMismatchError,
     UnknownKeysError,
+    counted,
     format_examples,
 )
 from ..families import FAMILIES, FAMILY_BY_NAME, family_of
@@ -143,9 +144,10 @@ class CheckpointReport:
         if strict and self.beyond_config:
             found.append(
                 UnknownKeysError(
-                    f"{self.source}: {len(self.beyond_config)} keys do not exist in a model with "
-                    f"this config: {format_examples(self.beyond_config)}. Check the config files "
-                    "(layer counts) or pass strict=False to drop them.",
+                    f"{self.source}: {counted(len(self.beyond_config), 'key')} "
+                    f"{'does' if len(self.beyond_config) == 1 else 'do'} not exist in a model "
+                    f"with this config: {format_examples(self.beyond_config)}. Check the config "
+                    "files (layer counts) or pass strict=False to drop them.",
                     self.beyond_config,
                 )
             )
