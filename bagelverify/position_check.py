@@ -12,7 +12,7 @@ from pathlib import Path
 from .checkpoint import find_config, open_weights
 from .config import BagelConfig
 from .keys import strip_root
-from .pos_embed import POSITION_TABLE_KEYS, TableCheck, compare_table
+from .pos_embed import POSITION_TABLE_KEYS, TableCheck, check_without_reading, compare_table
 from .safetensors_io import TensorInfo
 from .tensor_reader import TensorReader
 
@@ -24,14 +24,18 @@ def check_tables(
 ) -> list[TableCheck]:
     """Compare each position table among ``tensors`` (HF or native keys) with the regenerated
     one: of the size ``config`` gives, or without a config of the stored table's own grid.
+    A table whose header decides the check (see :func:`check_without_reading`) is not read.
     Reads through ``fds`` where given (see :class:`~bagelverify.tensor_reader.TensorReader`)."""
     tables = {strip_root(key): info for key, info in tensors.items()}
+    checks = []
     with TensorReader(fds) as reader:
-        return [
-            compare_table(key, reader.read(tables[key]), config)
-            for key in POSITION_TABLE_KEYS
-            if key in tables
-        ]
+        for key in POSITION_TABLE_KEYS:
+            info = tables.get(key)
+            if info is None:
+                continue
+            decided = check_without_reading(key, info.dtype, info.shape, config)
+            checks.append(decided or compare_table(key, reader.read(info), config))
+    return checks
 
 
 def check_position_tables(

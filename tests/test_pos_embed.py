@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,14 @@ from bagelverify.pos_embed import (
     position_table,
     sincos_table,
 )
-from bagelverify.position_check import check_position_tables
-from bagelverify.safetensors_io import read_header, save_tensors
+from bagelverify.position_check import check_position_tables, check_tables
+from bagelverify.safetensors_io import (
+    TensorInfo,
+    TensorSpec,
+    encode_header,
+    read_header,
+    save_tensors,
+)
 
 
 def reference(side: int, width: int) -> np.ndarray:
@@ -148,3 +155,41 @@ def test_inspect_reports_the_position_tables(tmp_path: Path) -> None:
     assert not latent["exact"] and latent["max_abs_diff"] == pytest.approx(0.5, abs=0.01)
     skipped = bv("inspect", made.path, "--json", "--headers-only")
     assert json.loads(skipped.stdout)["position_tables"] is None
+
+
+def _sparse_tables(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorInfo]:
+    """A valid file whose tables' data section is a hole: headers only, nothing written."""
+    specs = [TensorSpec(key, "BF16", shape) for key, shape in shapes.items()]
+    header = encode_header(specs, {})
+    with open(path, "wb") as handle:
+        handle.write(header)
+        handle.truncate(len(header) + sum(spec.nbytes for spec in specs))
+    return read_header(path).tensors
+
+
+def test_tables_the_header_decides_are_never_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header claiming a huge grid (268 M elements) or a shape the config does not give is
+    reported from the header alone: no byte read, no table regenerated."""
+    tensors = _sparse_tables(
+        tmp_path / "x.safetensors",
+        {LATENT_POS_EMBED: (8192 * 8192, 4), VIT_POS_EMBED: (4096, 8)},
+    )
+
+    def forbidden(*args: object) -> None:
+        raise AssertionError("a table was read")
+
+    monkeypatch.setattr(os, "preadv", forbidden)
+    (latent,) = check_tables({LATENT_POS_EMBED: tensors[LATENT_POS_EMBED]}, None)
+    assert latent.max_abs_diff is None and latent.not_compared is not None
+    assert "268,435,456 elements, beyond the 67,108,864 regenerated" in latent.describe()
+    config = BagelConfig()  # latent 64 x 64 rows, 3584 wide: neither table has its shape
+    checks = check_tables(tensors, config)
+    assert [check.key for check in checks] == [VIT_POS_EMBED, LATENT_POS_EMBED]
+    for check in checks:
+        assert check.not_compared is None and check.max_abs_diff is None
+        assert check.expected_shape[1] == 3584 and "the config implies" in check.describe()
+    monkeypatch.undo()
+    (vit,) = check_tables({VIT_POS_EMBED: tensors[VIT_POS_EMBED]}, None)  # a 64 x 64 grid: read
+    assert vit.not_compared is None and vit.max_abs_diff is not None and not vit.exact
