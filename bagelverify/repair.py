@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .config import BagelConfig
 from .diff import family_name
-from .errors import MissingKeysError, ShapeMismatchError, format_examples
+from .errors import MissingKeysError, ShapeMismatchError, counted, format_examples
 from .families import expected_shapes
 from .keys import ROOT, strip_root
 from .manifest import VAE_FILE
@@ -116,21 +116,23 @@ def _base_tensors(
     absent = [key for key in keys if key not in by_hf]
     if absent:
         raise MissingKeysError(
-            f"{base.source}: the base lacks {len(absent)} of the {len(keys)} keys to fill: "
+            f"{base.source}: the base lacks {len(absent):,} of the {counted(len(keys), 'key')} "
+            "to fill: "
             f"{format_examples(absent)}. Use a complete checkpoint (e.g. the release) as the base.",
             absent,
         )
     shapes = expected_shapes(config)
-    wrong = [key for key in keys if tuple(by_hf[key].shape) != shapes[key]]
+    wrong = [
+        f"{key}: expected {list(shapes[key])}, found {list(by_hf[key].shape)}"
+        for key in keys
+        if tuple(by_hf[key].shape) != shapes[key]
+    ]
     if wrong:
         raise ShapeMismatchError(
-            f"{base.source}: {len(wrong)} base tensors to fill do not have the shape the config "
-            "implies:\n"
-            + "\n".join(
-                f"  {key}: expected {list(shapes[key])}, found {list(by_hf[key].shape)}"
-                for key in wrong
-            )
-            + "\nThe base is a different model size; nothing was written."
+            f"{base.source}: {counted(len(wrong), 'base tensor')} to fill "
+            f"{'does' if len(wrong) == 1 else 'do'} not have the shape the config implies "
+            f"({format_examples(wrong, show=str)}). The base is a different model size; nothing "
+            "was written."
         )
     return {key: by_hf[key] for key in keys}
 
@@ -162,80 +164,114 @@ def repair_checkpoint(
     appears only when complete. ``dry_run`` checks and plans but writes nothing.
     """
     stage_name = normalize_stage(stage)
+    target = Path(out)
     with (  # the data is read through the descriptors the headers were read through
         open_weights(src, weights, keep_open=True) as source,
         open_weights(base, base_weights, keep_open=True) as donor,
     ):
-        found, config_folder = _config_for(source, donor, config)
-        _check_source(source, found)
-        missing = build_report(
-            source.tensors, stage=stage_name, config=found, source=source.source
-        ).missing
-        filled = _base_tensors(donor, missing, found)
-        target = Path(out)
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise FileExistsError(
-                f"{target} exists and is not an empty folder; choose a new folder"
-            )
-        kept = build_report(source.tensors, stage="stage2", config=found).plan.native
-        native_layout = bool(kept) and all(key.startswith(ROOT) for key in kept)
-        jobs: dict[str, TensorInfo] = {strip_root(key): source.tensors[key] for key in kept}
-        report = RepairReport(source.source, donor.source, str(target), stage_name, dry_run=dry_run)
-        for key, info in jobs.items():
-            family = family_name(key)
-            report.from_source[family] = report.from_source.get(family, 0) + 1
-            report.bytes_from_source += info.nbytes
-        for family, keys in missing.items():
-            report.from_base[family] = list(keys)
-        report.bytes_from_base = sum(info.nbytes for info in filled.values())
-        jobs.update(filled)
-        vae = next(
-            (d / VAE_FILE for d in (source.directory, donor.directory) if (d / VAE_FILE).is_file()),
-            None,
-        )
-        if vae is not None:
-            report.vae_from = "source" if vae.parent == source.directory else "base"
+        plan = _plan(source, donor, stage_name, config, target, dry_run)
         if dry_run:
-            return report
-        specs = {key: TensorSpec(key, info.dtype, info.shape) for key, info in jobs.items()}
-        target.parent.mkdir(parents=True, exist_ok=True)
-        where = target if target.is_dir() else target.parent  # an existing OUT may be a mount point
-        with staging_folder(target, where) as staging:
-            with TensorReader({**donor.fds, **source.fds}) as reader:
-
-                def fetch(hf_key: str) -> torch.Tensor:
-                    tensor = reader.read(jobs[hf_key])
-                    if on_tensor is not None:
-                        on_tensor(hf_key, jobs[hf_key].nbytes)
-                    return tensor
-
-                # not strict: the stage's keys are all there; GEN keys of a stage-1 repair stay
-                written = write_bagel_checkpoint(
-                    specs,
-                    fetch,
-                    staging,
-                    stage="stage2",
-                    max_shard_size=max_shard_size,
-                    strict=False,
-                    config=found,
-                    keys="native" if native_layout else "hf",
-                )
-            if vae is not None:
-                shutil.copyfile(vae, staging / VAE_FILE)
-                written.append(staging / VAE_FILE)
-            if where == target:  # an empty OUT: the files move in, the index last
-                for path in sorted(staging.iterdir(), key=lambda p: p.name == INDEX_FILE):
-                    move_into_place(path, target / path.name)
-            else:
-                move_into_place(staging, target)
-    report.files = [str(target / path.name) for path in written]
+            return plan.report
+        plan.report.files = _write(
+            plan, target, {**donor.fds, **source.fds}, max_shard_size, on_tensor
+        )
     logger.info(
         "%s: %d tensors from %s, %d from %s (config from %s)",
         target,
-        len(jobs) - len(filled),
-        source.source,
-        len(filled),
-        donor.source,
-        config_folder,
+        len(plan.jobs) - len(plan.report.filled),
+        plan.report.source,
+        len(plan.report.filled),
+        plan.report.base,
+        plan.config_folder,
     )
-    return report
+    return plan.report
+
+
+@dataclass
+class _Plan:
+    """What a repair writes: every tensor by HF key, where it is read from, and how."""
+
+    report: RepairReport
+    jobs: dict[str, TensorInfo]
+    config: BagelConfig
+    config_folder: Path
+    native_layout: bool
+    """Whether the output keeps the source's ``model.``-rooted keys."""
+    vae: Path | None
+
+
+def _plan(
+    source: CheckpointFiles,
+    donor: CheckpointFiles,
+    stage: str,
+    config: object,
+    target: Path,
+    dry_run: bool,
+) -> _Plan:
+    """Check both sides from their headers and plan the output; nothing is read or written."""
+    found, config_folder = _config_for(source, donor, config)
+    _check_source(source, found)
+    missing = build_report(source.tensors, stage=stage, config=found, source=source.source).missing
+    filled = _base_tensors(donor, missing, found)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target} exists and is not an empty folder; choose a new folder")
+    kept = build_report(source.tensors, stage="stage2", config=found).plan.native
+    jobs: dict[str, TensorInfo] = {strip_root(key): source.tensors[key] for key in kept}
+    report = RepairReport(source.source, donor.source, str(target), stage, dry_run=dry_run)
+    for key, info in jobs.items():
+        family = family_name(key)
+        report.from_source[family] = report.from_source.get(family, 0) + 1
+        report.bytes_from_source += info.nbytes
+    for family, keys in missing.items():
+        report.from_base[family] = list(keys)
+    report.bytes_from_base = sum(info.nbytes for info in filled.values())
+    jobs.update(filled)
+    folders = (source.directory, donor.directory)
+    vae = next((d / VAE_FILE for d in folders if (d / VAE_FILE).is_file()), None)
+    if vae is not None:
+        report.vae_from = "source" if vae.parent == source.directory else "base"
+    native_layout = bool(kept) and all(key.startswith(ROOT) for key in kept)
+    return _Plan(report, jobs, found, config_folder, native_layout, vae)
+
+
+def _write(
+    plan: _Plan,
+    target: Path,
+    fds: dict[Path, int],
+    max_shard_size: int | str | None,
+    on_tensor: Callable[[str, int], None] | None,
+) -> list[str]:
+    """Write the plan's tensors (read through ``fds``) and ``ae.safetensors`` into a staging
+    folder, then move it into place; the files written, by their final paths."""
+    specs = {key: TensorSpec(key, info.dtype, info.shape) for key, info in plan.jobs.items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    where = target if target.is_dir() else target.parent  # an existing OUT may be a mount point
+    with staging_folder(target, where) as staging:
+        with TensorReader(fds) as reader:
+
+            def fetch(hf_key: str) -> torch.Tensor:
+                tensor = reader.read(plan.jobs[hf_key])
+                if on_tensor is not None:
+                    on_tensor(hf_key, plan.jobs[hf_key].nbytes)
+                return tensor
+
+            # not strict: the stage's keys are all there; GEN keys of a stage-1 repair stay
+            written = write_bagel_checkpoint(
+                specs,
+                fetch,
+                staging,
+                stage="stage2",
+                max_shard_size=max_shard_size,
+                strict=False,
+                config=plan.config,
+                keys="native" if plan.native_layout else "hf",
+            )
+        if plan.vae is not None:
+            shutil.copyfile(plan.vae, staging / VAE_FILE)
+            written.append(staging / VAE_FILE)
+        if where == target:  # an empty OUT: the files move in, the index last
+            for path in sorted(staging.iterdir(), key=lambda p: p.name == INDEX_FILE):
+                move_into_place(path, target / path.name)
+        else:
+            move_into_place(staging, target)
+    return [str(target / path.name) for path in written]

@@ -109,13 +109,26 @@ def test_base_lacking_a_key_or_of_another_size_is_refused_before_writing(
     lost = "connector.fc2.weight"
     src = _without(synthetic_checkpoint, tmp_path / "src", {lost})
     holey = _without(synthetic_checkpoint, tmp_path / "holey", {lost})
-    with pytest.raises(MissingKeysError, match=r"the base lacks 1 of the 1 keys .*connector\.fc2"):
+    with pytest.raises(
+        MissingKeysError, match=r"the base lacks 1 of the 1 key to fill: .*connector\.fc2"
+    ):
         repair_checkpoint(src, base=holey, out=tmp_path / "out")
     other = make_synthetic_checkpoint(tmp_path / "other", scale=32, with_vae=False)
     with pytest.raises(
         ShapeMismatchError, match=r"connector\.fc2\.weight: expected \[56, 56\], found \[112, 112\]"
     ):
         repair_checkpoint(src, base=other.path, out=tmp_path / "out", config=src)
+    vision = {
+        key
+        for key in load_file(synthetic_checkpoint.path / "ema.safetensors")
+        if key.startswith("vit_model.")
+    }
+    src_without_vision = _without(synthetic_checkpoint, tmp_path / "novit", vision)
+    with pytest.raises(ShapeMismatchError) as many:
+        repair_checkpoint(src_without_vision, base=other.path, out=tmp_path / "out", config=src)
+    message = str(many.value)
+    assert f"{len(vision):,} base tensors to fill do not have the shape" in message
+    assert "(and " in message and message.count("\n") == 0  # summarised on one line
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
 
