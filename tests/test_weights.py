@@ -133,8 +133,11 @@ def test_inspect_and_convert_take_weights_on_the_command_line(
     assert "weights: model.safetensors (weights='model')" in shown.stdout
     as_json = json.loads(bv("inspect", training_output, "--json").stdout)
     assert as_json["report"]["weights"] == "ema.safetensors (the default)"
-    done = bv("convert", training_output, tmp_path / "dst", "--stage", 2, "--weights", "model")
+    done = bv(
+        "convert", training_output, tmp_path / "dst", "--stage", 2, "--weights", "model", "--json"
+    )
     assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["weights"] == "model.safetensors (weights='model')"
     ema = load_bagel_checkpoint_state_dict(training_output, stage=2)
     assert _doubled(ema, bv_api.load_bagel_checkpoint_state_dict(tmp_path / "dst", stage=2))
     refused = bv(

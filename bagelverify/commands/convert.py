@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import move_into_place, remove_stale_staging, staging_folder
-from ..checkpoint import INDEX_FILE, convert_checkpoint, inspect_checkpoint
+from ..checkpoint import INDEX_FILE, choose_weights, convert_checkpoint, inspect_checkpoint
 from ..cli import UsageError, add_stage_argument, one_line
 from ..config import CONFIG_FILES, BagelConfig
 from ..errors import BagelError, counted
@@ -233,16 +233,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         choices=("hf", "native", "dcp"),
         default="hf",
         help="hf: HF keys (the release layout, default); native: the same keys under 'model.'; "
-        "dcp: a torch.distributed.checkpoint folder with native keys (written from a memory "
-        "map of the source: no copy in process memory)",
+        "dcp: a torch.distributed.checkpoint folder with native keys (about one tensor in "
+        "process memory at a time)",
     )
     parser.add_argument(
         "--from",
         dest="from_format",
         choices=("safetensors", "dcp"),
         default="safetensors",
-        help="safetensors: a folder with ema.safetensors or a sharded index, HF or native keys "
-        "(default); dcp: a native-layout DCP folder (written with HF keys)",
+        help="safetensors: a folder with ema.safetensors, model.safetensors or a sharded index, "
+        "HF or native keys (default); dcp: a native-layout DCP folder (written with HF keys)",
     )
     parser.add_argument(
         "--max-shard-size",
@@ -338,6 +338,7 @@ def run(args: argparse.Namespace) -> int:
     source, target, replaced = _check_paths(args)
     config_dir = config_folder(args.config)
     config = BagelConfig.from_pretrained(config_dir) if config_dir is not None else None
+    weights = None if args.from_format == "dcp" else choose_weights(source, args.weights)[1]
     where = _staging_place(target)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -360,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
     document: dict[str, Any] = {
         "command": "convert",
         "source": str(source),
+        "weights": weights,
         "destination": str(target),
         "stage": args.stage,
         "from": args.from_format,
@@ -383,6 +385,8 @@ def run(args: argparse.Namespace) -> int:
         style="green",
     )
     printer.line("  " + _file_list([p for p in files if p.is_file()]))
+    if weights is not None:
+        printer.line(f"  read {weights}")
     if extra:
         printer.line(
             f"  tensor bytes {human_bytes(extra['bytes_before'])} -> "
