@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from .buckets import Bucket
 from .config import BagelConfig
-from .errors import MissingKeysError, UnknownKeysError, format_examples
+from .errors import MissingKeysError, UnknownKeysError, agree, counted, format_examples
 from .keys import ROOT, check_key, strip_root, to_native_key
 from .partition import classify
 from .plan import Plan, plan, require_mapping, unroot
@@ -162,10 +162,10 @@ class BagelStateDictAdapter:
         out = unroot(state_dict, exclude_key_regex=exclude_key_regex)
         unknown = [ROOT + k for k in out if classify(k) not in (Bucket.UND, Bucket.GEN)]
         if unknown:
-            message = (
-                f"{len(unknown)} native keys are not BAGEL UND or GEN keys: "
-                f"{format_examples(unknown)}"
+            what = agree(
+                len(unknown), "is not a BAGEL UND or GEN key", "are not BAGEL UND or GEN keys"
             )
+            message = f"{counted(len(unknown), 'native key')} {what}: {format_examples(unknown)}"
             if strict:
                 raise UnknownKeysError(
                     message + ". Pass strict=False to convert them anyway, or exclude them with "

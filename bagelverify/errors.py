@@ -19,12 +19,17 @@ def format_examples(
     unless told), and the count of the rest."""
     shown = ", ".join(show(item) for item in items[:limit])
     rest = len(items) - limit
-    return f"{shown} (and {rest} more)" if rest > 0 else shown
+    return f"{shown} (and {rest:,} more)" if rest > 0 else shown
 
 
 def counted(count: int, noun: str, plural: str | None = None) -> str:
     """``1 key``, ``1,223 keys``: the count with thousands separators and the noun agreeing."""
     return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
+
+
+def agree(count: int, singular: str, plural: str) -> str:
+    """``singular`` for a count of one, else ``plural``: the verb after :func:`counted`."""
+    return singular if count == 1 else plural
 
 
 class BagelError(Exception):

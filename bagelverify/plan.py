@@ -20,6 +20,7 @@ from .errors import (
     PatternError,
     RootError,
     UnknownKeysError,
+    agree,
     counted,
     format_examples,
 )
@@ -219,14 +220,16 @@ def unroot(state_dict: Mapping[str, V], *, exclude_key_regex: str | None = None)
         out[hf_key] = value
     if doubly:
         raise RootError(
-            f"{len(doubly)} native keys are rooted twice ({ROOT!r}{ROOT!r}...): "
+            f"{counted(len(doubly), 'native key')} {agree(len(doubly), 'is', 'are')} rooted "
+            f"twice ({ROOT!r}{ROOT!r}...): "
             f"{format_examples(doubly)}. A native key has one {ROOT!r} root; strip the extra "
             "prefix (a module wrapped in another module adds one).",
             doubly,
         )
     if unrooted:
         raise RootError(
-            f"{len(unrooted)} native keys are not under the {ROOT!r} root: "
+            f"{counted(len(unrooted), 'native key')} {agree(len(unrooted), 'is', 'are')} not "
+            f"under the {ROOT!r} root: "
             f"{format_examples(unrooted)}. to_hf takes the module's own state dict; "
             "HF-layout keys need no conversion.",
             unrooted,

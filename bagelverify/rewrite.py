@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import KeyLayout, build_report, find_config, open_weights, write_bagel_checkpoint
 from .config import BagelConfig
-from .errors import ConfigError, LossyCastError, format_examples
+from .errors import ConfigError, LossyCastError, counted, format_examples
 from .keys import strip_root
 from .patch_embedding import conv_patch_weight_to_linear
 from .pos_embed import POSITION_TABLE_KEYS, compare_table, grid_side, position_table
@@ -249,7 +249,8 @@ def rewrite_checkpoint(
             if result.narrowed and not allow_lossy:
                 raise LossyCastError(
                     f"{selected.source}: casting to {name} loses precision or range for "
-                    f"{len(result.narrowed)} tensors ({format_examples(result.narrowed)}); nothing "
+                    f"{counted(len(result.narrowed), 'tensor')} "
+                    f"({format_examples(result.narrowed)}); nothing "
                     "was written. Pass allow_lossy=True (--allow-lossy) to cast anyway."
                 )
             transforms.append(cast)

@@ -156,7 +156,7 @@ def test_vae_loader_refuses_an_incomplete_file_unless_not_strict(
     expected = reference(synthetic_checkpoint.path, "ae.safetensors")
     lost = "decoder.conv_out.bias"
     save_tensors(tmp_path / "ae.safetensors", {k: v for k, v in expected.items() if k != lost})
-    with pytest.raises(MissingKeysError, match=f"1 of the 244 VAE keys are missing: '{lost}'"):
+    with pytest.raises(MissingKeysError, match=f"1 of the 244 VAE keys is missing: '{lost}'"):
         bv.load_bagel_vae_state_dict(tmp_path)
     assert len(bv.load_bagel_vae_state_dict(tmp_path, strict=False)) == 243
     save_tensors(tmp_path / "ae.safetensors", {})
@@ -419,7 +419,7 @@ def test_load_into_key_sets(synthetic_checkpoint: SyntheticCheckpoint) -> None:
     del destination[first]
     destination["model.extra"] = torch.zeros(3)
     destination["model.te._extra_state"] = torch.zeros(1)  # ignored like load_state_dict does
-    with pytest.raises(MissingKeysError, match="1 destination keys are not in the checkpoint"):
+    with pytest.raises(MissingKeysError, match="1 destination key is not in the checkpoint"):
         bv.load_into(destination, synthetic_checkpoint.path)
     result = bv.load_into(destination, synthetic_checkpoint.path, strict=False)
     assert result == bv.IncompatibleKeys(["model.extra"], [first])
@@ -480,7 +480,7 @@ def test_index_entry_absent_from_its_shard(sharded: Path) -> None:
     edit_index(sharded, add)
     with pytest.raises(
         CorruptCheckpointError,
-        match=r"1 tensors the index places in model-\S+ are not in its header",
+        match=r"1 tensor the index places in model-\S+ is not in its header",
     ):
         bv.inspect_checkpoint(sharded)
 
@@ -488,7 +488,7 @@ def test_index_entry_absent_from_its_shard(sharded: Path) -> None:
 def test_shard_tensor_absent_from_index(sharded: Path) -> None:
     edit_index(sharded, lambda weight_map: weight_map.pop(UND[0]))
     with pytest.raises(
-        CorruptCheckpointError, match=f"1 tensors of model-\\S+ are not indexed to it: '{UND[0]}'"
+        CorruptCheckpointError, match=f"1 tensor of model-\\S+ is not indexed to it: '{UND[0]}'"
     ):
         bv.inspect_checkpoint(sharded)
 

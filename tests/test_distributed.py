@@ -230,7 +230,7 @@ def test_rank_differences_name_the_keys_that_differ() -> None:
     base = {"a": "[2, 3] torch.bfloat16", "b": "[4] torch.float32"}
     assert _differences([base, dict(base)]) == []
     assert _differences([base, {"a": "[3, 3] torch.bfloat16", "c": "[] int"}]) == [
-        "rank 1 lacks 1 of rank 0's keys ('b'), has 1 keys rank 0 lacks ('c'), "
+        "rank 1 lacks 1 of rank 0's keys ('b'), has 1 key rank 0 lacks ('c'), "
         "1 differ from rank 0's ('a [2, 3] torch.bfloat16 vs [3, 3] torch.bfloat16')"
     ]
 
@@ -314,7 +314,7 @@ def test_dcp_to_hf_refuses_unknown_keys_and_non_tensor_entries(tmp_path: Path) -
     dcp.save(
         {"model.step": 3, "model.x": torch.zeros(1)}, checkpoint_id=tmp_path / "b", no_dist=True
     )
-    with pytest.raises(CorruptCheckpointError, match=r"not tensors: 'model\.step'"):
+    with pytest.raises(CorruptCheckpointError, match=r"1 entry is not a tensor: 'model\.step'"):
         dcp_to_hf(tmp_path / "b", tmp_path / "b_out")
     with pytest.raises(FileNotFoundError, match=r"\.metadata"):
         dcp_to_hf(tmp_path / "nothing", tmp_path / "c_out")

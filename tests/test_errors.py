@@ -89,3 +89,12 @@ def test_patch_embedding_shape_faults_are_shape_mismatches() -> None:
         lambda: linear_patch_weight_to_conv(torch.ones(2, 10), patch_size=2, channels=3),
         r"patch_embedding\.weight: expected a Linear weight \(out, 12\)",
     )
+
+
+def test_counts_in_messages_have_thousands_separators_and_agreeing_verbs() -> None:
+    from bagelverify.errors import agree, counted, format_examples
+
+    assert format_examples(list(range(1006))).endswith("4 (and 1,001 more)")
+    assert f"{counted(1, 'key')} {agree(1, 'is', 'are')}" == "1 key is"
+    assert f"{counted(1223, 'key')} {agree(1223, 'is', 'are')}" == "1,223 keys are"
+    assert agree(0, "is", "are") == "are"

@@ -447,13 +447,13 @@ ADAPTER = bv.BagelStateDictAdapter()
         (
             lambda: ADAPTER.to_hf({Q: 1}),
             bv.RootError,
-            f"1 native keys are not under the 'model.' root: {Q!r}. to_hf takes the module's own "
+            f"1 native key is not under the 'model.' root: {Q!r}. to_hf takes the module's own "
             "state dict; HF-layout keys need no conversion.",
         ),
         (
             lambda: ADAPTER.to_hf({"model.head.weight": 1}),
             bv.UnknownKeysError,
-            "1 native keys are not BAGEL UND or GEN keys: 'model.head.weight'. Pass strict=False "
+            "1 native key is not a BAGEL UND or GEN key: 'model.head.weight'. Pass strict=False "
             "to convert them anyway, or exclude them with exclude_key_regex.",
         ),
         (
@@ -560,7 +560,7 @@ def test_non_strict_to_hf_warns_with_the_message_it_would_raise(
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (
             logging.WARNING,
-            "1 native keys are not BAGEL UND or GEN keys: 'model.head.weight'; "
+            "1 native key is not a BAGEL UND or GEN key: 'model.head.weight'; "
             "converting them unchanged",
         )
     ]

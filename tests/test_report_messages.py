@@ -153,7 +153,7 @@ def test_dropped_and_truly_absent_destination_keys_are_counted_apart(
         bv.load_into(destination, synthetic_checkpoint.path, stage=1)
     message = str(info.value)
     assert "402 destination keys are in the checkpoint but stage1 does not keep them" in message
-    assert f"1 destination keys are not in the checkpoint ({absent!r})" in message
+    assert f"1 destination key is not in the checkpoint ({absent!r})" in message
     with pytest.raises(MissingKeysError) as info:
         bv.load_into(destination, synthetic_checkpoint.path, stage=2)
     assert "does not keep" not in str(info.value)
@@ -217,7 +217,7 @@ def test_without_config_a_missing_key_is_reported_under_its_family(
     assert report.expected_from == "manifest" and report.missing == {"vit.fc1": [gone]}
     with pytest.raises(MissingKeysError) as info:
         bv.load_bagel_checkpoint_state_dict(folder, stage=1)
-    assert "stage1 expects 1 keys that the checkpoint lacks (expected keys from the shipped " in (
+    assert "stage1 expects 1 key that the checkpoint lacks (expected keys from the shipped " in (
         str(info.value)
     )
     assert "vit.fc1: 1 key missing (layers 3)" in str(info.value)

@@ -64,7 +64,7 @@ def test_bf16_f32_bf16_round_trip_is_bit_identical_and_sizes_are_reported(
     assert wide.narrowed == []
     dtypes = {i.dtype for i in read_header(tmp_path / "f32" / "ema.safetensors").tensors.values()}
     assert dtypes == {"F32"}
-    with pytest.raises(LossyCastError, match=r"casting to BF16 loses .* for 1223 tensors"):
+    with pytest.raises(LossyCastError, match=r"casting to BF16 loses .* for 1,223 tensors"):
         rewrite_checkpoint(tmp_path / "f32", tmp_path / "refused", dtype=torch.bfloat16)
     assert not (tmp_path / "refused" / "ema.safetensors").exists()
     back = rewrite_checkpoint(tmp_path / "f32", tmp_path / "bf16", dtype="bf16", allow_lossy=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import CONFIG_FILES, BagelConfig
-from ..errors import CorruptCheckpointError, ReadError, format_examples
+from ..errors import CorruptCheckpointError, ReadError, agree, counted, format_examples
 from ..manifest import MODEL_FILE
 from ..safetensors_io import TensorInfo, open_regular, read_header
 from ..strict_json import MAX_INDEX_BYTES, parse_json, short_repr
@@ -162,7 +162,7 @@ def _read_index(directory: Path, fds: dict[Path, int], why: str) -> CheckpointFi
             fd = _open(shard_path, fds)
         except FileNotFoundError:
             raise FileNotFoundError(
-                f"{shard_path}: shard named by {index_path} for {len(indexed)} tensors "
+                f"{shard_path}: shard named by {index_path} for {counted(len(indexed), 'tensor')} "
                 f"(e.g. {indexed[0]!r}) does not exist"
             ) from None
         header = read_header(shard_path, fd=fd)
@@ -174,13 +174,14 @@ def _read_index(directory: Path, fds: dict[Path, int], why: str) -> CheckpointFi
         absent = [key for key in indexed if key not in header.tensors]
         if absent:
             problems.append(
-                f"{len(absent)} tensors the index places in {shard_path.name} are not in its "
-                f"header: {format_examples(absent)}"
+                f"{counted(len(absent), 'tensor')} the index places in {shard_path.name} "
+                f"{agree(len(absent), 'is', 'are')} not in its header: {format_examples(absent)}"
             )
         unindexed = [key for key in header.tensors if weight_map.get(key) != shard_path.name]
         if unindexed:
             problems.append(
-                f"{len(unindexed)} tensors of {shard_path.name} are not indexed to it: "
+                f"{counted(len(unindexed), 'tensor')} of {shard_path.name} "
+                f"{agree(len(unindexed), 'is', 'are')} not indexed to it: "
                 f"{format_examples(unindexed)}"
             )
         tensors.update((k, v) for k, v in header.tensors.items() if k not in unindexed)

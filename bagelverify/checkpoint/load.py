@@ -29,6 +29,7 @@ from ..errors import (
     MissingKeysError,
     ShapeMismatchError,
     UnknownKeysError,
+    agree,
     counted,
     format_examples,
 )
@@ -115,7 +116,7 @@ def allocate(
             total = sum(j.info.nbytes for j in jobs.values())
             raise AllocationError(
                 f"{job.info.path}: cannot allocate {job.info.name!r} ({job.info.nbytes:,} bytes "
-                f"on {device}; the {len(jobs)} tensors to load hold {total:,} bytes): "
+                f"on {device}; the {counted(len(jobs), 'tensor')} to load hold {total:,} bytes): "
                 f"{str(error).splitlines()[0]}. Load fewer tensors (stage, strict=False) or "
                 "onto a device with more memory."
             ) from None
@@ -238,8 +239,9 @@ def check_destinations(
         advice = "Check the stage, or pass strict=False to load the keys both have."
         if dropped and report is not None:
             parts.append(
-                f"{len(dropped)} destination keys are in the checkpoint but {report.stage} does "
-                f"not keep them ({format_examples(dropped)})"
+                f"{counted(len(dropped), 'destination key')} {agree(len(dropped), 'is', 'are')} "
+                f"in the checkpoint but {report.stage} does not keep "
+                f"{agree(len(dropped), 'it', 'them')} ({format_examples(dropped)})"
             )
             if report.stage == "stage1" and any(
                 classify(strip_root(key)) is Bucket.GEN for key in dropped
@@ -249,16 +251,18 @@ def check_destinations(
                 )
         if absent:
             parts.append(
-                f"{len(absent)} destination keys are not in the checkpoint "
+                f"{counted(len(absent), 'destination key')} {agree(len(absent), 'is', 'are')} "
+                "not in the checkpoint "
                 f"({format_examples(absent)})"
             )
         if unexpected:
             parts.append(
-                f"{len(unexpected)} checkpoint keys have no destination "
+                f"{counted(len(unexpected), 'checkpoint key')} "
+                f"{agree(len(unexpected), 'has', 'have')} no destination "
                 f"({format_examples(unexpected)})"
             )
         raise MissingKeysError(
-            f"{checkpoint_dir}: the destination and the checkpoint's {len(jobs)} kept tensors "
+            f"{checkpoint_dir}: the destination and the checkpoint's {len(jobs):,} kept tensors "
             f"differ: {', '.join(parts)}. {advice}",
             missing,
             unexpected,
@@ -275,8 +279,11 @@ def check_destinations(
     if shapes or refusals:
         error = ShapeMismatchError if shapes else DestinationError
         raise error(
-            f"{checkpoint_dir}: {len(shapes) + len(refusals)} destination tensors cannot hold "
-            "their checkpoint tensors:\n" + "\n".join(shapes + refusals) + "\nNothing was read. "
+            f"{checkpoint_dir}: {counted(len(shapes) + len(refusals), 'destination tensor')} "
+            f"cannot hold {agree(len(shapes) + len(refusals), 'its', 'their')} checkpoint "
+            f"{agree(len(shapes) + len(refusals), 'tensor', 'tensors')}:\n"
+            + "\n".join(shapes + refusals)
+            + "\nNothing was read. "
             "Fix the model's config, or pass cast='any' to allow narrowing dtype conversions."
         )
     return common, IncompatibleKeys(missing, unexpected)
@@ -419,7 +426,8 @@ def _load_vae(
     missing = [key for key in expected if key not in header.tensors]
     if strict and missing:
         raise MissingKeysError(
-            f"{path}: {len(missing)} of the {len(expected)} VAE keys are missing: "
+            f"{path}: {len(missing):,} of the {len(expected):,} VAE keys "
+            f"{agree(len(missing), 'is', 'are')} missing: "
             f"{format_examples(missing)}. The file is incomplete; pass strict=False to load "
             "the keys it has.",
             missing,

@@ -25,6 +25,7 @@ from ..errors import (
     MissingKeysError,
     ShapeMismatchError,
     UnknownKeysError,
+    agree,
     counted,
     format_examples,
 )
@@ -156,7 +157,8 @@ class CheckpointReport:
             by_manifest = self.expected_from == "manifest"
             found.append(
                 MissingKeysError(
-                    f"{self.source}: {self.stage} expects {count} keys that the checkpoint lacks"
+                    f"{self.source}: {self.stage} expects {counted(count, 'key')} that the "
+                    "checkpoint lacks"
                     + (
                         f" (expected keys from the shipped BAGEL-7B-MoT manifest: no "
                         f"{'/'.join(CONFIG_FILES)} was found)"
@@ -351,10 +353,11 @@ def shape_mismatch_message(
         family = family_of(strip_root(mismatch.key))
         by_family.setdefault("other" if family is None else family.name, []).append(mismatch)
     counts = [f"{name} {len(items)}" for name, items in by_family.items()]
-    families = "1 family" if len(by_family) == 1 else f"{len(by_family)} families"
+    families = counted(len(by_family), "family", "families")
     lines = [
-        f"{source}: {len(mismatches)} tensors do not have the shape the config implies, in "
-        f"{families} ({format_examples(counts, show=str)}), e.g.:"
+        f"{source}: {counted(len(mismatches), 'tensor')} {agree(len(mismatches), 'does', 'do')} "
+        f"not have the shape the config implies, in {families} "
+        f"({format_examples(counts, show=str)}), e.g.:"
     ]
     # a mismatching key matched a family template (ASCII digits only), so it prints as is
     lines += [
@@ -405,7 +408,10 @@ def _unlike_manifest(present: set[str]) -> str | None:
         if key not in manifest and (family := family_of(key)) is not None and family.shape
     ]
     if outside:
-        return f"{len(outside)} of its keys are not BAGEL-7B-MoT's ({format_examples(outside)})"
+        return (
+            f"{len(outside):,} of its keys {agree(len(outside), 'is', 'are')} not BAGEL-7B-MoT's "
+            f"({format_examples(outside)})"
+        )
     release = _top_layers(list(manifest))
     tops = _top_layers(present)
     if not tops:

@@ -12,7 +12,7 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..errors import BagelError, DistributedMismatchError, format_examples
+from ..errors import BagelError, DistributedMismatchError, counted, format_examples
 
 
 def quietly(call: Any, *args: Any, **kwargs: Any) -> Any:
@@ -111,9 +111,11 @@ def _differences(described: Sequence[Mapping[str, str]]) -> list[str]:
     for rank, other in enumerate(described[1:], start=1):
         parts = []
         if lacks := [k for k in base if k not in other]:
-            parts.append(f"lacks {len(lacks)} of rank 0's keys ({format_examples(lacks)})")
+            parts.append(f"lacks {len(lacks):,} of rank 0's keys ({format_examples(lacks)})")
         if extra := [k for k in other if k not in base]:
-            parts.append(f"has {len(extra)} keys rank 0 lacks ({format_examples(extra)})")
+            parts.append(
+                f"has {counted(len(extra), 'key')} rank 0 lacks ({format_examples(extra)})"
+            )
         if changed := [
             f"{k} {base[k]} vs {other[k]}" for k in base if other.get(k, base[k]) != base[k]
         ]:

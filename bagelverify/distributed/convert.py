@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from ..adapter import BagelStateDictAdapter
 from ..checkpoint import ReadJobs, find_config, read_jobs, read_tensor, write_bagel_checkpoint
 from ..config import CONFIG_FILES, BagelConfig
-from ..errors import CorruptCheckpointError, format_examples
+from ..errors import CorruptCheckpointError, agree, counted, format_examples
 from ..keys import strip_root, to_native_key
 from ..safe_pickle import load_dcp_metadata
 from ..safetensors_io import DTYPES, TensorSpec, dtype_name
@@ -121,9 +121,11 @@ def _dcp_tensor_specs(metadata: Metadata, source: str) -> dict[str, TensorSpec]:
         else:
             others.append(key)
     if others:
+        what = agree(len(others), "is not a tensor", "are not tensors")
         raise CorruptCheckpointError(
-            f"{source}: {len(others)} entries are not tensors: {format_examples(others)}. A BAGEL "
-            "DCP checkpoint holds the model's tensors only; save the model's state dict alone."
+            f"{source}: {counted(len(others), 'entry', 'entries')} {what}: "
+            f"{format_examples(others)}. A BAGEL DCP checkpoint holds the model's tensors only; "
+            "save the model's state dict alone."
         )
     return specs
 

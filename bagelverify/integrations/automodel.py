@@ -24,7 +24,14 @@ from typing import Any
 
 from ..adapter import BagelStateDictAdapter
 from ..config import BagelConfig
-from ..errors import IntegrationError, MissingKeysError, ShapeMismatchError, format_examples
+from ..errors import (
+    IntegrationError,
+    MissingKeysError,
+    ShapeMismatchError,
+    agree,
+    counted,
+    format_examples,
+)
 from ..manifest import VAE_FILE
 
 logger = logging.getLogger(__name__)
@@ -191,9 +198,11 @@ def load_autoencoder_into(
     extra = [key for key in loaded if key not in wanted]
     if absent or (strict and extra):
         raise MissingKeysError(
-            f"{folder / VAE_FILE}: the autoencoder and the file differ: {len(absent)} module "
-            f"keys are not in the file ({format_examples(absent)}), {len(extra)} file keys have "
-            f"no module tensor ({format_examples(extra)}). Check that the file is BAGEL's VAE.",
+            f"{folder / VAE_FILE}: the autoencoder and the file differ: "
+            f"{counted(len(absent), 'module key')} {agree(len(absent), 'is', 'are')} not in the "
+            f"file ({format_examples(absent)}), {counted(len(extra), 'file key')} "
+            f"{agree(len(extra), 'has', 'have')} no module tensor ({format_examples(extra)}). "
+            "Check that the file is BAGEL's VAE.",
             absent + extra,
         )
     wrong = [
@@ -203,8 +212,10 @@ def load_autoencoder_into(
     ]
     if wrong:
         raise ShapeMismatchError(
-            f"{folder / VAE_FILE}: {len(wrong)} autoencoder tensors do not have the file's "
-            "shape:\n" + "\n".join(wrong) + "\nThe module's AutoEncoderParams do not describe "
+            f"{folder / VAE_FILE}: {counted(len(wrong), 'autoencoder tensor')} "
+            f"{agree(len(wrong), 'does', 'do')} not have the file's shape:\n"
+            + "\n".join(wrong)
+            + "\nThe module's AutoEncoderParams do not describe "
             "this file; nothing was loaded."
         )
     on_meta = any(tensor.is_meta for tensor in wanted.values())
