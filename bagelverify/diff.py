@@ -192,47 +192,6 @@ _SUBTRACTABLE = {
 widened first)."""
 
 
-class _Tally:
-    """The comparison of one tensor pair, fed piece by piece."""
-
-    def __init__(self, a: TensorInfo, b: TensorInfo, scratch: dict[torch.dtype, torch.Tensor]):
-        self.a, self.same_dtype, self.work = a, a.dtype == b.dtype, _work_dtype(a, b)
-        self.scratch = scratch
-        self.differs, self.max_abs, self.max_a = False, 0.0, 0.0
-        self.skipped: list[tuple[int, int]] = []  # identical pieces, for max |a| if it differs
-
-    def add(self, begin: int, end: int, left: torch.Tensor, right: torch.Tensor) -> None:
-        """Compare elements ``[begin, end)``: ``left`` from A, ``right`` from B."""
-        if self.same_dtype:
-            if _same_bytes(left, right):
-                self.skipped.append((begin, end))
-                return
-            self.differs = True
-        pair = _scratch(self.scratch, self.work, end - begin)
-        wide = pair[0, : end - begin]
-        wide.copy_(left)
-        # max |a| of the stored values where aminmax takes their dtype (exact, fewer bytes)
-        self.max_a = max(self.max_a, _magnitude(left if left.dtype in _SUBTRACTABLE else wide))
-        if right.dtype not in _SUBTRACTABLE:
-            right = pair[1, : end - begin].copy_(right)
-        peak = _magnitude(wide.sub_(right))
-        peak = math.inf if math.isnan(peak) else peak
-        self.differs = self.differs or peak > 0
-        self.max_abs = max(self.max_abs, peak)
-
-    def finish(
-        self, reader: TensorReader, buffer: torch.Tensor, step: int
-    ) -> tuple[bool, float, float]:
-        """``(differs, max |a - b|, max |a|)``; reads A's identical pieces again (into
-        ``buffer``) for ``max |a|`` when the tensor differs."""
-        if self.differs:
-            for begin, end in self.skipped:
-                piece = _scratch(self.scratch, self.work, step)[0, : end - begin]
-                piece.copy_(reader.read_range(self.a, begin, end, buffer))
-                self.max_a = max(self.max_a, _magnitude(piece))
-        return self.differs, self.max_abs, self.max_a
-
-
 def compare_tensors(
     reader: TensorReader,
     a: TensorInfo,
@@ -249,11 +208,34 @@ def compare_tensors(
     difference of 0); different dtypes: when a value does (NaN against anything counts as an
     infinite difference). ``max |a|`` is only computed for a tensor that differs.
     """
-    tally = _Tally(a, b, {} if scratch is None else scratch)
+    scratch = {} if scratch is None else scratch
+    same_dtype, work = a.dtype == b.dtype, _work_dtype(a, b)
+    differs, max_abs, max_a = False, 0.0, 0.0
+    skipped: list[tuple[int, int]] = []  # identical pieces, for max |a| if the tensor differs
     for begin, end in element_ranges(math.prod(a.shape), step):
         left = reader.read_range(a, begin, end, buffers[0])
-        tally.add(begin, end, left, reader.read_range(b, begin, end, buffers[1]))
-    return tally.finish(reader, buffers[0], step)
+        right = reader.read_range(b, begin, end, buffers[1])
+        if same_dtype:
+            if _same_bytes(left, right):
+                skipped.append((begin, end))
+                continue
+            differs = True
+        pair = _scratch(scratch, work, step)
+        wide = pair[0, : end - begin].copy_(left)
+        max_a = max(max_a, _magnitude(left if left.dtype in _SUBTRACTABLE else wide))
+        if right.dtype not in _SUBTRACTABLE:
+            right = pair[1, : end - begin].copy_(right)
+        peak = _magnitude(wide.sub_(right))
+        peak = math.inf if math.isnan(peak) else peak
+        differs = differs or peak > 0
+        max_abs = max(max_abs, peak)
+    if differs:
+        for begin, end in skipped:
+            left = reader.read_range(a, begin, end, buffers[0])
+            if left.dtype not in _SUBTRACTABLE:
+                left = _scratch(scratch, work, step)[0, : end - begin].copy_(left)
+            max_a = max(max_a, _magnitude(left))
+    return differs, max_abs, max_a
 
 
 Pair = tuple[str, TensorInfo, TensorInfo]

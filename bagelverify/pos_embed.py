@@ -26,6 +26,7 @@ import torch
 
 from .config import BagelConfig
 from .errors import ConfigError
+from .families import family_of
 from .safetensors_io import dtype_name
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,10 @@ def check_without_reading(
     ``None`` when its values must be read and compared."""
     expected: tuple[int, ...]
     if config is not None:
-        expected = (grid_side(key, config) ** 2, config.hidden_size)
+        family = family_of(key)
+        if family is None:
+            raise KeyError(f"{key!r} is not a position table: {', '.join(POSITION_TABLE_KEYS)}")
+        expected = family.expected_shapes(config)[key]  # the family table's shape
     else:
         rows, width = shape if len(shape) == 2 else (0, 0)
         side = math.isqrt(rows)
