@@ -97,7 +97,7 @@ class Plan:
             found.append(
                 KeyCollisionError(
                     f"{counted(len(self.collisions), 'key')} "
-                    f"{'occurs' if len(self.collisions) == 1 else 'occur'} both unrooted and "
+                    f"{agree(len(self.collisions), 'occurs', 'occur')} both unrooted and "
                     f"under the {ROOT!r} root: "
                     f"{format_examples(self.collisions)}; both would load into the same parameter. "
                     "Remove one of each pair from the state dict.",
@@ -108,7 +108,7 @@ class Plan:
             found.append(
                 UnknownKeysError(
                     f"{counted(len(self.unknown), 'key')} "
-                    f"{'matches' if len(self.unknown) == 1 else 'match'} no BAGEL key family: "
+                    f"{agree(len(self.unknown), 'matches', 'match')} no BAGEL key family: "
                     f"{format_examples(self.unknown)}. Check that this is a BAGEL-7B-MoT "
                     "checkpoint (ema.safetensors), or pass strict=False to drop them with a "
                     "warning.",

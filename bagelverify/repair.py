@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .config import BagelConfig
 from .diff import family_name
-from .errors import MissingKeysError, ShapeMismatchError, counted, format_examples
+from .errors import MissingKeysError, ShapeMismatchError, agree, counted, format_examples
 from .families import expected_shapes
 from .keys import ROOT, strip_root
 from .manifest import VAE_FILE
@@ -130,7 +130,7 @@ def _base_tensors(
     if wrong:
         raise ShapeMismatchError(
             f"{base.source}: {counted(len(wrong), 'base tensor')} to fill "
-            f"{'does' if len(wrong) == 1 else 'do'} not have the shape the config implies "
+            f"{agree(len(wrong), 'does', 'do')} not have the shape the config implies "
             f"({format_examples(wrong, show=str)}). The base is a different model size; nothing "
             "was written."
         )

@@ -417,7 +417,7 @@ def _load_vae(
     other = [key for key in header.tensors if classify(key) is not Bucket.VAE]
     if other:
         raise UnknownKeysError(
-            f"{path}: {counted(len(other), 'key')} {'is' if len(other) == 1 else 'are'} not "
+            f"{path}: {counted(len(other), 'key')} {agree(len(other), 'is', 'are')} not "
             "VAE (encoder./decoder.) keys: "
             f"{format_examples(other)}. Is this the model file rather than ae.safetensors?",
             other,

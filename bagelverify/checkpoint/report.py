@@ -127,8 +127,7 @@ class CheckpointReport:
             family = FAMILY_BY_NAME[name]
             layers = sorted({n for k in keys if (n := family.layer_of(k)) is not None})
             where = f"layers {_ranges(layers)}" if layers else ", ".join(keys)
-            noun = "key" if len(keys) == 1 else "keys"
-            lines.append(f"{name}: {len(keys)} {noun} missing ({where})")
+            lines.append(f"{name}: {counted(len(keys), 'key')} missing ({where})")
         return lines
 
     def problems(
@@ -146,7 +145,7 @@ class CheckpointReport:
             found.append(
                 UnknownKeysError(
                     f"{self.source}: {counted(len(self.beyond_config), 'key')} "
-                    f"{'does' if len(self.beyond_config) == 1 else 'do'} not exist in a model "
+                    f"{agree(len(self.beyond_config), 'does', 'do')} not exist in a model "
                     f"with this config: {format_examples(self.beyond_config)}. Check the config "
                     "files (layer counts) or pass strict=False to drop them.",
                     self.beyond_config,
