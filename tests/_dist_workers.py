@@ -210,3 +210,73 @@ def file_ranges(rank: int, world_size: int, ckpt: str, mesh: Any) -> dict[str, A
         "column_sharded_bytes": column_sharded_bytes,
         "repeated": len(calls) - len(set(calls)),
     }
+
+
+def automodel_fsdp_load(rank: int, world_size: int, folders: dict[str, str]) -> dict[str, Any]:
+    """Automodel's checkpointer, after install(), loading a BAGEL base checkpoint into its model
+    sharded by FSDP2 (``fully_shard``: ``Shard(0)`` DTensor parameters) on every rank."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from bagelverify.checkpoint import load_bagel_checkpoint_state_dict
+    from bagelverify.config import BagelConfig
+    from bagelverify.distributed import reader
+    from bagelverify.integrations import automodel
+
+    automodel.install()
+    from nemo_automodel.components.checkpoint import checkpointing
+    from nemo_automodel.components.models.bagel.model import BagelForUnifiedMultimodal
+
+    config = BagelConfig.from_pretrained(folders["checkpoint"])
+    mesh = init_device_mesh("cpu", (world_size,))
+    out: dict[str, Any] = {}
+    read: list[int] = []
+    original = reader.run_engine
+
+    def recording(transfers: Any, **kwargs: Any) -> Any:
+        read.extend(t.nbytes for t in transfers)
+        return original(transfers, **kwargs)
+
+    reader.run_engine = recording  # type: ignore[assignment]
+    for name in ("checkpoint", "unknown"):
+        with torch.device("meta"):
+            model = BagelForUnifiedMultimodal(automodel.automodel_config(config, stage=2))
+        fully_shard(model, mesh=mesh)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for value in model.state_dict().values():
+                (value.to_local() if isinstance(value, DTensor) else value).fill_(-7.0)
+        ck = checkpointing.Checkpointer(
+            checkpointing.CheckpointingConfig(
+                checkpoint_dir=folders["scratch"], model_save_format="safetensors"
+            ),
+            dp_rank=rank,
+            tp_rank=0,
+            pp_rank=0,
+        )
+        read.clear()
+        error = _error(lambda: ck.load_model(model, folders[name], is_init_step=True))
+        state = model.state_dict()
+        local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
+        if error is not None:
+            untouched = all(bool(v.eq(-7.0).all()) for v in local.values())
+            out[name] = {"error": error, "untouched": untouched, "read": sum(read)}
+            continue
+        full = load_bagel_checkpoint_state_dict(folders[name], stage=2)
+        out[name] = {
+            "keys": len(state),
+            "row_sharded": sum(
+                isinstance(v, DTensor) and v.placements[0].is_shard(0) for v in state.values()
+            ),
+            "wrong": [
+                k
+                for k, v in state.items()
+                if not torch.equal(local[k], expected_local(full[k], v, rank, world_size))
+            ],
+            "read": sum(read),
+            "share": sum(v.numel() * v.element_size() for v in local.values()),
+        }
+    reader.run_engine = original  # type: ignore[assignment]
+    return out

@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+import torch.distributed.checkpoint as dcp
 
 import bagelverify as bv
 from bagelverify.errors import IntegrationError
 from bagelverify.integrations import automodel
 from bagelverify.partition import classify
+from bagelverify.safetensors_io import save_tensors
 from bagelverify.stage import STAGE_BUCKETS, normalize_stage
 from bagelverify.synthetic import SyntheticCheckpoint, scaled_config
 
@@ -153,10 +155,11 @@ def test_installed_adapter_is_automodels_state_dict_adapter_with_every_base_memb
     adapter = build(am, TINY, 1, meta=True).state_dict_adapter
     assert isinstance(adapter, base)
     members = [n for n in dir(base) if not n.startswith("__") and not n.startswith("_abc")]
-    assert "supports_low_memory_dcp_load" in members and "get_hf_state_dict_keys" in members
+    flags = [flag for flag in automodel.FLAGS if flag in members]
+    assert flags and "get_hf_state_dict_keys" in members  # 0.7.0 has the first flag, main the 2nd
     for name in members:
         getattr(adapter, name)  # every member resolves (register() alone broke on the flag)
-    assert adapter.supports_low_memory_dcp_load is True
+    assert all(getattr(adapter, flag) is True for flag in flags)
     assert adapter.iter_checkpoint_load_parts(build(am, TINY, 1, meta=True).state_dict()) is None
     assert am["model"].load_bagel_checkpoint_state_dict is bv.load_bagel_checkpoint_state_dict
 
@@ -313,3 +316,159 @@ def test_vae_fill_lists_shape_mismatches_and_changes_nothing(
         automodel.load_autoencoder_into(target, tmp_path / "ae.safetensors")
     with pytest.raises(FileNotFoundError, match=r"ae\.safetensors"):
         automodel.load_autoencoder_into(target, tmp_path / "vae.bin")
+
+
+# -- the checkpointer's reads go through the read engine -------------------------------------
+
+
+@pytest.fixture
+def engine_reads(
+    am: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[str, int]]:
+    """Every (tensor, byte count) the read engine reads for DCP, as it reads it."""
+    from bagelverify.distributed import reader
+
+    calls: list[tuple[str, int]] = []
+    original = reader.run_engine
+
+    def recording(transfers: Any, **kwargs: Any) -> Any:
+        calls.extend((t.label, t.nbytes) for t in transfers)
+        return original(transfers, **kwargs)
+
+    monkeypatch.setattr(reader, "run_engine", recording)
+    return calls
+
+
+def automodels_own_load(am: dict[str, ModuleType], model: Any, folder: Path, tmp: Path) -> None:
+    """``Checkpointer.load_model`` as Automodel wrote it (the un-wrapped method)."""
+    loader = am["ck"].Checkpointer.load_model.__wrapped__
+    loader(checkpointer(am, tmp), model, str(folder), is_init_step=True)
+
+
+def poisoned(model: Any) -> dict[str, torch.Tensor]:
+    """Fill every tensor of ``model`` with a value no checkpoint holds; return copies."""
+    with torch.no_grad():
+        for value in model.state_dict().values():
+            value.fill_(-7.0)
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+@needs_automodel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.usefixtures("no_fallback")
+def test_checkpointer_reads_every_kept_byte_through_the_engine_bit_equal_to_automodels_path(
+    am: dict[str, ModuleType],
+    synthetic_checkpoint: SyntheticCheckpoint,
+    engine_reads: list[tuple[str, int]],
+    tmp_path: Path,
+    stage: int,
+    dtype: torch.dtype,
+) -> None:
+    """After install(), a base-checkpoint load reads each kept tensor once, all through the
+    engine, and leaves the model equal to Automodel's own reader's result (BF16 file into BF16
+    or F32 parameters, cast as DCP casts)."""
+    folder = synthetic_checkpoint.path
+    ours = build(am, synthetic_checkpoint.config, stage, dtype=dtype)
+    poisoned(ours)
+    checkpointer(am, tmp_path).load_model(ours, str(folder), is_init_step=True)
+    kept = {k[6:]: v for k, v in ours.state_dict().items()}
+    stored = {k: v.numel() * 2 for k, v in file_tensors(folder).items() if k in kept}
+    assert sorted(engine_reads) == sorted(stored.items())
+
+    engine_reads.clear()
+    theirs = build(am, synthetic_checkpoint.config, stage, dtype=dtype)
+    poisoned(theirs)
+    automodels_own_load(am, theirs, folder, tmp_path)
+    assert engine_reads == []
+    reference = theirs.state_dict()
+    assert len(reference) == (821 if stage == 1 else 1223)
+    unequal = [k for k, v in ours.state_dict().items() if not torch.equal(v, reference[k])]
+    assert unequal == [] and all(v.dtype == dtype for v in reference.values())
+
+
+def hostile_copy(source: Path, target: Path, edit: Any) -> Path:
+    """``source``'s checkpoint with its tensors changed by ``edit(dict)`` (in place)."""
+    target.mkdir()
+    for item in source.iterdir():
+        if item.name != "ema.safetensors":
+            (target / item.name).symlink_to(item)
+    tensors = file_tensors(source)
+    edit(tensors)
+    save_tensors(target / "ema.safetensors", tensors)
+    return target
+
+
+def _add_unknown(t: dict[str, torch.Tensor]) -> None:
+    t["language_model.model.layers.0.mlp.gate_proj.lora_X"] = torch.zeros(2)
+
+
+def _drop_one(t: dict[str, torch.Tensor]) -> None:
+    del t["connector.fc1.bias"]
+
+
+def _reshape_one(t: dict[str, torch.Tensor]) -> None:
+    key = "connector.fc1.weight"
+    t[key] = torch.zeros(t[key].shape[0] + 1, t[key].shape[1], dtype=t[key].dtype)
+
+
+@needs_automodel
+@pytest.mark.parametrize(
+    ("edit", "error", "named"),
+    [
+        (_add_unknown, bv.UnknownKeysError, "lora_X"),
+        (_drop_one, bv.MissingKeysError, r"connector\.fc1\.bias"),
+        (_reshape_one, bv.ShapeMismatchError, r"connector\.fc1\.weight"),
+    ],
+    ids=["unknown-key", "missing-key", "wrong-shape"],
+)
+def test_checkpointer_refuses_a_hostile_checkpoint_with_our_error_before_any_tensor_changes(
+    am: dict[str, ModuleType],
+    synthetic_checkpoint: SyntheticCheckpoint,
+    engine_reads: list[tuple[str, int]],
+    tmp_path: Path,
+    edit: Any,
+    error: type[Exception],
+    named: str,
+) -> None:
+    """Automodel's own path loads the unknown key silently and reports the others as DCP's
+    17-line CheckpointException; after install() each is bagelverify's error, raised from the
+    headers before any read."""
+    folder = hostile_copy(synthetic_checkpoint.path, tmp_path / "hostile", edit)
+    model = build(am, synthetic_checkpoint.config, 1)
+    before = poisoned(model)
+    with pytest.raises(error, match=named):
+        checkpointer(am, tmp_path).load_model(model, str(folder), is_init_step=True)
+    assert engine_reads == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@needs_automodel
+def test_a_model_without_our_adapter_and_a_dcp_resume_take_automodels_path_unchanged(
+    am: dict[str, ModuleType],
+    synthetic_checkpoint: SyntheticCheckpoint,
+    engine_reads: list[tuple[str, int]],
+    tmp_path: Path,
+) -> None:
+    """Loads that are not BAGEL base-checkpoint loads never reach bagelverify's reader: a
+    model of another kind from a safetensors folder, and a BAGEL model resuming from
+    Automodel's own DCP checkpoint."""
+    plain = torch.nn.Linear(3, 2)
+    safetensors.torch.save_file(
+        {"weight": torch.ones(2, 3), "bias": torch.ones(2)}, str(tmp_path / "model.safetensors")
+    )
+    checkpointer(am, tmp_path).load_model(plain, str(tmp_path), is_init_step=True)
+    assert torch.equal(plain.weight, torch.ones(2, 3))
+
+    model = build(am, synthetic_checkpoint.config, 1)
+    saver = checkpointer(am, tmp_path)
+    saver.load_model(model, str(synthetic_checkpoint.path), is_init_step=True)
+    # a training checkpoint as Automodel's DCP format holds it: the adapter's keys, .distcp files
+    dcp.save(model.state_dict_adapter.to_hf(model.state_dict()), checkpoint_id=tmp_path / "dcp")
+    engine_reads.clear()
+    resumed = build(am, synthetic_checkpoint.config, 1)
+    poisoned(resumed)
+    saver.load_model(resumed, str(tmp_path / "dcp"))
+    assert engine_reads == []
+    expected = model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in resumed.state_dict().items())

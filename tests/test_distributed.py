@@ -7,6 +7,7 @@ each test below asserts one of its outcomes.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import subprocess
@@ -125,8 +126,14 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     save_tensors(conv / "ema.safetensors", patch)
     config.save_pretrained(conv)
 
+    unknown = root / "unknown"  # the release plus a key of no BAGEL family
+    unknown.mkdir()
+    save_tensors(unknown / "ema.safetensors", {**hf, "connector.fc3.weight": torch.zeros(2)})
+    config.save_pretrained(unknown)
+
     hf_to_dcp(synthetic.path, root / "dcp", stage="stage2")
-    names = ("checkpoint", "missing", "sharded", "conv", "dcp")
+    (root / "scratch").mkdir()
+    names = ("checkpoint", "missing", "sharded", "conv", "dcp", "unknown", "scratch")
     return {name: str(root / name) for name in names}
 
 
@@ -409,3 +416,32 @@ def test_hf_to_dcp_from_a_sharded_folder_round_trips_to_the_single_file(
     assert raw(tmp_path / "hf" / "ema.safetensors") == raw(
         Path(folders["checkpoint"]) / "ema.safetensors"
     )
+
+
+needs_automodel = pytest.mark.skipif(
+    importlib.util.find_spec("nemo_automodel") is None, reason="nemo_automodel not installed"
+)
+
+
+@needs_automodel
+def test_automodels_checkpointer_fills_fsdp2_shards_through_the_engine_on_two_ranks(
+    folders: dict[str, str],
+) -> None:
+    """After install(), ``Checkpointer.load_model(..., is_init_step=True)`` into Automodel's
+    BAGEL model under ``fully_shard`` (2 gloo ranks): every rank's ``Shard(0)`` slices equal the
+    file's rows, each rank reads through the engine only its own share of the bytes, and a
+    checkpoint with an unknown key is refused on both ranks before any shard changes."""
+    ranks = run_ranks(workers.automodel_fsdp_load, folders, timeout=240.0)
+    for result in ranks:
+        loaded = result["checkpoint"]
+        assert loaded["keys"] == 1223 and loaded["wrong"] == []
+        assert loaded["row_sharded"] == 1223
+        assert 0 < loaded["read"] <= loaded["share"]
+        refused = result["unknown"]
+        assert refused["error"][0] == "UnknownKeysError" and "connector.fc3" in refused["error"][1]
+        assert refused["untouched"] and refused["read"] == 0
+    total = sum(
+        info.nbytes
+        for info in bv.inspect_checkpoint(folders["checkpoint"], stage=2).retained.values()
+    )
+    assert sum(result["checkpoint"]["read"] for result in ranks) == total

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -14,7 +14,15 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..checkpoint import Cast, ReadJob, ReadJobs, check_destinations, read_jobs, read_tensor
+from ..checkpoint import (
+    Cast,
+    IncompatibleKeys,
+    ReadJob,
+    ReadJobs,
+    check_destinations,
+    read_jobs,
+    read_tensor,
+)
 from .agreement import agree, quietly, world
 from .reader import BagelHFStorageReader
 
@@ -53,6 +61,81 @@ def _fill_converted(jobs: ReadJobs, destinations: Mapping[str, torch.Tensor]) ->
                 destination.copy_(full)
 
 
+class ValidatedLoad(NamedTuple):
+    """A checked load, ready for DCP (see :func:`validated_load`)."""
+
+    reader: BagelHFStorageReader
+    """DCP storage reader over exactly the validated tensors (checkpoint keys) that both sides
+    have and that need no conversion; reads through the engine."""
+    converted: ReadJobs
+    """Conv2d patch-embedding weights to convert, read whole and converted after DCP."""
+    common: ReadJobs
+    """Every job both sides have (native keys)."""
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+    rank: int
+
+
+@contextlib.contextmanager
+def validated_load(
+    destinations: Mapping[str, torch.Tensor],
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    stage: object,
+    strict: bool,
+    config: Any,
+    cast: Cast,
+    convert_conv_patch_embedding: bool = False,
+    process_group: dist.ProcessGroup | None = None,
+    thread_count: int = 1,
+    weights: object = None,
+) -> Iterator[ValidatedLoad]:
+    """Check a folder and native destinations (possibly sharded ``DTensor`` s) on every rank,
+    then yield the DCP reader for the load; the files stay open for the ``with`` block.
+
+    The checks are :func:`bagelverify.checkpoint.load_into`'s, in the same code: the folder from
+    its headers (unknown keys, missing keys, config shapes), then the destinations against it
+    (key sets under ``strict``, global shapes, dtypes as ``cast`` allows). A failure on any rank
+    raises on every rank (:func:`~bagelverify.distributed.agreement.agree`) before any tensor
+    is read, so no rank is left in a collective its peers abandoned.
+    """
+    with contextlib.ExitStack() as files:  # the checkpoint's files stay open for the reads
+        error: BaseException | None = None
+        common: dict[str, ReadJob] = {}
+        incompatible = IncompatibleKeys([], [])
+        try:
+            report, jobs = files.enter_context(
+                read_jobs(
+                    checkpoint_dir,
+                    stage=stage,
+                    strict=strict,
+                    config=config,
+                    convert_conv=convert_conv_patch_embedding,
+                    weights=weights,
+                )
+            )
+            common, incompatible = check_destinations(
+                jobs, destinations, checkpoint_dir, strict=strict, cast=cast, report=report
+            )
+        except Exception as caught:  # any failure must reach the other ranks, not strand them
+            error = caught
+        agree(error, destinations, process_group)
+        direct = [job for job in common.values() if not job.convert]
+        reader = BagelHFStorageReader(
+            {job.info.name: job.info for job in direct},
+            thread_count=thread_count,
+            fds={job.info.path: job.fd for job in direct if job.fd is not None},
+        )
+        yield ValidatedLoad(
+            reader,
+            {key: job for key, job in common.items() if job.convert},
+            common,
+            incompatible.missing_keys,
+            incompatible.unexpected_keys,
+            world(process_group)[1],
+        )
+
+
 def load_bagel_checkpoint_distributed(
     model_state_dict: Mapping[str, torch.Tensor],
     checkpoint_dir: str | os.PathLike[str],
@@ -69,67 +152,47 @@ def load_bagel_checkpoint_distributed(
     """Fill a native state dict whose values may be sharded ``DTensor`` s, in place, through DCP.
 
     Call it on every rank with the same keys (e.g. ``model.state_dict()`` of an FSDP2 model).
-    Checks are those of :func:`bagelverify.checkpoint.load_into`, in the same code: the folder is
-    validated from its headers (unknown keys, missing keys, config shapes), then the destinations
-    against it (key sets under ``strict``, global shapes, dtypes as ``cast`` allows). Any failure
-    raises the same error on every rank before DCP starts. Then
+    The folder and the destinations are checked first (:func:`validated_load`: any failure
+    raises the same error on every rank before DCP starts). Then
     :func:`torch.distributed.checkpoint.load` with :class:`BagelHFStorageReader` copies into each
     rank's local shards only the slices they hold. Without an initialised process group it loads
     in this process alone. ``weights`` picks the folder's ``ema`` or ``model`` weights.
     """
     destinations: Mapping[str, torch.Tensor] = model_state_dict
-    with contextlib.ExitStack() as files:  # the checkpoint's files stay open for the reads
-        error: BaseException | None = None
-        common: dict[str, ReadJob] = {}
-        missing: list[str] = []
-        unexpected: list[str] = []
-        try:
-            report, jobs = files.enter_context(
-                read_jobs(
-                    checkpoint_dir,
-                    stage=stage,
-                    strict=strict,
-                    config=config,
-                    convert_conv=convert_conv_patch_embedding,
-                    weights=weights,
-                )
-            )
-            common, incompatible = check_destinations(
-                jobs, destinations, checkpoint_dir, strict=strict, cast=cast, report=report
-            )
-            missing, unexpected = incompatible.missing_keys, incompatible.unexpected_keys
-        except Exception as caught:  # any failure must reach the other ranks, not strand them
-            error = caught
-        agree(error, destinations, process_group)
-
-        converted = {key: job for key, job in common.items() if job.convert}
-        direct = {key: job for key, job in common.items() if not job.convert}
+    with validated_load(
+        destinations,
+        checkpoint_dir,
+        stage=stage,
+        strict=strict,
+        config=config,
+        cast=cast,
+        convert_conv_patch_embedding=convert_conv_patch_embedding,
+        process_group=process_group,
+        thread_count=thread_count,
+        weights=weights,
+    ) as load:
         # DCP addresses tensors by checkpoint (HF) key: map each native destination to its name.
-        by_name = {job.info.name: destinations[key] for key, job in direct.items()}
-        reader = BagelHFStorageReader(
-            {job.info.name: job.info for job in direct.values()},
-            thread_count=thread_count,
-            fds={job.info.path: job.fd for job in direct.values() if job.fd is not None},
-        )
-        coordinated, rank = world(process_group)
+        by_name = {
+            job.info.name: destinations[key] for key, job in load.common.items() if not job.convert
+        }
         quietly(
             dcp_load,
             by_name,
-            storage_reader=reader,
+            storage_reader=load.reader,
             planner=DefaultLoadPlanner(allow_partial_load=False),
             process_group=process_group,
-            no_dist=not coordinated,
+            no_dist=not world(process_group)[0],
         )
-        _fill_converted(converted, destinations)
-    bytes_read = reader.bytes_read + sum(job.info.nbytes for job in converted.values())
-    total = sum(job.info.nbytes for job in common.values())
+        _fill_converted(load.converted, destinations)
+    bytes_read = load.reader.bytes_read + sum(job.info.nbytes for job in load.converted.values())
+    total = sum(job.info.nbytes for job in load.common.values())
     logger.info(
         "rank %d: loaded %d tensors from %s, reading %d of their %d bytes (%.1f%%)",
-        rank,
-        len(common),
+        load.rank,
+        len(load.common),
         checkpoint_dir,
         bytes_read,
         total,
         100.0 * bytes_read / total if total else 0.0,
     )
-    return DistributedLoadResult(missing, unexpected, bytes_read, total)
+    return DistributedLoadResult(load.missing_keys, load.unexpected_keys, bytes_read, total)

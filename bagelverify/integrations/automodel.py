@@ -8,7 +8,9 @@ BagelStateDictAdapter` (with its config translated to a :class:`~bagelverify.Bag
 every conversion checks shapes), the adapter counts as an instance of Automodel's
 ``StateDictAdapter`` (so its checkpointer takes the load path that fills the model's tensors in
 place instead of reading every file onto the CPU), ``from_pretrained`` uses bagelverify's loader,
-and the recipe's ``load_bagel_autoencoder`` fills the VAE through bagelverify's checks.
+the recipe's ``load_bagel_autoencoder`` fills the VAE through bagelverify's checks, and the
+checkpointer's base-checkpoint loads are checked and read by bagelverify's read engine
+(:mod:`.checkpointer`).
 
 Importing this module does not import Automodel; :func:`install` does.
 """
@@ -33,6 +35,7 @@ from ..errors import (
     format_examples,
 )
 from ..manifest import VAE_FILE
+from .checkpointer import route_checkpointer
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,9 @@ FLAGS = ("supports_low_memory_dcp_load", "supports_write_through_checkpoint_load
 
 _BAGEL = "nemo_automodel.components.models.bagel"
 _BASE = "nemo_automodel.components.checkpoint.state_dict_adapter"
+_CHECKPOINTING = "nemo_automodel.components.checkpoint.checkpointing"
+_SEAMS = ("load_model", "_get_storage_reader")
+"""The ``Checkpointer`` methods :func:`install` wraps (:mod:`.checkpointer`)."""
 
 
 def _import(name: str) -> Any:
@@ -132,13 +138,24 @@ def install() -> None:
     Registers :class:`~bagelverify.BagelStateDictAdapter` as a virtual subclass of Automodel's
     ``StateDictAdapter`` (it provides every member of that base class itself) and replaces, in
     Automodel's BAGEL modules, the adapter class, ``load_bagel_checkpoint_state_dict`` and
-    ``load_bagel_autoencoder``. Models built before the call keep their adapter. Raises
+    ``load_bagel_autoencoder``, and routes the checkpointer's BAGEL base-checkpoint loads
+    through bagelverify's checks and read engine (:func:`.checkpointer.route_checkpointer`).
+    Models built before the call keep their adapter. Raises
     :class:`~bagelverify.errors.IntegrationError` (an ``ImportError``) naming what to install
     when Automodel is missing, and when the installed version's base class has a member the
-    adapter does not provide or none of the known in-place load flags.
+    adapter does not provide or none of the known in-place load flags, or its checkpointer
+    lacks the methods the routing wraps.
     """
     base_module = _import(_BASE)
     base = base_module.StateDictAdapter
+    checkpointing = _import(_CHECKPOINTING)
+    seams = [name for name in _SEAMS if not hasattr(checkpointing.Checkpointer, name)]
+    if seams:
+        raise IntegrationError(
+            f"the installed NeMo Automodel's Checkpointer ({checkpointing.__file__}) has no "
+            f"{format_examples(seams)}, through which bagelverify reads BAGEL checkpoints; "
+            f"bagelverify is tested with nemo-automodel=={SUPPORTED}: {INSTALL_HINT}"
+        )
     missing = _missing_members(base)
     if missing or not any(hasattr(base, flag) for flag in FLAGS):
         raise IntegrationError(
@@ -163,6 +180,7 @@ def install() -> None:
         module.load_bagel_checkpoint_state_dict = checkpoint.load_bagel_checkpoint_state_dict
     for module in (autoencoder, package):
         module.load_bagel_autoencoder = load_bagel_autoencoder
+    route_checkpointer(checkpointing)
     logger.info("NeMo Automodel's BAGEL model now uses bagelverify's adapter and loaders")
 
 
