@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -257,7 +258,7 @@ def automodel_fsdp_load(rank: int, world_size: int, folders: dict[str, str]) -> 
             pp_rank=0,
         )
         read.clear()
-        error = _error(lambda: ck.load_model(model, folders[name], is_init_step=True))
+        error = _error(functools.partial(ck.load_model, model, folders[name], is_init_step=True))
         state = model.state_dict()
         local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
         if error is not None:
