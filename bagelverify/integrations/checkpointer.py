@@ -27,6 +27,7 @@ import functools
 import inspect
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -95,6 +96,7 @@ def _destinations(model: Any) -> Mapping[str, Any]:
 def _checked(checkpointer: Any, checkpointing: Any, model: Any, path: str) -> Iterator[None]:
     adapter = _adapter_of(checkpointing, model)
     assert adapter is not None
+    started = time.perf_counter()
     with validated_load(
         _destinations(model),
         path,
@@ -104,6 +106,7 @@ def _checked(checkpointer: Any, checkpointing: Any, model: Any, path: str) -> It
         cast=CAST,
         process_group=getattr(checkpointer, "process_group", None),
     ) as load:
+        checked = time.perf_counter() - started
         token = _ACTIVE.set(_Active(checkpointer, os.fspath(path), load.reader))
         try:
             yield
@@ -119,12 +122,14 @@ def _checked(checkpointer: Any, checkpointing: Any, model: Any, path: str) -> It
         else:
             logger.info(
                 "rank %d: Automodel loaded %d tensors from %s through bagelverify's read engine "
-                "(%d of their %d bytes read by this rank)",
+                "(%d of their %d bytes read by this rank; checks %.3f s, load %.3f s)",
                 load.rank,
                 len(load.common),
                 path,
                 load.reader.bytes_read,
                 total,
+                checked,
+                time.perf_counter() - started - checked,
             )
 
 
