@@ -472,3 +472,46 @@ def test_a_model_without_our_adapter_and_a_dcp_resume_take_automodels_path_uncha
     assert engine_reads == []
     expected = model.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in resumed.state_dict().items())
+
+
+@needs_automodel
+def test_from_pretrained_and_the_recipe_vae_loader_read_through_the_engine(
+    am: dict[str, ModuleType],
+    synthetic_checkpoint: SyntheticCheckpoint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The model's ``from_pretrained`` and the recipe's ``load_bagel_autoencoder`` read every
+    byte they load through bagelverify's engine (the loaders' single reader)."""
+    from bagelverify.checkpoint import load as loading
+
+    read: list[int] = []
+    original = loading.run_engine
+
+    def recording(transfers: Any, **kwargs: Any) -> Any:
+        read.extend(t.nbytes for t in transfers)
+        return original(transfers, **kwargs)
+
+    monkeypatch.setattr(loading, "run_engine", recording)
+    # Automodel's BagelConfig.from_pretrained reads config.json only (the synthetic folder's
+    # sizes are in llm_config.json / vit_config.json): hand it the folder's config
+    small = automodel.automodel_config(synthetic_checkpoint.config)
+    monkeypatch.setattr(
+        am["model"].BagelConfig, "from_pretrained", classmethod(lambda cls, *a, **k: small)
+    )
+    model = am["model"].BagelForUnifiedMultimodal.from_pretrained(synthetic_checkpoint.path)
+    reference = file_tensors(synthetic_checkpoint.path)
+    loaded = model.state_dict()
+    assert sum(read) == sum(reference[k[6:]].nbytes for k in loaded) and len(loaded) == 821
+    assert all(torch.equal(v, reference[k[6:]]) for k, v in loaded.items())
+
+    read.clear()
+    params = small_vae_params(am)
+    written = {k: v.contiguous() for k, v in am["ae"].AutoEncoder(params).state_dict().items()}
+    safetensors.torch.save_file(written, str(tmp_path / "ae.safetensors"))
+    monkeypatch.setattr(am["ae"], "default_autoencoder_params", lambda: params)
+    module, _ = importlib.import_module(
+        "nemo_automodel.components.models.bagel"
+    ).load_bagel_autoencoder(str(tmp_path))
+    assert sum(read) == sum(v.nbytes for v in written.values())
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in written.items())
