@@ -138,6 +138,25 @@ def load_scenarios(rank: int, world_size: int, folders: dict[str, str]) -> dict[
     out["keys_differ"] = _error(
         lambda: load_bagel_checkpoint_distributed(target, ckpt, stage="stage1", strict=False)
     )
+    # rank 1 reads another folder of the same shapes (its own checks pass): refused on both
+    out["folder_differs"] = _error(
+        lambda: load_bagel_checkpoint_distributed(
+            shard_like(reference, mesh), folders["twin" if rank else "checkpoint"], stage=1
+        )
+    )
+    # the ranks pass other arguments for one model: refused on every rank, before any read
+    full = load_bagel_checkpoint_state_dict(ckpt, stage="stage2")
+    for name, options in (
+        ("stage_differs", {"stage": 1 + rank, "strict": False}),
+        (
+            "strict_cast_differ",
+            {"stage": 2, "strict": rank == 0, "cast": ("lossless", "any")[rank]},
+        ),
+    ):
+        target = shard_like(full, mesh)
+        load = functools.partial(load_bagel_checkpoint_distributed, target, ckpt, **options)
+        out[name] = _error(load)
+        out[name + "_untouched"] = all(bool(v.to_local().isnan().all()) for v in target.values())
     # a sharded folder (index + shards) and a Conv2d patch embedding converted while loading
     for name, options in (("sharded", {}), ("conv", {"convert_conv_patch_embedding": True})):
         full = load_bagel_checkpoint_state_dict(folders[name], stage="stage2", **options)
