@@ -243,6 +243,7 @@ def automodel_fsdp_load(rank: int, world_size: int, folders: dict[str, str]) -> 
     from bagelverify.checkpoint import load_bagel_checkpoint_state_dict
     from bagelverify.config import BagelConfig
     from bagelverify.distributed import reader
+    from bagelverify.errors import ReadError
     from bagelverify.integrations import automodel
 
     automodel.install()
@@ -256,11 +257,13 @@ def automodel_fsdp_load(rank: int, world_size: int, folders: dict[str, str]) -> 
     original = reader.run_engine
 
     def recording(transfers: Any, **kwargs: Any) -> Any:
+        if name == "cut":  # a read that fails inside Automodel's dcp.load (a file cut short)
+            raise ReadError(f"{transfers[0].path}: cut short (injected)")
         read.extend(t.nbytes for t in transfers)
         return original(transfers, **kwargs)
 
     reader.run_engine = recording  # type: ignore[assignment]
-    for name in ("checkpoint", "unknown"):
+    for name in ("checkpoint", "unknown", "cut"):
         with torch.device("meta"):
             model = BagelForUnifiedMultimodal(automodel.automodel_config(config, stage=2))
         fully_shard(model, mesh=mesh)
@@ -277,7 +280,8 @@ def automodel_fsdp_load(rank: int, world_size: int, folders: dict[str, str]) -> 
             pp_rank=0,
         )
         read.clear()
-        error = _error(functools.partial(ck.load_model, model, folders[name], is_init_step=True))
+        path = folders["checkpoint" if name == "cut" else name]
+        error = _error(functools.partial(ck.load_model, model, path, is_init_step=True))
         state = model.state_dict()
         local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
         if error is not None:

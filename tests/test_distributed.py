@@ -30,6 +30,7 @@ from _multiprocess import RankFailure, run_ranks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -38,7 +39,7 @@ from bagelverify import cli
 from bagelverify import strategies as bst
 from bagelverify.buckets import Bucket
 from bagelverify.distributed import dcp_to_hf, hf_to_dcp, load_bagel_checkpoint_distributed
-from bagelverify.distributed.agreement import _differences, _identity_differences
+from bagelverify.distributed.agreement import _differences, _identity_differences, quietly
 from bagelverify.distributed.reader import _byte_span
 from bagelverify.errors import CorruptCheckpointError, MissingKeysError, UnknownKeysError
 from bagelverify.patch_embedding import PATCH_EMBEDDING_WEIGHT as PATCH
@@ -282,6 +283,36 @@ def test_identity_differences_name_each_differing_field_against_rank_0() -> None
         "rank 2: file ema.safetensors absent (rank 0: 10 bytes), "
         "file model.safetensors 12 bytes (rank 0: absent)"
     ]
+
+
+def _wrapped(*failures: BaseException) -> CheckpointException:
+    return CheckpointException(
+        "load", {rank: _wrap_exception(e) for rank, e in enumerate(failures)}
+    )
+
+
+@pytest.mark.parametrize(
+    ("failures", "raised"),
+    [
+        ((RuntimeError("x"), OSError(errno.ENOSPC, "full"), KeyboardInterrupt()), 2),
+        ((RuntimeError("x"), CorruptCheckpointError("cut"), OSError(errno.EIO, "io")), 1),
+        ((RuntimeError("x"), OSError(errno.EIO, "io")), 1),
+        ((RuntimeError("x"),), 0),
+    ],
+)
+def test_dcp_failures_are_re_raised_as_themselves_interrupts_first(
+    failures: tuple[BaseException, ...], raised: int
+) -> None:
+    """DCP's CheckpointException (a BaseException) never escapes: an interrupt on any rank
+    wins, then a bagelverify error, then an OSError, then whatever failed."""
+
+    def fail() -> None:
+        raise _wrapped(*failures)
+
+    with pytest.raises(BaseException) as caught:
+        quietly(fail)
+    assert caught.value is failures[raised]
+    assert isinstance(caught.value.__cause__, CheckpointException)
 
 
 def test_rank_differences_name_the_keys_that_differ() -> None:
@@ -569,8 +600,9 @@ def test_automodels_checkpointer_fills_fsdp2_shards_through_the_engine_on_two_ra
 ) -> None:
     """After install(), ``Checkpointer.load_model(..., is_init_step=True)`` into Automodel's
     BAGEL model under ``fully_shard`` (2 gloo ranks): every rank's ``Shard(0)`` slices equal the
-    file's rows, each rank reads through the engine only its own share of the bytes, and a
-    checkpoint with an unknown key is refused on both ranks before any shard changes."""
+    file's rows, each rank reads through the engine only its own share of the bytes, a
+    checkpoint with an unknown key is refused on both ranks before any shard changes, and a read
+    failing inside DCP raises bagelverify's error on both ranks."""
     ranks = run_ranks(workers.automodel_fsdp_load, folders, timeout=240.0)
     for result in ranks:
         loaded = result["checkpoint"]
@@ -580,6 +612,9 @@ def test_automodels_checkpointer_fills_fsdp2_shards_through_the_engine_on_two_ra
         refused = result["unknown"]
         assert refused["error"][0] == "UnknownKeysError" and "connector.fc3" in refused["error"][1]
         assert refused["untouched"] and refused["read"] == 0
+        # a read failing inside Automodel's dcp.load is our error, not DCP's CheckpointException
+        assert result["cut"]["error"][0] == "ReadError"
+        assert "cut short (injected)" in result["cut"]["error"][1]
     total = sum(
         info.nbytes
         for info in bv.inspect_checkpoint(folders["checkpoint"], stage=2).retained.values()

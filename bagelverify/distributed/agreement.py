@@ -1,12 +1,14 @@
 """Agreement between ranks: every rank learns whether any rank's checks failed, or whether the
-ranks pass different state dicts, in one small collective before DCP starts."""
+ranks pass different state dicts, arguments or checkpoints, in one small collective before DCP
+starts; and DCP's own failures, unwrapped."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch.distributed as dist
@@ -15,10 +17,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..errors import BagelError, DistributedMismatchError, counted, format_examples
 
 
-def quietly(call: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a DCP call that was asked for ``no_dist`` without its warning that it is not
-    distributed (which it was told), and unwrap the ``CheckpointException`` in which DCP wraps
-    any failure of any rank (a ``BaseException``, which ``except Exception`` misses).
+@contextlib.contextmanager
+def dcp_failures_unwrapped() -> Iterator[None]:
+    """Unwrap the ``CheckpointException`` in which DCP wraps any failure of any rank (a
+    ``BaseException``, which ``except Exception`` misses) raised in the block.
 
     What a rank raised inside DCP is re-raised as itself, the first of these kinds found: a
     ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM under the command line, while DCP reads or writes:
@@ -26,17 +28,23 @@ def quietly(call: Any, *args: Any, **kwargs: Any) -> Any:
     (a full disk), then any other exception. Every rank of a collective call gets every rank's
     failures from DCP, so every rank raises the same error.
     """
-    with warnings.catch_warnings():
+    try:
+        yield
+    except CheckpointException as wrapped:
+        failures = [error for error, _ in wrapped.failures.values()]
+        for kind in (KeyboardInterrupt, BagelError, OSError, BaseException):
+            for error in failures:
+                if isinstance(error, kind):
+                    raise error from wrapped
+        raise
+
+
+def quietly(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a DCP call, its failures unwrapped (:func:`dcp_failures_unwrapped`), without its
+    warning that it is not distributed when it was asked for ``no_dist``."""
+    with warnings.catch_warnings(), dcp_failures_unwrapped():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            return call(*args, **kwargs)
-        except CheckpointException as wrapped:
-            failures = [error for error, _ in wrapped.failures.values()]
-            for kind in (KeyboardInterrupt, BagelError, OSError, BaseException):
-                for error in failures:
-                    if isinstance(error, kind):
-                        raise error from wrapped
-            raise
+        return call(*args, **kwargs)
 
 
 def world(process_group: dist.ProcessGroup | None) -> tuple[bool, int]:
