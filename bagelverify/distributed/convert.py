@@ -117,6 +117,10 @@ def hf_to_dcp(
     files (``config`` if given, else the source folder's) are written next to DCP's files so
     that :func:`dcp_to_hf` validates shapes on the way back. ``weights`` picks the source's
     ``ema`` or ``model`` weights.
+
+    A failure inside DCP is raised as itself (a full disk: the ``OSError``, errno kept, naming
+    ``dst_dir``; Ctrl-C: ``KeyboardInterrupt``), and the files and folders this call created in
+    ``dst_dir`` are removed first; files that were there before are not restored.
     """
     with read_jobs(
         src_dir,
@@ -269,7 +273,11 @@ def dcp_to_hf(
     each is loaded from DCP, written and released, so memory holds about two copies of the
     largest tensor (DCP deserialises, then copies into the buffer). Files are written atomically,
     with the config files when there is a config; an existing checkpoint in ``dst_dir`` is
-    replaced only with ``overwrite``.
+    replaced only with ``overwrite``. A data file that ``.metadata`` points into and that is
+    missing or shorter than the bytes it indexes is a
+    :class:`~bagelverify.errors.CorruptCheckpointError` naming it, before anything is written;
+    so is data DCP cannot deserialise, and a failure or interrupt while writing removes the
+    files and folders this call created in ``dst_dir``.
     """
     source = Path(src_dir)
     if not (source / METADATA_FILE).is_file():
