@@ -14,6 +14,7 @@ tensors must tile exactly (no overlap, no hole, nothing after the last one).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import math
@@ -267,6 +268,14 @@ def _read_header_bytes(fd: int, path: Path, count: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+def _header_length(fd: int, path: Path) -> int:
+    """The header length the file's 8-byte prefix gives, refused above the cap."""
+    (length,) = struct.unpack("<Q", _read_header_bytes(fd, path, 8, 0))
+    if length > MAX_HEADER_BYTES:
+        raise _corrupt(path, f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte cap")
+    return int(length)
+
+
 def read_header(path: str | os.PathLike[str], *, fd: int | None = None) -> SafetensorsHeader:
     """Parse and validate the header of a safetensors file, reading no tensor data.
 
@@ -294,9 +303,7 @@ def read_header(path: str | os.PathLike[str], *, fd: int | None = None) -> Safet
     size = os.fstat(fd).st_size
     if size < 8:
         raise _corrupt(path, f"the file is {size} bytes, shorter than the 8-byte length prefix")
-    (length,) = struct.unpack("<Q", _read_header_bytes(fd, path, 8, 0))
-    if length > MAX_HEADER_BYTES:
-        raise _corrupt(path, f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte cap")
+    length = _header_length(fd, path)
     if 8 + length > size:
         raise _corrupt(path, f"header length {length} runs past the file end ({size} bytes)")
     raw = _read_header_bytes(fd, path, length, 8)
@@ -324,6 +331,14 @@ def read_header(path: str | os.PathLike[str], *, fd: int | None = None) -> Safet
     }
     _check_tiling(path, tensors.values(), data_start, size)
     return SafetensorsHeader(path, tensors, dict(metadata), data_start, size)
+
+
+def header_digest(fd: int, path: str | os.PathLike[str]) -> str:
+    """SHA-256 (hex) of the header -- length prefix and JSON, ``__metadata__`` included -- of
+    the safetensors file open as ``fd``, whose header :func:`read_header` validated: files with
+    equal digests list the same tensors at the same offsets, with the same metadata."""
+    path = Path(path)
+    return hashlib.sha256(_read_header_bytes(fd, path, 8 + _header_length(fd, path), 0)).hexdigest()
 
 
 # -- raw tensor memory -------------------------------------------------------------------------

@@ -138,6 +138,25 @@ def load_scenarios(rank: int, world_size: int, folders: dict[str, str]) -> dict[
     out["keys_differ"] = _error(
         lambda: load_bagel_checkpoint_distributed(target, ckpt, stage="stage1", strict=False)
     )
+    # rank 1 reads another folder of the same shapes (its own checks pass): refused on both
+    out["folder_differs"] = _error(
+        lambda: load_bagel_checkpoint_distributed(
+            shard_like(reference, mesh), folders["twin" if rank else "checkpoint"], stage=1
+        )
+    )
+    # the ranks pass other arguments for one model: refused on every rank, before any read
+    full = load_bagel_checkpoint_state_dict(ckpt, stage="stage2")
+    for name, options in (
+        ("stage_differs", {"stage": 1 + rank, "strict": False}),
+        (
+            "strict_cast_differ",
+            {"stage": 2, "strict": rank == 0, "cast": ("lossless", "any")[rank]},
+        ),
+    ):
+        target = shard_like(full, mesh)
+        load = functools.partial(load_bagel_checkpoint_distributed, target, ckpt, **options)
+        out[name] = _error(load)
+        out[name + "_untouched"] = all(bool(v.to_local().isnan().all()) for v in target.values())
     # a sharded folder (index + shards) and a Conv2d patch embedding converted while loading
     for name, options in (("sharded", {}), ("conv", {"convert_conv_patch_embedding": True})):
         full = load_bagel_checkpoint_state_dict(folders[name], stage="stage2", **options)
@@ -224,6 +243,7 @@ def automodel_fsdp_load(rank: int, world_size: int, folders: dict[str, str]) -> 
     from bagelverify.checkpoint import load_bagel_checkpoint_state_dict
     from bagelverify.config import BagelConfig
     from bagelverify.distributed import reader
+    from bagelverify.errors import ReadError
     from bagelverify.integrations import automodel
 
     automodel.install()
@@ -237,11 +257,13 @@ def automodel_fsdp_load(rank: int, world_size: int, folders: dict[str, str]) -> 
     original = reader.run_engine
 
     def recording(transfers: Any, **kwargs: Any) -> Any:
+        if name == "cut":  # a read that fails inside Automodel's dcp.load (a file cut short)
+            raise ReadError(f"{transfers[0].path}: cut short (injected)")
         read.extend(t.nbytes for t in transfers)
         return original(transfers, **kwargs)
 
     reader.run_engine = recording  # type: ignore[assignment]
-    for name in ("checkpoint", "unknown"):
+    for name in ("checkpoint", "unknown", "cut"):
         with torch.device("meta"):
             model = BagelForUnifiedMultimodal(automodel.automodel_config(config, stage=2))
         fully_shard(model, mesh=mesh)
@@ -258,7 +280,8 @@ def automodel_fsdp_load(rank: int, world_size: int, folders: dict[str, str]) -> 
             pp_rank=0,
         )
         read.clear()
-        error = _error(functools.partial(ck.load_model, model, folders[name], is_init_step=True))
+        path = folders["checkpoint" if name == "cut" else name]
+        error = _error(functools.partial(ck.load_model, model, path, is_init_step=True))
         state = model.state_dict()
         local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
         if error is not None:

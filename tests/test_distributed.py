@@ -7,9 +7,13 @@ each test below asserts one of its outcomes.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import math
+import os
+import pickle
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,22 +25,26 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.filesystem as dcp_filesystem
 from _multiprocess import RankFailure, run_ranks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import bagelverify as bv
+from bagelverify import cli
 from bagelverify import strategies as bst
 from bagelverify.buckets import Bucket
 from bagelverify.distributed import dcp_to_hf, hf_to_dcp, load_bagel_checkpoint_distributed
-from bagelverify.distributed.agreement import _differences
+from bagelverify.distributed.agreement import _differences, _identity_differences, quietly
 from bagelverify.distributed.reader import _byte_span
 from bagelverify.errors import CorruptCheckpointError, MissingKeysError, UnknownKeysError
 from bagelverify.patch_embedding import PATCH_EMBEDDING_WEIGHT as PATCH
 from bagelverify.patch_embedding import linear_patch_weight_to_conv
+from bagelverify.safe_pickle import load_dcp_metadata
 from bagelverify.safetensors_io import TensorInfo, save_tensors
 from bagelverify.stage import STAGE_BUCKETS
 from bagelverify.synthetic import make_synthetic_checkpoint
@@ -131,9 +139,12 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     save_tensors(unknown / "ema.safetensors", {**hf, "connector.fc3.weight": torch.zeros(2)})
     config.save_pretrained(unknown)
 
+    # same keys, dtypes and shapes (so the same headers), other values
+    make_synthetic_checkpoint(root / "twin", scale=SCALE, seed=4)
+
     hf_to_dcp(synthetic.path, root / "dcp", stage="stage2")
     (root / "scratch").mkdir()
-    names = ("checkpoint", "missing", "sharded", "conv", "dcp", "unknown", "scratch")
+    names = ("checkpoint", "missing", "sharded", "conv", "dcp", "unknown", "scratch", "twin")
     return {name: str(root / name) for name in names}
 
 
@@ -233,6 +244,77 @@ def test_ranks_passing_different_keys_are_refused_on_every_rank(
     assert "rank 1 lacks 1 of rank 0's keys ('model.language_model." in errors[0][1]
 
 
+def test_ranks_reading_different_folders_of_the_same_shapes_are_refused_on_every_rank(
+    rank_results: list[dict[str, Any]], folders: dict[str, str]
+) -> None:
+    """Rank 1's folder passes every check on its own (same keys, shapes, headers): the ranks
+    would load a mix of two checkpoints' rows, so both refuse, naming both folders."""
+    errors = [r["folder_differs"] for r in rank_results]
+    assert errors[0] == errors[1]
+    kind, message = errors[0]
+    assert kind == "DistributedMismatchError"
+    twin, checkpoint = (str(Path(folders[name]).resolve()) for name in ("twin", "checkpoint"))
+    assert f"rank 1: folder {twin} (rank 0: {checkpoint})" in message
+    assert "file ema.safetensors" not in message  # same size and header: only the folder differs
+
+
+def test_ranks_passing_different_load_arguments_are_refused_before_any_read(
+    rank_results: list[dict[str, Any]],
+) -> None:
+    """stage 1 on rank 0 and 2 on rank 1 (strict=False) left rank 0's GEN shards unloaded
+    without an error; strict and cast differing are refused the same way."""
+    for name, differences in (
+        ("stage_differs", ["stage 'stage2' (rank 0: 'stage1')"]),
+        ("strict_cast_differ", ["strict False (rank 0: True)", "cast 'any' (rank 0: 'lossless')"]),
+    ):
+        errors = [r[name] for r in rank_results]
+        assert errors[0] == errors[1]
+        kind, message = errors[0]
+        assert kind == "DistributedMismatchError"
+        assert "rank 1: " + ", ".join(differences) in message
+        assert all(r[name + "_untouched"] for r in rank_results)
+
+
+def test_identity_differences_name_each_differing_field_against_rank_0() -> None:
+    base = {"folder": "/a", "file ema.safetensors": "10 bytes", "stage": "'stage1'"}
+    other = {"folder": "/a", "file model.safetensors": "12 bytes", "stage": "'stage1'"}
+    assert _identity_differences([base, dict(base)]) == []
+    assert _identity_differences([base, dict(base), other]) == [
+        "rank 2: file ema.safetensors absent (rank 0: 10 bytes), "
+        "file model.safetensors 12 bytes (rank 0: absent)"
+    ]
+
+
+def _wrapped(*failures: BaseException) -> CheckpointException:
+    return CheckpointException(
+        "load", {rank: _wrap_exception(e) for rank, e in enumerate(failures)}
+    )
+
+
+@pytest.mark.parametrize(
+    ("failures", "raised"),
+    [
+        ((RuntimeError("x"), OSError(errno.ENOSPC, "full"), KeyboardInterrupt()), 2),
+        ((RuntimeError("x"), CorruptCheckpointError("cut"), OSError(errno.EIO, "io")), 1),
+        ((RuntimeError("x"), OSError(errno.EIO, "io")), 1),
+        ((RuntimeError("x"),), 0),
+    ],
+)
+def test_dcp_failures_are_re_raised_as_themselves_interrupts_first(
+    failures: tuple[BaseException, ...], raised: int
+) -> None:
+    """DCP's CheckpointException (a BaseException) never escapes: an interrupt on any rank
+    wins, then a bagelverify error, then an OSError, then whatever failed."""
+
+    def fail() -> None:
+        raise _wrapped(*failures)
+
+    with pytest.raises(BaseException) as caught:
+        quietly(fail)
+    assert caught.value is failures[raised]
+    assert isinstance(caught.value.__cause__, CheckpointException)
+
+
 def test_rank_differences_name_the_keys_that_differ() -> None:
     base = {"a": "[2, 3] torch.bfloat16", "b": "[4] torch.float32"}
     assert _differences([base, dict(base)]) == []
@@ -325,6 +407,95 @@ def test_dcp_to_hf_refuses_unknown_keys_and_non_tensor_entries(tmp_path: Path) -
         dcp_to_hf(tmp_path / "b", tmp_path / "b_out")
     with pytest.raises(FileNotFoundError, match=r"\.metadata"):
         dcp_to_hf(tmp_path / "nothing", tmp_path / "c_out")
+
+
+def _fail_after(count: int, fault: BaseException) -> Any:
+    """A stand-in for a DCP internal that runs the real one ``count`` times, then raises."""
+
+    def install(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        real = getattr(dcp_filesystem, name)
+        calls = iter(range(count + 1))
+
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            if next(calls, count) == count:
+                raise fault
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(dcp_filesystem, name, failing)
+
+    return install
+
+
+DISK_FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("fault", [DISK_FULL, KeyboardInterrupt()], ids=["enospc", "interrupt"])
+def test_hf_to_dcp_failing_inside_dcps_writer_raises_ours_and_leaves_nothing(
+    folders: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: BaseException
+) -> None:
+    """A full disk (injected ENOSPC in DCP's file writes) is the OSError naming the output
+    folder, Ctrl-C is KeyboardInterrupt -- not DCP's CheckpointException -- and the files and
+    folders the call created are removed; what the folder held before stays."""
+    _fail_after(5, fault)(monkeypatch, "_write_item")
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    for target in (tmp_path / "new" / "dcp", tmp_path / "kept"):
+        with pytest.raises(type(fault)) as raised:
+            hf_to_dcp(folders["checkpoint"], target)
+        if isinstance(fault, OSError):
+            assert raised.value.errno == errno.ENOSPC
+            assert f"No space left on device while writing {target};" in str(raised.value)
+    assert not (tmp_path / "new").exists()
+    assert os.listdir(tmp_path / "kept") == ["notes.txt"]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_to_hf_names_a_truncated_or_damaged_data_file_and_leaves_nothing(
+    folders: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "dcp"
+    shutil.copytree(folders["dcp"], source)
+    largest = max(source.glob("*.distcp"), key=lambda path: path.stat().st_size)
+    data = largest.read_bytes()
+    largest.write_bytes(data[: len(data) // 2])  # a copy cut short: refused before any write
+    with pytest.raises(CorruptCheckpointError, match=rf"{largest.name} \({len(data) // 2:,} b"):
+        dcp_to_hf(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    largest.write_bytes(b"\xff" * len(data))  # the right size, but not DCP data
+    with pytest.raises(CorruptCheckpointError, match=rf"^{re.escape(str(largest))}: the data of"):
+        dcp_to_hf(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    metadata = load_dcp_metadata(source / ".metadata")  # an entry stored outside the folder
+    entry = next(iter(metadata.storage_data.values()))
+    entry.relative_path = "../secret"
+    (source / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CorruptCheckpointError, match=r"is stored at '\.\./secret'"):
+        dcp_to_hf(source, tmp_path / "out")
+
+
+def test_dcp_to_hf_interrupted_inside_dcps_reader_raises_keyboardinterrupt_and_leaves_nothing(
+    folders: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fail_after(10, KeyboardInterrupt())(monkeypatch, "narrow_tensor_by_index")
+    with pytest.raises(KeyboardInterrupt):
+        dcp_to_hf(folders["dcp"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_to_dcp_on_a_full_disk_prints_one_line(
+    folders: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The command line reports DCP's faults as its own errors: one line, exit code 2."""
+    _fail_after(5, DISK_FULL)(monkeypatch, "_write_item")
+    argv = ["convert", folders["checkpoint"], str(tmp_path / "out"), "--stage", "2", "--to", "dcp"]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("bagelverify convert: error: [Errno 28] No space left on device")
+    assert error.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 # -- byte ranges of slices ---------------------------------------------------------------------
@@ -429,8 +600,9 @@ def test_automodels_checkpointer_fills_fsdp2_shards_through_the_engine_on_two_ra
 ) -> None:
     """After install(), ``Checkpointer.load_model(..., is_init_step=True)`` into Automodel's
     BAGEL model under ``fully_shard`` (2 gloo ranks): every rank's ``Shard(0)`` slices equal the
-    file's rows, each rank reads through the engine only its own share of the bytes, and a
-    checkpoint with an unknown key is refused on both ranks before any shard changes."""
+    file's rows, each rank reads through the engine only its own share of the bytes, a
+    checkpoint with an unknown key is refused on both ranks before any shard changes, and a read
+    failing inside DCP raises bagelverify's error on both ranks."""
     ranks = run_ranks(workers.automodel_fsdp_load, folders, timeout=240.0)
     for result in ranks:
         loaded = result["checkpoint"]
@@ -440,6 +612,9 @@ def test_automodels_checkpointer_fills_fsdp2_shards_through_the_engine_on_two_ra
         refused = result["unknown"]
         assert refused["error"][0] == "UnknownKeysError" and "connector.fc3" in refused["error"][1]
         assert refused["untouched"] and refused["read"] == 0
+        # a read failing inside Automodel's dcp.load is our error, not DCP's CheckpointException
+        assert result["cut"]["error"][0] == "ReadError"
+        assert "cut short (injected)" in result["cut"]["error"][1]
     total = sum(
         info.nbytes
         for info in bv.inspect_checkpoint(folders["checkpoint"], stage=2).retained.values()

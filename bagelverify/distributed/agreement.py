@@ -1,12 +1,14 @@
 """Agreement between ranks: every rank learns whether any rank's checks failed, or whether the
-ranks pass different state dicts, in one small collective before DCP starts."""
+ranks pass different state dicts, arguments or checkpoints, in one small collective before DCP
+starts; and DCP's own failures, unwrapped."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch.distributed as dist
@@ -15,21 +17,34 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ..errors import BagelError, DistributedMismatchError, counted, format_examples
 
 
+@contextlib.contextmanager
+def dcp_failures_unwrapped() -> Iterator[None]:
+    """Unwrap the ``CheckpointException`` in which DCP wraps any failure of any rank (a
+    ``BaseException``, which ``except Exception`` misses) raised in the block.
+
+    What a rank raised inside DCP is re-raised as itself, the first of these kinds found: a
+    ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM under the command line, while DCP reads or writes:
+    the interrupt path), a bagelverify error (a file cut short while read, say), an ``OSError``
+    (a full disk), then any other exception. Every rank of a collective call gets every rank's
+    failures from DCP, so every rank raises the same error.
+    """
+    try:
+        yield
+    except CheckpointException as wrapped:
+        failures = [error for error, _ in wrapped.failures.values()]
+        for kind in (KeyboardInterrupt, BagelError, OSError, BaseException):
+            for error in failures:
+                if isinstance(error, kind):
+                    raise error from wrapped
+        raise
+
+
 def quietly(call: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a DCP call that was asked for ``no_dist`` without its warning that it is not
-    distributed (which it was told). A bagelverify error raised inside DCP (a file cut short
-    while read, say), which DCP wraps in its ``CheckpointException``, is re-raised as itself."""
-    with warnings.catch_warnings():
+    """Run a DCP call, its failures unwrapped (:func:`dcp_failures_unwrapped`), without its
+    warning that it is not distributed when it was asked for ``no_dist``."""
+    with warnings.catch_warnings(), dcp_failures_unwrapped():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            return call(*args, **kwargs)
-        except CheckpointException as wrapped:
-            ours = [
-                error for error, _ in wrapped.failures.values() if isinstance(error, BagelError)
-            ]
-            if ours:
-                raise ours[0] from wrapped
-            raise
+        return call(*args, **kwargs)
 
 
 def world(process_group: dist.ProcessGroup | None) -> tuple[bool, int]:
@@ -52,22 +67,34 @@ def agree(
     error: BaseException | None,
     destinations: Mapping[str, Any],
     process_group: dist.ProcessGroup | None,
+    identity: Mapping[str, str] | None = None,
 ) -> None:
-    """Raise on every rank if any rank failed its checks or requests different tensors.
+    """Raise on every rank if any rank failed its checks, requests different tensors, or loads
+    another checkpoint or with other arguments.
 
-    One ``all_gather_object`` that every rank reaches whatever its own outcome, before any DCP
-    collective: a rank whose checks failed re-raises its own error, the others the first failing
-    rank's (same class, same message), so no rank is left waiting for a peer that gave up.
+    ``identity`` describes what this rank loads and how, field -> text (the checkpoint's files
+    with their sizes and header digests, the load arguments; see
+    :func:`bagelverify.distributed.load.validated_load`); it is compared along with the
+    destinations' keys, global shapes and dtypes.
+
+    One ``all_gather_object`` of (verdict, digest) that every rank reaches whatever its own
+    outcome, before any DCP collective: a rank whose checks failed re-raises its own error, the
+    others the first failing rank's (same class, same message), so no rank is left waiting for
+    a peer that gave up. Only when the digests differ does a second gather of the descriptions
+    name what differs, in one :class:`~bagelverify.errors.DistributedMismatchError` on every
+    rank.
     """
     coordinated, rank = world(process_group)
     if not coordinated:
         if error is not None:
             raise error
         return
+    identity = dict(identity or {})
     size = dist.get_world_size(process_group)
     verdicts: list[Any] = [None] * size
     sent = None if error is None else _transportable(error)
-    dist.all_gather_object(verdicts, (sent, _fingerprint(destinations)), group=process_group)
+    state = _describe(destinations)
+    dist.all_gather_object(verdicts, (sent, _fingerprint(state, identity)), group=process_group)
     if error is not None:
         raise error
     for other, (remote, _) in enumerate(verdicts):
@@ -78,12 +105,18 @@ def agree(
     if len({remote_print for _, remote_print in verdicts}) > 1:
         # every rank sees the same fingerprints, so every rank takes this second gather
         described: list[Any] = [None] * size
-        dist.all_gather_object(described, _describe(destinations), group=process_group)
+        dist.all_gather_object(described, (state, identity), group=process_group)
         raise DistributedMismatchError(
-            "the ranks pass different state dicts: "
-            + "; ".join(_differences(described))
-            + ". Every rank must pass the same model's full state dict (sharded values are "
-            "fine); DCP would hang or fail otherwise."
+            "the ranks do not load the same way: "
+            + "; ".join(
+                _identity_differences([load for _, load in described])
+                + _differences([state for state, _ in described])
+            )
+            + ". Every rank must read the same checkpoint files (one path for the folder), "
+            "with the same stage, strict, cast, weights, convert_conv_patch_embedding and "
+            "config, into the same model's full state dict (sharded values are fine); otherwise "
+            "the ranks' shards would come from different checkpoints or loads, or DCP would "
+            "hang."
         )
 
 
@@ -96,12 +129,31 @@ def _describe(destinations: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def _fingerprint(destinations: Mapping[str, Any]) -> str:
-    """A digest of :func:`_describe`, in key order."""
+def _fingerprint(*descriptions: Mapping[str, str]) -> str:
+    """A digest of ``descriptions`` (field -> text each), in field order."""
     digest = hashlib.sha256()
-    for key, text in sorted(_describe(destinations).items()):
-        digest.update(f"{key}\0{text}\n".encode())
+    for description in descriptions:
+        for key, text in sorted(description.items()):
+            digest.update(f"{key}\0{text}\n".encode())
+        digest.update(b"\0")
     return digest.hexdigest()
+
+
+def _identity_differences(identities: Sequence[Mapping[str, str]]) -> list[str]:
+    """How each rank's identity differs from rank 0's, one phrase per differing rank:
+    ``rank 1: stage 'stage2' (rank 0: 'stage1')``."""
+    base = identities[0]
+    phrases = []
+    for rank, other in enumerate(identities[1:], start=1):
+        fields = [*base, *(field for field in other if field not in base)]
+        changed = [
+            f"{field} {other.get(field, 'absent')} (rank 0: {base.get(field, 'absent')})"
+            for field in fields
+            if other.get(field) != base.get(field)
+        ]
+        if changed:
+            phrases.append(f"rank {rank}: " + format_examples(changed, show=str))
+    return phrases
 
 
 def _differences(described: Sequence[Mapping[str, str]]) -> list[str]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +15,57 @@ import torch
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import WriteItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, WriteItem
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from ..adapter import BagelStateDictAdapter
 from ..checkpoint import ReadJobs, find_config, read_jobs, read_tensor, write_bagel_checkpoint
 from ..config import CONFIG_FILES, BagelConfig
-from ..errors import CorruptCheckpointError, agree, counted, format_examples
+from ..errors import BagelError, CorruptCheckpointError, agree, counted, format_examples
 from ..keys import strip_root, to_native_key
 from ..safe_pickle import load_dcp_metadata
 from ..safetensors_io import DTYPES, TensorSpec, dtype_name
 from .agreement import quietly
 
 logger = logging.getLogger(__name__)
+
+METADATA_FILE = ".metadata"
+"""The file of a DCP checkpoint that indexes its data files."""
+
+
+@contextlib.contextmanager
+def _removed_on_failure(target: Path) -> Iterator[None]:
+    """Create ``target`` (and its missing parents) for the block; if the block fails or is
+    interrupted, remove what appeared in ``target`` meanwhile and the folders it created, then
+    re-raise. An ``OSError`` that names no file (DCP's writer on a full disk) is re-raised with
+    its errno and a message naming ``target``.
+
+    Entries that were in ``target`` before are left alone, even where the block rewrote them.
+    """
+    created = [folder for folder in (target, *target.parents) if not folder.exists()]
+    target.mkdir(parents=True, exist_ok=True)
+    before = set(os.listdir(target))
+    try:
+        yield
+    except BaseException as error:
+        for name in set(os.listdir(target)) - before:
+            path = target / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        for folder in created:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+            raise OSError(
+                error.errno,
+                f"{error.strerror or error} while writing {target}; the files this call had "
+                "written there were removed. Free space (or fix the file system) and run it "
+                "again, or write to another folder",
+            ) from error
+        raise
 
 
 class _ReadingPlanner(DefaultSavePlanner):
@@ -78,6 +117,10 @@ def hf_to_dcp(
     files (``config`` if given, else the source folder's) are written next to DCP's files so
     that :func:`dcp_to_hf` validates shapes on the way back. ``weights`` picks the source's
     ``ema`` or ``model`` weights.
+
+    A failure inside DCP is raised as itself (a full disk: the ``OSError``, errno kept, naming
+    ``dst_dir``; Ctrl-C: ``KeyboardInterrupt``), and the files and folders this call created in
+    ``dst_dir`` are removed first; files that were there before are not restored.
     """
     with read_jobs(
         src_dir,
@@ -89,23 +132,23 @@ def hf_to_dcp(
     ) as (_, jobs):
         state = _placeholders(jobs)
         target = Path(dst_dir)
-        target.mkdir(parents=True, exist_ok=True)
-        quietly(
-            dcp_save,
-            state,
-            # one file per tensor: DCP's writer keeps every tensor of a file alive until the
-            # file is written, so one file per rank would hold the whole checkpoint in memory
-            storage_writer=FileSystemWriter(str(target), single_file_per_rank=False),
-            planner=_ReadingPlanner(jobs),
-            no_dist=True,
-        )
-    if isinstance(config, BagelConfig):
-        config.save_pretrained(target)
-    else:  # the files of the folder the config came from, as they are
-        folder = Path(config) if isinstance(config, (str, os.PathLike)) else Path(src_dir)
-        for name in CONFIG_FILES:
-            if (folder / name).is_file():
-                shutil.copyfile(folder / name, target / name)
+        with _removed_on_failure(target):
+            quietly(
+                dcp_save,
+                state,
+                # one file per tensor: DCP's writer keeps every tensor of a file alive until the
+                # file is written, so one file per rank would hold the whole checkpoint in memory
+                storage_writer=FileSystemWriter(str(target), single_file_per_rank=False),
+                planner=_ReadingPlanner(jobs),
+                no_dist=True,
+            )
+            if isinstance(config, BagelConfig):
+                config.save_pretrained(target)
+            else:  # the files of the folder the config came from, as they are
+                folder = Path(config) if isinstance(config, (str, os.PathLike)) else Path(src_dir)
+                for name in CONFIG_FILES:
+                    if (folder / name).is_file():
+                        shutil.copyfile(folder / name, target / name)
     logger.info("%s: wrote %d tensors as a DCP checkpoint", target, len(state))
     return len(state)
 
@@ -130,9 +173,52 @@ def _dcp_tensor_specs(metadata: Metadata, source: str) -> dict[str, TensorSpec]:
     return specs
 
 
+def _check_data_files(metadata: Metadata, source: Path) -> None:
+    """Raise :class:`~bagelverify.errors.CorruptCheckpointError` naming every data file that
+    ``.metadata`` points into and that is missing, not a file name in ``source``, or shorter
+    than the bytes it indexes there (a copy or save cut short): before anything is written."""
+    ends: dict[str, tuple[int, str]] = {}  # file -> (end of its last entry, that entry's key)
+    for index, info in (metadata.storage_data or {}).items():
+        name, offset, length = (
+            getattr(info, f, None) for f in ("relative_path", "offset", "length")
+        )
+        if not (
+            isinstance(name, str)
+            and Path(name).name == name
+            and name not in ("", ".", "..")
+            and isinstance(offset, int)
+            and isinstance(length, int)
+            and min(offset, length) >= 0
+        ):
+            raise CorruptCheckpointError(
+                f"{source / METADATA_FILE}: {index.fqn!r} is stored at {name!r} (offset "
+                f"{offset!r}, length {length!r}), which is not a byte range of a file in "
+                f"{source}. Re-save the checkpoint or restore the file."
+            )
+        end = offset + length
+        if end > ends.get(name, (-1, ""))[0]:
+            ends[name] = (end, index.fqn)
+    faults = []
+    for name, (end, key) in sorted(ends.items()):
+        path = source / name
+        size = path.stat().st_size if path.is_file() else None
+        if size is None or size < end:
+            found = "missing" if size is None else f"{size:,} bytes"
+            faults.append(f"{name} ({found}; {key!r} ends at byte {end:,})")
+    if faults:
+        raise CorruptCheckpointError(
+            f"{source}: {counted(len(faults), 'data file')} "
+            f"{agree(len(faults), 'is', 'are')} missing or shorter than {METADATA_FILE} says: "
+            f"{format_examples(faults, show=str)}. The checkpoint was cut short (an interrupted "
+            "copy or save); copy or save it again. Nothing was written."
+        )
+
+
 class _MetadataOnceReader(FileSystemReader):
     """DCP's file-system reader that parses ``.metadata`` once for many loads, through
-    :func:`bagelverify.safe_pickle.load_dcp_metadata` (no code from the file runs)."""
+    :func:`bagelverify.safe_pickle.load_dcp_metadata` (no code from the file runs); data that
+    DCP cannot deserialise is a :class:`~bagelverify.errors.CorruptCheckpointError` naming its
+    file."""
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
@@ -147,6 +233,24 @@ class _MetadataOnceReader(FileSystemReader):
             metadata.storage_meta = storage_meta
             self._metadata = metadata
         return self._metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
+        """DCP's read; what fails in it other than an interrupt or an ``OSError`` (data that
+        does not deserialise, or of another size than its entry) is a
+        :class:`~bagelverify.errors.CorruptCheckpointError` naming the files and keys."""
+        try:
+            return super().read_data(plan, planner)
+        except (BagelError, OSError):
+            raise
+        except Exception as error:
+            entries = [self.storage_data[item.storage_index] for item in plan.items]
+            files = sorted({str(Path(self.path) / entry.relative_path) for entry in entries})
+            keys = [item.storage_index.fqn for item in plan.items]
+            raise CorruptCheckpointError(
+                f"{', '.join(files)}: the data of {format_examples(keys)} does not deserialise "
+                f"({type(error).__name__} in DCP's reader). The file is damaged: copy or "
+                "save the checkpoint again; do not load it with weights_only=False."
+            ) from error
 
 
 def dcp_to_hf(
@@ -169,13 +273,20 @@ def dcp_to_hf(
     each is loaded from DCP, written and released, so memory holds about two copies of the
     largest tensor (DCP deserialises, then copies into the buffer). Files are written atomically,
     with the config files when there is a config; an existing checkpoint in ``dst_dir`` is
-    replaced only with ``overwrite``.
+    replaced only with ``overwrite``. A data file that ``.metadata`` points into and that is
+    missing or shorter than the bytes it indexes is a
+    :class:`~bagelverify.errors.CorruptCheckpointError` naming it, before anything is written;
+    so is data DCP cannot deserialise, and a failure or interrupt while writing removes the
+    files and folders this call created in ``dst_dir``.
     """
     source = Path(src_dir)
-    if not (source / ".metadata").is_file():
-        raise FileNotFoundError(f"{source / '.metadata'}: not found; is {source} a DCP checkpoint?")
+    if not (source / METADATA_FILE).is_file():
+        raise FileNotFoundError(
+            f"{source / METADATA_FILE}: not found; is {source} a DCP checkpoint?"
+        )
     reader = _MetadataOnceReader(str(source))
     native = _dcp_tensor_specs(reader.read_metadata(), str(source))
+    _check_data_files(reader.read_metadata(), source)
     specs = BagelStateDictAdapter().to_hf(native, strict=strict)
     fetched = [0]
 
@@ -186,14 +297,15 @@ def dcp_to_hf(
         fetched[0] += 1
         return out[to_native_key(hf_key)]
 
-    write_bagel_checkpoint(
-        specs,
-        fetch,
-        dst_dir,
-        stage=stage,
-        max_shard_size=max_shard_size,
-        strict=strict,
-        config=find_config(source, config),
-        overwrite=overwrite,
-    )
+    with _removed_on_failure(Path(dst_dir)):
+        write_bagel_checkpoint(
+            specs,
+            fetch,
+            dst_dir,
+            stage=stage,
+            max_shard_size=max_shard_size,
+            strict=strict,
+            config=find_config(source, config),
+            overwrite=overwrite,
+        )
     return fetched[0]

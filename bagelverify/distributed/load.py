@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -20,9 +22,12 @@ from ..checkpoint import (
     ReadJob,
     ReadJobs,
     check_destinations,
+    check_weights,
     read_jobs,
     read_tensor,
 )
+from ..config import BagelConfig
+from ..safetensors_io import header_digest
 from .agreement import agree, quietly, world
 from .reader import BagelHFStorageReader
 
@@ -61,6 +66,30 @@ def _fill_converted(jobs: ReadJobs, destinations: Mapping[str, torch.Tensor]) ->
                 destination.copy_(full)
 
 
+def checkpoint_identity(
+    checkpoint_dir: str | os.PathLike[str], jobs: ReadJobs, config: BagelConfig | None
+) -> dict[str, str]:
+    """What identifies the checkpoint a load reads, from its headers (no tensor data): the
+    folder's resolved path, each file read with its size and a digest of its safetensors header
+    (tensor names, dtypes, shapes, offsets and metadata, which holds a sharded save's id), and
+    each field of the config the folder is validated with.
+
+    The path is part of it because two folders of one model's shapes have equal headers: ranks
+    must name the checkpoint by one path (a copy per node at the same path passes; the same
+    path holding different values of the same shapes and headers is not detected, as no tensor
+    data is compared)."""
+    identity = {"folder": str(Path(checkpoint_dir).resolve())}
+    for path, fd in sorted({job.info.path: job.fd for job in jobs.values()}.items()):
+        assert fd is not None  # read_jobs keeps every file open for its jobs
+        digest = header_digest(fd, path)
+        identity[f"file {path.name}"] = (
+            f"{os.fstat(fd).st_size:,} bytes, header sha256 {digest[:16]}"
+        )
+    fields = dataclasses.asdict(config) if config is not None else {"": None}
+    identity.update((f"config {name}".rstrip(), repr(value)) for name, value in fields.items())
+    return identity
+
+
 class ValidatedLoad(NamedTuple):
     """A checked load, ready for DCP (see :func:`validated_load`)."""
 
@@ -97,10 +126,16 @@ def validated_load(
     its headers (unknown keys, missing keys, config shapes), then the destinations against it
     (key sets under ``strict``, global shapes, dtypes as ``cast`` allows). A failure on any rank
     raises on every rank (:func:`~bagelverify.distributed.agreement.agree`) before any tensor
-    is read, so no rank is left in a collective its peers abandoned.
+    is read, so no rank is left in a collective its peers abandoned. So does a
+    :class:`~bagelverify.errors.DistributedMismatchError` when the ranks' destinations (keys,
+    global shapes, dtypes), arguments (``stage`` normalised, ``strict``, ``cast``, ``weights``,
+    ``convert_conv_patch_embedding``, the config's fields) or checkpoints
+    (:func:`checkpoint_identity`) differ: ranks that each pass their own checks would otherwise
+    fill their shards from different checkpoints, or some not at all.
     """
     with contextlib.ExitStack() as files:  # the checkpoint's files stay open for the reads
         error: BaseException | None = None
+        identity: dict[str, str] = {}
         common: dict[str, ReadJob] = {}
         incompatible = IncompatibleKeys([], [])
         try:
@@ -117,9 +152,17 @@ def validated_load(
             common, incompatible = check_destinations(
                 jobs, destinations, checkpoint_dir, strict=strict, cast=cast, report=report
             )
+            identity = {
+                "stage": repr(report.stage),
+                "strict": repr(strict),
+                "cast": repr(cast),
+                "weights": repr(check_weights(weights)),
+                "convert_conv_patch_embedding": repr(convert_conv_patch_embedding),
+                **checkpoint_identity(checkpoint_dir, jobs, report.config),
+            }
         except Exception as caught:  # any failure must reach the other ranks, not strand them
             error = caught
-        agree(error, destinations, process_group)
+        agree(error, destinations, process_group, identity)
         direct = [job for job in common.values() if not job.convert]
         reader = BagelHFStorageReader(
             {job.info.name: job.info for job in direct},

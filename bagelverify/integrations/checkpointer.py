@@ -8,9 +8,11 @@ two methods of Automodel's ``Checkpointer``:
   checked first, exactly as :func:`bagelverify.load_bagel_checkpoint_state_dict` and
   :func:`bagelverify.load_into` check them (unknown keys, missing keys, the config's shapes,
   the stage, the model's key set and global shapes), on every rank, before any parameter
-  changes; a failure raises bagelverify's error on every rank. Then Automodel's own
-  ``load_model`` runs unchanged (its aliases, ``_extra_state`` handling, tied weights, casts to
-  the model's dtypes, installation into FSDP2 or CPU-offloaded parameters);
+  changes; a failure, or ranks that disagree on the folder or the model, raises bagelverify's
+  error on every rank. Then Automodel's own ``load_model`` runs unchanged (its aliases,
+  ``_extra_state`` handling, tied weights, casts to the model's dtypes, installation into FSDP2
+  or CPU-offloaded parameters); what fails inside its DCP load (a read error, Ctrl-C) is
+  re-raised as itself, not as DCP's ``CheckpointException``;
 - ``_get_storage_reader``: during such a load it hands DCP
   :class:`~bagelverify.distributed.BagelHFStorageReader`, built from the validated headers, so
   every byte is read by the engine (several threads, straight into each rank's shards, staged
@@ -35,6 +37,7 @@ from typing import Any, NamedTuple
 
 from ..adapter import BagelStateDictAdapter
 from ..checkpoint import Cast
+from ..distributed.agreement import dcp_failures_unwrapped
 from ..distributed.load import validated_load
 from ..distributed.reader import BagelHFStorageReader
 
@@ -165,7 +168,11 @@ def _wrap_load_model(original: Callable[..., Any], checkpointing: Any) -> Callab
         if not _routes(self, checkpointing, call):
             return original(self, *args, **kwargs)
         model, path = call.arguments["model"], call.arguments["model_path"]
-        with _older_objects_frozen(), _checked(self, checkpointing, model, path):
+        with (
+            _older_objects_frozen(),
+            _checked(self, checkpointing, model, path),
+            dcp_failures_unwrapped(),
+        ):
             return original(self, *args, **kwargs)
 
     setattr(load_model, _ROUTED, True)
