@@ -515,3 +515,41 @@ def test_from_pretrained_and_the_recipe_vae_loader_read_through_the_engine(
     ).load_bagel_autoencoder(str(tmp_path))
     assert sum(read) == sum(v.nbytes for v in written.values())
     assert all(torch.equal(module.state_dict()[k], v) for k, v in written.items())
+
+
+@needs_automodel
+def test_a_routed_load_freezes_older_objects_for_its_duration_only(
+    am: dict[str, ModuleType],
+    synthetic_checkpoint: SyntheticCheckpoint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """During a routed load the objects older than it are frozen (Automodel's closing
+    ``gc.collect()`` skips them); afterwards nothing is left frozen, and a process that froze
+    objects itself keeps its own freeze."""
+    import gc
+
+    from bagelverify.distributed import reader
+
+    seen: list[int] = []
+    original = reader.run_engine
+
+    def recording(transfers: Any, **kwargs: Any) -> Any:
+        seen.append(gc.get_freeze_count())
+        return original(transfers, **kwargs)
+
+    monkeypatch.setattr(reader, "run_engine", recording)
+    model = build(am, synthetic_checkpoint.config, 1)
+    assert gc.get_freeze_count() == 0
+    checkpointer(am, tmp_path).load_model(model, str(synthetic_checkpoint.path), is_init_step=True)
+    assert seen and seen[0] > 0 and gc.get_freeze_count() == 0
+
+    gc.freeze()
+    try:
+        seen.clear()
+        checkpointer(am, tmp_path).load_model(
+            model, str(synthetic_checkpoint.path), is_init_step=True
+        )
+        assert seen and gc.get_freeze_count() > 0  # the process's own freeze is not undone
+    finally:
+        gc.unfreeze()
