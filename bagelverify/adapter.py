@@ -114,7 +114,7 @@ class BagelStateDictAdapter:
             from .checkpoint import state_dict_report  # torch is needed only with a config
 
             checked = state_dict_report(hf_state_dict, stage=stage, config=self.config)
-            checked.raise_for_problems(strict=strict)
+            checked.raise_for_problems(strict=strict, allow_empty=True)
             report = checked.plan
         else:
             report = self.plan(hf_state_dict, stage=stage)
@@ -179,7 +179,7 @@ class BagelStateDictAdapter:
             report = state_dict_report(out, stage=self.stage, config=self.config)
             problems = [
                 problem
-                for problem in report.problems(strict=strict)
+                for problem in report.problems(strict=strict, allow_empty=True)
                 if for_checkpoint_load or not isinstance(problem, MissingKeysError)
             ]
             if problems:

@@ -11,8 +11,9 @@ the torch-free commands start fast), which provides:
     does the work and returns the exit code (0 clean, 1 problems found).
 
 Conventions shared by every command: ``--json`` prints one JSON document on stdout, ``--quiet``
-prints nothing but errors, and any error -- a bad invocation included -- is one line on stderr with
-exit code 2 (a traceback only with ``--debug``).
+prints nothing but errors, and any error is one line on stderr (a traceback only with
+``--debug``) whose exit code says what kind it was (:func:`exit_code_for`): 1 a problem found
+in a checkpoint, 2 a usage error, 3 a failure of the system, 130 an interrupt.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import NoReturn
 
+from .errors import (
+    AllocationError,
+    BagelError,
+    IntegrationError,
+    LossyCastError,
+    PatternError,
+    ShardSizeError,
+    StageError,
+    UnsupportedPlatformError,
+)
 from .stage import Stage
 
 #: Command name -> (module implementing it, one line for the command list), in list order.
@@ -64,18 +75,76 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
 }
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR = 0, 1, 2
+EXIT_OK = 0
+"""Clean, identical, proved, done."""
+EXIT_PROBLEMS = 1
+"""Problems found in a checkpoint: ``inspect`` not clean, ``diff`` differs, a failed proof or
+demo claim, or a command that refused its input checkpoint (a :class:`BagelError`)."""
+EXIT_USAGE = 2
+"""A usage error: bad arguments, a path that does not exist, an output that exists without
+``--force``, a flag that is needed (``--allow-lossy``)."""
+EXIT_FAILED = 3
+"""The system failed the run: a file system error (permissions, read-only, disk full), memory
+that cannot be allocated, or an unexpected internal error."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C or SIGTERM (128 + SIGINT, the shell's convention); whatever the run staged is removed."""
+
+INTERRUPTED = "bagelverify: interrupted"
+"""The one line an interrupted command prints on stderr."""
 
 
 class UsageError(Exception):
     """A bad invocation: reported as one line on stderr with exit code 2."""
 
 
+_USAGE_ERRORS: tuple[type[BaseException], ...] = (
+    UsageError,
+    StageError,
+    ShardSizeError,
+    PatternError,
+    LossyCastError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
+_SYSTEM_ERRORS: tuple[type[BaseException], ...] = (
+    AllocationError,
+    UnsupportedPlatformError,
+    IntegrationError,
+)
+
+
+def interrupted(error: BaseException) -> bool:
+    """Whether ``error`` is an interrupt, or was raised while handling one (a library that
+    wraps every exception, such as DCP's writer, still ends the run as an interrupt)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The exit code that ends a command which raised ``error``: 130 for an interrupt, 2 for a
+    usage error, 1 for a problem in a checkpoint (any other :class:`BagelError`), 3 otherwise."""
+    if interrupted(error):
+        return EXIT_INTERRUPTED
+    if isinstance(error, _USAGE_ERRORS):
+        return EXIT_USAGE
+    if isinstance(error, BagelError) and not isinstance(error, _SYSTEM_ERRORS):
+        return EXIT_PROBLEMS
+    return EXIT_FAILED
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line on stderr, exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 STAGE_SPELLINGS: dict[str, Stage] = {
@@ -172,7 +241,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bagelverify",
         description="Check, convert and load BAGEL-7B-MoT checkpoints.",
-        epilog="exit codes: 0 clean, 1 problems found, 2 usage or read error.\n"
+        epilog="exit codes: 0 clean, 1 problems found in a checkpoint, 2 usage error, 3 system "
+        "failure (file system, memory), 130 interrupted.\n"
         "start with:\n  bagelverify demo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -200,8 +270,24 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; return its exit code."""
+    """Run one command; return its exit code (:func:`exit_code_for`).
+
+    Everything after the ``bagelverify.cli`` import -- the command's own imports (torch) and
+    argument parsing included -- runs under the interrupt path: Ctrl-C or SIGTERM at any moment
+    prints one line and returns 130.
+    """
     words = sys.argv[1:] if argv is None else list(argv)
+    try:
+        with terminate_as_interrupt():
+            return _run(words)
+    except BaseException as error:
+        if not interrupted(error):
+            raise
+        print(INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(words: list[str]) -> int:
     first = next((word for word in words if not word.startswith("-")), None)
     parser = build_parser(first if first in COMMANDS else "")  # "": list the commands only
     args = parser.parse_args(words)
@@ -212,19 +298,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.ERROR if quiet else logging.WARNING
     logging.basicConfig(level=level, handlers=[handler])
     try:
-        with terminate_as_interrupt():
-            return int(args.run(args))
-    except KeyboardInterrupt:
-        print("bagelverify: interrupted", file=sys.stderr)
-        return EXIT_ERROR
+        return int(args.run(args))
     except BrokenPipeError:  # e.g. `bagelverify inspect X | head`: the reader left
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- keeps the exit flush quiet
         return EXIT_OK
-    except Exception as error:  # one line; --debug adds the traceback, the exit code stays 2
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as error:  # one line; --debug adds the traceback
+        if interrupted(error):
+            raise
         if args.debug:
             traceback.print_exc()
         print(f"bagelverify {args.command}: error: {one_line(error)}", file=sys.stderr)
-        return EXIT_ERROR
+        return exit_code_for(error)
 
 
 if __name__ == "__main__":

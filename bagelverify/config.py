@@ -68,6 +68,13 @@ def field_source(attribute: str) -> tuple[str, str] | None:
     return None
 
 
+def _named(attribute: str) -> str:
+    """``llm_config.json hidden_size``: the file and field behind an attribute, as messages
+    name it (the attribute itself when no file sets it)."""
+    source = field_source(attribute)
+    return attribute if source is None else f"{source[0]} {source[1]}"
+
+
 FLAGS = frozenset({"vit_rope"})
 """BagelConfig attributes that are booleans; every other attribute is a positive int."""
 
@@ -182,16 +189,15 @@ class BagelConfig:
             fault = _size_fault(item.name, getattr(self, item.name), flag="a bool")
             if fault is not None:
                 raise ConfigError(f"BagelConfig.{item.name} {fault}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
-                f"{self.num_attention_heads}"
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}"
-            )
+        for size, divisor in (
+            ("hidden_size", "num_attention_heads"),
+            ("num_attention_heads", "num_key_value_heads"),
+        ):
+            if getattr(self, size) % getattr(self, divisor):
+                raise ConfigError(
+                    f"{_named(size)} {getattr(self, size)} is not a multiple of "
+                    f"{_named(divisor)} {getattr(self, divisor)}; fix one of the two fields"
+                )
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | os.PathLike[str]) -> BagelConfig:

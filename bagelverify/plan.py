@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -32,6 +32,92 @@ from .stage import STAGE_BUCKETS, Stage, normalize_stage
 logger = logging.getLogger(__name__)
 
 V = TypeVar("V")
+
+WRAPPER_PREFIXES: dict[str, str] = {
+    "module.": "DistributedDataParallel / DataParallel",
+    "_orig_mod.": "torch.compile",
+    "_fsdp_wrapped_module.": "FSDP (version 1)",
+    "_checkpoint_wrapped_module.": "activation checkpointing (checkpoint_wrapper)",
+}
+"""Prefixes that wrapping a module adds to every key of its state dict, and who adds each."""
+
+_PREFIX_DEPTH = 4
+"""How many leading key components a shared wrapper prefix may span (``module._orig_mod.``)."""
+_PREFIX_SAMPLE = 256
+"""How many keys :func:`shared_prefix` classifies to decide that a prefix hides BAGEL keys."""
+
+
+def is_bagel_key(key: str) -> bool:
+    """Whether ``key`` (unrooted or ``model.``-rooted) is an UND or GEN key."""
+    return classify(strip_root(key)) in (Bucket.UND, Bucket.GEN)
+
+
+def shared_prefix(keys: Sequence[str], known: Callable[[str], bool] = is_bagel_key) -> str | None:
+    """The shortest dotted prefix (at most four components) that every key of ``keys`` starts
+    with and that, stripped, leaves keys ``known`` accepts (most of a sample of them): the
+    prefix a wrapper such as DDP (``module.``) or ``torch.compile`` (``_orig_mod.``) added.
+    ``None`` when there is none."""
+    if not keys:
+        return None
+    parts = keys[0].split(".")
+    for depth in range(1, min(_PREFIX_DEPTH, len(parts) - 1) + 1):
+        prefix = ".".join(parts[:depth]) + "."
+        if not all(key.startswith(prefix) for key in keys):
+            return None
+        sample = keys[:_PREFIX_SAMPLE]
+        if 2 * sum(known(key[len(prefix) :]) for key in sample) > len(sample):
+            return prefix
+    return None
+
+
+def describe_prefix(prefix: str) -> str:
+    """``'module.' (added by DistributedDataParallel / DataParallel)``: a prefix and the
+    wrappers whose prefixes it is made of."""
+    parts = [part + "." for part in prefix.rstrip(".").split(".")]
+    who = [WRAPPER_PREFIXES[part] for part in parts if part in WRAPPER_PREFIXES]
+    return f"{prefix!r}" + (f" (added by {', then '.join(who)})" if who else "")
+
+
+def strip_prefix_advice(prefix: str) -> str:
+    """How to strip a wrapper's prefix, in the library's and the command line's words."""
+    return (
+        f"pass strip_prefix={prefix!r} (command line: --strip-prefix {prefix}) to remove it, or "
+        "save the unwrapped module's state dict"
+    )
+
+
+def without_prefix(mapping: Mapping[str, V], prefix: str | None) -> dict[str, V]:
+    """``mapping`` with ``prefix`` removed from the keys that start with it (others unchanged).
+
+    ``prefix`` must end with ``.`` (a module path such as ``module.``); ``None`` changes
+    nothing. A stripped key that equals a key already present is a
+    :class:`~bagelverify.errors.KeyCollisionError` naming both.
+    """
+    if prefix is None:
+        return dict(mapping)
+    if not isinstance(prefix, str) or not prefix.endswith(".") or prefix == ".":
+        raise ValueError(
+            f"strip_prefix must be a module path prefix ending with '.', such as 'module.' or "
+            f"'_orig_mod.', got {prefix!r}"
+        )
+    out: dict[str, V] = {}
+    origin: dict[str, str] = {}
+    clashes: list[tuple[str, str]] = []
+    for key, value in mapping.items():
+        new = key[len(prefix) :] if key.startswith(prefix) else key
+        if new in out:
+            clashes.append((origin[new], key))
+            continue
+        out[new], origin[new] = value, key
+    if clashes:
+        raise KeyCollisionError(
+            f"{counted(len(clashes), 'key')} name the same tensor once {prefix!r} is stripped: "
+            f"{format_examples(clashes)}. Remove one of each pair, or strip no prefix.",
+            clashes,
+        )
+    if len(origin) == sum(1 for new, old in origin.items() if new == old):
+        logger.warning("no key starts with %r; strip_prefix changed nothing", prefix)
+    return out
 
 
 def require_mapping(state_dict: object, what: str) -> Mapping[Any, Any]:
@@ -109,9 +195,7 @@ class Plan:
                 UnknownKeysError(
                     f"{counted(len(self.unknown), 'key')} "
                     f"{agree(len(self.unknown), 'matches', 'match')} no BAGEL key family: "
-                    f"{format_examples(self.unknown)}. Check that this is a BAGEL-7B-MoT "
-                    "checkpoint (ema.safetensors), or pass strict=False to drop them with a "
-                    "warning.",
+                    f"{format_examples(self.unknown)}. {self.unknown_advice()}",
                     self.unknown,
                 )
             )
@@ -122,11 +206,27 @@ class Plan:
                     f"{self.stage}: GEN keys lack their UND twin "
                     f"({counted(len(missing), 'key')}), e.g. "
                     f"{format_examples(self.twin_violations)} as (GEN key, missing UND key). "
-                    "The checkpoint is incomplete; pass strict=False to load it anyway.",
+                    "The checkpoint is incomplete: fill the UND twins from a complete checkpoint "
+                    "(bagelverify repair SRC --base BASE -o OUT --stage 2), or pass strict=False "
+                    "(--no-strict) to load it anyway.",
                     missing,
                 )
             )
         return found
+
+    def unknown_advice(self) -> str:
+        """What to do about the unknown keys: strip the wrapper prefix they share when they
+        hide BAGEL keys behind one, else check the checkpoint or drop them."""
+        prefix = shared_prefix(self.unknown)
+        if prefix is not None:
+            return (
+                f"Every one starts with {describe_prefix(prefix)}; without it they are BAGEL "
+                f"keys: {strip_prefix_advice(prefix)}."
+            )
+        return (
+            "Check that this is a BAGEL-7B-MoT checkpoint (ema.safetensors), or pass "
+            "strict=False (--no-strict) to drop them with a warning."
+        )
 
     def raise_for_problems(self, *, strict: bool = True) -> None:
         """Raise the first problem; collisions are errors even when not strict."""

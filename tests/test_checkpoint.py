@@ -240,8 +240,11 @@ def test_stage2_gen_keys_are_expected_too(
         lambda sd: {k: v for k, v in sd.items() if k in UND},
     )
     assert len(bv.load_bagel_checkpoint_state_dict(folder)) == len(UND)  # stage 1 is complete
-    with pytest.raises(MissingKeysError, match="stage2 expects 402 keys"):
+    with pytest.raises(
+        MissingKeysError, match="none of the 821 tensors of the checkpoint is one"
+    ) as info:
         bv.load_bagel_checkpoint_state_dict(folder, stage=2)
+    assert len(info.value.keys) == 402 and "Load it with stage=1" in str(info.value)
 
 
 def test_shape_mismatches_are_all_listed(synthetic_checkpoint: SyntheticCheckpoint) -> None:
@@ -532,7 +535,12 @@ def test_sharded_save_refuses_to_be_shadowed_by_ema(
     synthetic_checkpoint: SyntheticCheckpoint,
 ) -> None:
     with pytest.raises(FileExistsError, match="would shadow the sharded checkpoint"):
-        bv.save_bagel_checkpoint({}, synthetic_checkpoint.path, max_shard_size=10)
+        bv.save_bagel_checkpoint(
+            {"model." + UND[0]: torch.ones(1)},
+            synthetic_checkpoint.path,
+            stage=1,
+            max_shard_size=10,
+        )
 
 
 # -- saving ----------------------------------------------------------------------------------
@@ -574,7 +582,7 @@ def test_save_refuses_unknown_keys_unless_not_strict_then_drops_them(
         bv.save_bagel_checkpoint(native, tmp_path / "strict")
     assert not (tmp_path / "strict" / "ema.safetensors").exists()
     with caplog.at_level(logging.WARNING, logger="bagelverify"):
-        bv.save_bagel_checkpoint(native, tmp_path / "lax", strict=False)
+        bv.save_bagel_checkpoint(native, tmp_path / "lax", stage=1, strict=False)
     assert list(read_header(tmp_path / "lax" / "ema.safetensors").tensors) == [UND[0]]
     assert "dropping 1 key of no BAGEL key family" in caplog.text
     assert "unchanged" not in caplog.text
@@ -585,7 +593,7 @@ def test_save_validates_against_config(
 ) -> None:
     native = bv.load_bagel_checkpoint_state_dict(synthetic_checkpoint.path)
     config = synthetic_checkpoint.config
-    with pytest.raises(MissingKeysError, match="stage2 expects 402 keys"):
+    with pytest.raises(MissingKeysError, match=r"none of the 821 tensors .* Pass stage=1"):
         bv.save_bagel_checkpoint(native, tmp_path / "a", config=config)
     written = bv.save_bagel_checkpoint(native, tmp_path / "b", stage=1, config=config)
     assert {p.name for p in written} == {"ema.safetensors", *CONFIG_FILES}
@@ -609,6 +617,9 @@ SAFETENSORS_DTYPES = ["BF16", "F16", "F32", "F64", "I64", "I32", "U8", "BOOL"]
 def native_state_dicts(draw: st.DrawFn) -> dict[str, torch.Tensor]:
     """Real BAGEL keys under ``model.`` with arbitrary small shapes, dtypes and bit patterns."""
     keys = draw(st.lists(st.sampled_from(list(EMA)), min_size=1, max_size=12, unique=True))
+    for bucket_keys in (UND, GEN):  # stage 2 is made of both: a save needs one of each
+        if not set(keys) & set(bucket_keys):
+            keys.append(draw(st.sampled_from(bucket_keys)))
     out = {}
     for key in keys:
         dtype = DTYPES[draw(st.sampled_from(SAFETENSORS_DTYPES))]

@@ -63,9 +63,12 @@ def bv(*args: object, env: dict[str, str] | None = None) -> subprocess.Completed
     )
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess[str], command: str) -> str:
-    """Exit 2, nothing on stdout, one ``bagelverify COMMAND: error: ...`` line on stderr."""
-    assert result.returncode == 2, result
+def assert_one_line_error(
+    result: subprocess.CompletedProcess[str], command: str, code: int = 2
+) -> str:
+    """Exit ``code`` (2: a usage error), nothing on stdout, one ``bagelverify COMMAND: error:
+    ...`` line on stderr."""
+    assert result.returncode == code, result
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
@@ -316,27 +319,30 @@ def test_shown_keys_cannot_hide_control_codes_or_lookalike_digits() -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "needle"),
+    ("args", "needle", "code"),
     [
-        (["inspect", "{tmp}/missing"], "{tmp}/missing does not exist"),
-        (["inspect", "{tmp}", "--stage", "3"], "invalid stage '3'"),
-        (["inspect", "{tmp}/corrupt/ema.safetensors"], "header length"),
-        (["convert", "{tmp}", "{tmp}/out"], "the following arguments are required: --stage"),
+        (["inspect", "{tmp}/missing"], "{tmp}/missing does not exist", 2),
+        (["inspect", "{tmp}", "--stage", "3"], "invalid stage '3'", 2),
+        (["inspect", "{tmp}/corrupt/ema.safetensors"], "header length", 1),
+        (["convert", "{tmp}", "{tmp}/out"], "the following arguments are required: --stage", 2),
     ],
     ids=["missing-path", "bad-stage", "corrupt-file", "convert-without-stage"],
 )
-def test_errors_are_one_line_with_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
+def test_errors_are_one_line_with_their_exit_code(
+    tmp_path: Path, args: list[str], needle: str, code: int
+) -> None:
+    """A usage error exits 2, a bad checkpoint 1 (the codes a script tells apart)."""
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / MODEL_FILE).write_bytes(b"\xff" * 8 + b"{}")
     result = bv(*(arg.format(tmp=tmp_path) for arg in args))
-    line = assert_one_line_error(result, args[0])
+    line = assert_one_line_error(result, args[0], code)
     assert needle.format(tmp=tmp_path) in line
 
 
-def test_debug_adds_the_traceback_and_keeps_exit_2(tmp_path: Path) -> None:
+def test_debug_adds_the_traceback_and_keeps_the_exit_code(tmp_path: Path) -> None:
     (tmp_path / MODEL_FILE).write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{}")
     result = bv("--debug", "inspect", tmp_path)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "Traceback" in result.stderr and "CorruptCheckpointError" in result.stderr
     assert result.stderr.splitlines()[-1].startswith("bagelverify inspect: error: ")
 
@@ -425,7 +431,7 @@ def test_convert_refuses_to_overwrite_a_checkpoint_unless_forced(
     (target / MODEL_FILE).write_bytes(b"precious")
     (target / "notes.txt").write_text("mine")
     refused = bv("convert", synthetic_checkpoint.path, target, "--stage", "1")
-    line = assert_one_line_error(refused, "convert")
+    line = assert_one_line_error(refused, "convert")  # FileExistsError: a usage error, 2
     assert "already holds a checkpoint" in line and "--force" in line
     assert (target / MODEL_FILE).read_bytes() == b"precious"
     assert (
@@ -494,7 +500,7 @@ def test_convert_holds_one_tensor_at_a_time(
 
 def test_convert_of_an_unclean_checkpoint_writes_nothing(unclean: Path, tmp_path: Path) -> None:
     result = bv("convert", unclean, tmp_path / "out", "--stage", "2")
-    line = assert_one_line_error(result, "convert")
+    line = assert_one_line_error(result, "convert", 1)  # a bad checkpoint: 1
     assert "is not clean for stage2 (UnknownKeysError, MissingKeysError" in line
     assert not (tmp_path / "out").exists()
     no_partial_folders(tmp_path)
@@ -564,7 +570,7 @@ def test_demo_interrupted_removes_its_folder(tmp_path: Path, signum: int) -> Non
         time.sleep(0.02)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=TIMEOUT)
-    assert process.returncode == 2, stderr
+    assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "bagelverify: interrupted"
     assert list(scratch.iterdir()) == []
 
@@ -582,6 +588,7 @@ INSPECT_SCHEMA: dict[str, Any] = {
     "config_source": (str, type(None)),
     "files": list,
     "vae_file": (dict, type(None)),
+    "weight_files": list,
     "position_tables": (list, type(None)),
     "report": dict,
 }

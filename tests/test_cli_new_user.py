@@ -136,7 +136,7 @@ def test_sigterm_stops_convert_like_ctrl_c_and_removes_its_staging_folder(
     process = _start_slow_convert(synthetic_checkpoint.path, tmp_path / "out")
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=TIMEOUT)
-    assert process.returncode == 2, stderr
+    assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "bagelverify: interrupted"
     assert partial_folders(tmp_path) == [] and not (tmp_path / "out").exists()
 
@@ -327,9 +327,11 @@ def test_a_folder_that_cannot_be_written_is_named_with_what_to_do(
             BV_FAULT_READONLY=str(locked),
             BV_FAULT_ERRNO=code,
         )
-        line = assert_one_line_error(result, "convert")
+        line = assert_one_line_error(result, "convert", 3)  # the system refused: exit 3
         assert f"cannot write in {locked} (" in line and "nothing was written" in line
-        assert "chmod u+w" in line and "another DST" in line
+        assert "another DST" in line or "a DST under a folder you can write to" in line
+        # a read-only file system cannot be fixed with permissions (issue 27)
+        assert ("chmod" in line or "chattr" in line) == (code != "EROFS")
         assert ".partial-" not in line  # no hidden temporary path
     assert list(locked.iterdir()) == []
 
@@ -375,10 +377,13 @@ def test_no_strict_is_not_suggested_to_a_run_that_used_it(
     tensors = load_file(synthetic_checkpoint.path / MODEL_FILE)
     tensors["language_model.model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 3).bfloat16()
     save_tensors(folder / MODEL_FILE, tensors)
-    strict = assert_one_line_error(bv("convert", folder, tmp_path / "a", "--stage", "2"), "convert")
-    assert "--no-strict drops unknown keys" in strict
+    strict = assert_one_line_error(
+        bv("convert", folder, tmp_path / "a", "--stage", "2"), "convert", 1
+    )
+    # a wrong shape is a config matter: --no-strict would not help, so it is not suggested
+    assert "Fix the config field(s) named above" in strict and "--no-strict" not in strict
     lax = bv("convert", folder, tmp_path / "b", "--stage", "2", "--no-strict")
-    line = assert_one_line_error(lax, "convert")
+    line = assert_one_line_error(lax, "convert", 1)
     assert "ShapeMismatchError" in line and "--no-strict" not in line
 
 

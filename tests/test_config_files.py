@@ -84,7 +84,12 @@ def test_missing_file_is_named(tmp_path: Path, name: str) -> None:
         ),
         ("vit_config.json", "image_size", 0, "field 'image_size' must be a positive integer"),
         ("config.json", "max_latent_size", True, "field 'max_latent_size' must be a positive"),
-        ("llm_config.json", "num_key_value_heads", 5, "not a multiple of num_key_value_heads 5"),
+        (
+            "llm_config.json",
+            "num_key_value_heads",
+            5,
+            "not a multiple of llm_config.json num_key_value_heads 5",
+        ),
         ("config.json", "vit_rope", 1, "field 'vit_rope' must be true or false, got 1"),
     ],
 )

@@ -436,13 +436,16 @@ ADAPTER = bv.BagelStateDictAdapter()
             lambda: ADAPTER.from_hf({"bogus": 1}),
             bv.UnknownKeysError,
             "1 key matches no BAGEL key family: 'bogus'. Check that this is a BAGEL-7B-MoT "
-            "checkpoint (ema.safetensors), or pass strict=False to drop them with a warning.",
+            "checkpoint (ema.safetensors), or pass strict=False (--no-strict) to drop them with "
+            "a warning.",
         ),
         (
             lambda: ADAPTER.from_hf({Q_GEN: 1}, stage=2),
             bv.MissingKeysError,
             f"stage2: GEN keys lack their UND twin (1 key), e.g. ({Q_GEN!r}, {Q!r}) as (GEN key, "
-            "missing UND key). The checkpoint is incomplete; pass strict=False to load it anyway.",
+            "missing UND key). The checkpoint is incomplete: fill the UND twins from a complete "
+            "checkpoint (bagelverify repair SRC --base BASE -o OUT --stage 2), or pass "
+            "strict=False (--no-strict) to load it anyway.",
         ),
         (
             lambda: ADAPTER.to_hf({Q: 1}),

@@ -49,7 +49,8 @@ def test_saving_und_weights_under_the_default_stage_says_pass_stage_1(
     with pytest.raises(bv.MissingKeysError) as info:
         bv.save_bagel_checkpoint(stage1_state, tmp_path / "out", config=config)  # type: ignore[arg-type]
     message = str(info.value)
-    assert "pass stage=1 to save its UND weights" in message and "to load" not in message
+    assert "Pass stage=1 (--stage 1) to save its UND weights" in message
+    assert "to load" not in message and "Load it" not in message
 
 
 @pytest.mark.parametrize(

@@ -33,10 +33,11 @@ from ..errors import (
     counted,
     format_examples,
 )
-from ..keys import strip_root
+from ..keys import ROOT, strip_root
 from ..manifest import VAE_FILE, load_manifest
 from ..partition import classify
 from ..patch_embedding import conv_patch_weight_to_linear
+from ..plan import describe_prefix, shared_prefix
 from ..safetensors_io import TensorInfo, open_regular, read_header
 from .files import open_checkpoint, require_directory
 from .report import CheckpointReport, report_files
@@ -78,16 +79,18 @@ def read_jobs(
     config: BagelConfig | None,
     convert_conv: bool,
     weights: object = None,
+    strip_prefix: str | None = None,
 ) -> Iterator[tuple[CheckpointReport, dict[str, ReadJob]]]:
     """Validate a folder from its headers (raising its first problem) and yield its report and
     the read jobs of the tensors the stage keeps (keys the config lacks are dropped).
+    ``strip_prefix`` is removed from the checkpoint keys that carry it (a wrapper's ``module.``).
 
     The files stay open for the ``with`` block: the jobs read the data through the descriptors
     the headers were read through, so a save that replaces the files meanwhile cannot mix
     another file's bytes into the load.
     """
     with open_checkpoint(checkpoint_dir, keep_open=True, weights=weights) as files:
-        report = report_files(files, stage=stage, config=config)
+        report = report_files(files, stage=stage, config=config, strip_prefix=strip_prefix)
         report.raise_for_problems(strict=strict, convert_conv=convert_conv)
         report.plan.log(strict=strict)
         beyond = {report.plan.native[key] for key in report.beyond_config}
@@ -231,6 +234,29 @@ def check_destinations(
     wanted = [k for k in native_state_dict if classify(strip_root(k)) is not Bucket.EXTRA]
     missing = [key for key in wanted if key not in jobs]
     unexpected = [key for key in jobs if key not in native_state_dict]
+    layout = _layout_advice(missing, jobs)
+    if layout is not None and (strict or len(missing) == len(wanted)):
+        raise MissingKeysError(
+            f"{checkpoint_dir}: {counted(len(missing), 'destination key')} "
+            f"{agree(len(missing), 'is', 'are')} not native keys ({format_examples(missing)}): "
+            f"{layout}",
+            missing,
+            unexpected,
+        )
+    if jobs and len(missing) == len(wanted):
+        held = (
+            f"none of its {counted(len(wanted), 'key')} (e.g. {format_examples(wanted, 2)}) is"
+            if wanted
+            else "it holds no tensor, none"
+        )
+        raise MissingKeysError(
+            f"{checkpoint_dir}: the destination shares no key with the checkpoint's "
+            f"{counted(len(jobs), 'kept tensor')} (e.g. {format_examples(list(jobs), 2)}): "
+            f"{held} among them. Nothing would be loaded, which is refused, strict or not; pass "
+            f"the model's own state dict (keys under {ROOT!r}).",
+            missing,
+            unexpected,
+        )
     if strict and (missing or unexpected):
         stored = set() if report is None else {strip_root(key) for key in report.tensors}
         dropped = [key for key in missing if strip_root(key) in stored]
@@ -284,9 +310,49 @@ def check_destinations(
             f"{agree(len(shapes) + len(refusals), 'tensor', 'tensors')}:\n"
             + "\n".join(shapes + refusals)
             + "\nNothing was read. "
-            "Fix the model's config, or pass cast='any' to allow narrowing dtype conversions."
+            + _destination_advice(bool(shapes), refusals)
         )
     return common, IncompatibleKeys(missing, unexpected)
+
+
+def _layout_advice(missing: list[str], jobs: ReadJobs) -> str | None:
+    """Why most destination keys that the checkpoint lacks are no native keys, and what to do:
+    Hugging Face layout keys (no ``model.`` root), or a wrapper's prefix (``module.``)."""
+    if not missing:
+        return None
+    rooted = sum(ROOT + key in jobs for key in missing)
+    if 2 * rooted > len(missing):
+        return (
+            f"they are Hugging Face layout keys, without the {ROOT!r} root that load_into's "
+            f"native destinations carry. Pass the framework module's state dict (keys under "
+            f"{ROOT!r}), or root these keys ({{'{ROOT}' + key: tensor}})."
+        )
+    prefix = shared_prefix(missing, lambda key: key in jobs)
+    if prefix is not None:
+        return (
+            f"every one starts with {describe_prefix(prefix)}; pass the wrapped module's own "
+            f"state dict (e.g. model.module.state_dict() under DDP), or the keys with {prefix!r} "
+            "removed."
+        )
+    return None
+
+
+def _destination_advice(shapes: bool, refusals: list[str]) -> str:
+    """What to do about destinations that cannot hold their tensors, by what is wrong."""
+    advice = []
+    if shapes:
+        advice.append(
+            "Build the model with the checkpoint's config (BagelConfig.from_pretrained(folder)): "
+            "the shapes above are the file's; a dtype cast cannot change a shape."
+        )
+    if any("not allowed by cast=" in line for line in refusals):
+        advice.append("Pass cast='any' to allow narrowing dtype conversions.")
+    if any("meta device" in line for line in refusals):
+        advice.append(
+            "Materialise the model first (model.to_empty(device=...)) so that its parameters "
+            "have memory."
+        )
+    return " ".join(advice)
 
 
 def load_into(
@@ -301,6 +367,7 @@ def load_into(
     read_options: EngineOptions | None = None,
     progress: Progress | None = None,
     weights: object = None,
+    strip_prefix: str | None = None,
 ) -> IncompatibleKeys:
     """Fill existing tensors (e.g. ``model.state_dict()``) in place from a checkpoint folder.
 
@@ -321,7 +388,8 @@ def load_into(
     through pinned staging buffers copied asynchronously. If a read fails, the destinations
     whose reads had started hold new data, the others are untouched.
     ``weights`` picks ``ema.safetensors`` or ``model.safetensors`` (or its index) in a training
-    output folder (see :func:`~bagelverify.checkpoint.files.choose_weights`).
+    output folder (see :func:`~bagelverify.checkpoint.files.choose_weights`); ``strip_prefix``
+    (e.g. ``"module."``) is removed from checkpoint keys saved from a wrapped module.
     """
     with read_jobs(
         checkpoint_dir,
@@ -330,6 +398,7 @@ def load_into(
         config=config,
         convert_conv=convert_conv_patch_embedding,
         weights=weights,
+        strip_prefix=strip_prefix,
     ) as (report, jobs):
         common, incompatible = check_destinations(
             jobs, native_state_dict, checkpoint_dir, strict=strict, cast=cast, report=report
@@ -351,6 +420,7 @@ def load_bagel_checkpoint_state_dict(
     read_options: EngineOptions | None = None,
     progress: Progress | None = None,
     weights: object = None,
+    strip_prefix: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load the tensors a stage keeps as a native (``model.``-rooted) state dict.
 
@@ -361,7 +431,8 @@ def load_bagel_checkpoint_state_dict(
     the file's dtype) and reads it in place; dropped tensors' bytes are never read.
     ``read_options`` and ``progress`` are the read engine's (see :func:`load_into`).
     ``weights`` picks ``ema.safetensors`` or ``model.safetensors`` (or its index) in a training
-    output folder (see :func:`~bagelverify.checkpoint.files.choose_weights`).
+    output folder (see :func:`~bagelverify.checkpoint.files.choose_weights`); ``strip_prefix``
+    (e.g. ``"module."``) is removed from checkpoint keys saved from a wrapped module.
     """
     with read_jobs(
         checkpoint_dir,
@@ -370,6 +441,7 @@ def load_bagel_checkpoint_state_dict(
         config=config,
         convert_conv=convert_conv_patch_embedding,
         weights=weights,
+        strip_prefix=strip_prefix,
     ) as (_, jobs):
         out = allocate(jobs, device=device, dtype=dtype)
         fill(jobs, out, read_options=read_options, progress=progress)

@@ -33,7 +33,7 @@ from ..families import FAMILIES, FAMILY_BY_NAME, family_of
 from ..keys import strip_root
 from ..manifest import MODEL_FILE, load_manifest
 from ..patch_embedding import PATCH_EMBEDDING_WEIGHT
-from ..plan import Plan, plan
+from ..plan import Plan, describe_prefix, plan, shared_prefix, strip_prefix_advice, without_prefix
 from ..safetensors_io import TensorInfo, TensorSpec, dtype_name
 from ..stage import STAGE_BUCKETS, Stage
 from .files import CheckpointFiles, find_config, open_checkpoint
@@ -130,11 +130,76 @@ class CheckpointReport:
             lines.append(f"{name}: {counted(len(keys), 'key')} missing ({where})")
         return lines
 
+    def emptiness(self, verb: str = "load") -> MissingKeysError | None:
+        """The error for a checkpoint (or state dict) without the tensors its stage is made of:
+        no UND tensor, or for stage 2 no GEN tensor. Strict or not, reading or writing such a
+        checkpoint is never a success (``strict=False`` may drop unknown keys, never all)."""
+        absent = [b for b in STAGE_BUCKETS[self.stage] if self.buckets[b].count == 0]
+        if not absent:
+            return None
+        what = "the state dict" if verb == "save" else "the checkpoint"
+        total = len(self.tensors)
+        if len(absent) == len(STAGE_BUCKETS[self.stage]):
+            if total == 0:
+                head = f"{what} holds no tensor at all: there is nothing to {verb} for {self.stage}"
+            else:
+                held = ", ".join(
+                    counted(s.count, f"{bucket} tensor")
+                    for bucket, s in self.buckets.items()
+                    if s.count
+                )
+                head = (
+                    f"none of the {counted(total, 'tensor')} of {what} is a BAGEL weight that "
+                    f"{self.stage} keeps (it holds {held})"
+                )
+            prefix = shared_prefix(self.plan.unknown)
+            if prefix is not None:
+                advice = (
+                    f"Every unknown key starts with {describe_prefix(prefix)}; without it they "
+                    f"are BAGEL keys: {strip_prefix_advice(prefix)}."
+                )
+            elif total == 0 and verb == "save":
+                advice = "Pass the model's state dict (model.state_dict(), keys under 'model.')."
+            else:
+                advice = (
+                    "Is this a BAGEL-7B-MoT checkpoint (ema.safetensors, HF or model.-rooted keys)?"
+                )
+            message = f"{head}. A {verb} of nothing is refused, strict or not. {advice}"
+        elif absent == [Bucket.GEN]:
+            message = (
+                f"{self.stage} keeps the generation weights (GEN: the *_moe_gen twins, "
+                "time_embedder, vae2llm, llm2vae, latent_pos_embed), and none of the "
+                f"{counted(total, 'tensor')} of {what} is one (it holds "
+                f"{counted(self.buckets[Bucket.UND].count, 'UND tensor')}: a stage-1 "
+                f"{'state dict' if verb == 'save' else 'checkpoint'}). "
+                + (
+                    "Pass stage=1 (--stage 1) to save its UND weights."
+                    if verb == "save"
+                    else "Load it with stage=1 (--stage 1), or fill the GEN weights from a "
+                    "base checkpoint: bagelverify repair SRC --base BASE -o OUT --stage 2."
+                )
+            )
+        else:
+            message = (
+                f"{self.stage} keeps the understanding weights (UND: language model, vision "
+                f"tower, connector), and none of the {counted(total, 'tensor')} of {what} is "
+                "one. Fill them from a base checkpoint: bagelverify repair SRC --base BASE "
+                "-o OUT."
+            )
+        return MissingKeysError(f"{self.source}: {message}", self.missing_keys)
+
     def problems(
-        self, *, strict: bool = True, convert_conv: bool = False, verb: str = "load"
+        self,
+        *,
+        strict: bool = True,
+        convert_conv: bool = False,
+        verb: str = "load",
+        allow_empty: bool = False,
     ) -> list[Exception]:
         """The errors a load (or, with ``verb="save"``, a save) with these settings raises, most
-        fundamental first."""
+        fundamental first. A checkpoint without the tensors its stage is made of
+        (:meth:`emptiness`) is a problem strict or not, unless ``allow_empty`` (the adapter,
+        which maps the keys of whatever part of a state dict it is given)."""
         found = [
             problem
             for problem in self.plan.problems(strict=strict)
@@ -151,7 +216,10 @@ class CheckpointReport:
                     self.beyond_config,
                 )
             )
-        if strict and self.missing:
+        empty = None if allow_empty else self.emptiness(verb)
+        if empty is not None:
+            found.append(empty)
+        if strict and self.missing and empty is None:
             count = len(self.missing_keys)
             by_manifest = self.expected_from == "manifest"
             found.append(
@@ -205,14 +273,28 @@ class CheckpointReport:
                 "; the state dict has no GEN weights: pass stage=1 to save its UND weights, or "
                 "strict=False to save what it has."
             )
-        return f"; pass strict=False to {verb} the rest anyway."
+        if verb == "save":
+            return "; pass strict=False to save the rest anyway."
+        return (
+            f". Fill the missing tensors from a complete checkpoint of the same model: "
+            f"bagelverify repair SRC --base BASE -o OUT --stage {self.stage[-1]} "
+            "(bagelverify.repair.repair_checkpoint), or pass strict=False (--no-strict) to load "
+            "the rest without them."
+        )
 
     def raise_for_problems(
-        self, *, strict: bool = True, convert_conv: bool = False, verb: str = "load"
+        self,
+        *,
+        strict: bool = True,
+        convert_conv: bool = False,
+        verb: str = "load",
+        allow_empty: bool = False,
     ) -> None:
         """Raise the first problem, the others attached to it as notes (shown with its
         traceback), so one run shows all of them and nothing is logged for a caught error."""
-        found = self.problems(strict=strict, convert_conv=convert_conv, verb=verb)
+        found = self.problems(
+            strict=strict, convert_conv=convert_conv, verb=verb, allow_empty=allow_empty
+        )
         if found:
             for other in found[1:]:
                 found[0].add_note(f"also: {type(other).__name__}: {other}")
@@ -366,8 +448,9 @@ def shape_mismatch_message(
     if config is not None:
         lines += [f"  {line}" for line in _explanations(mismatches, config)]
     lines.append(
-        "Check that the config files belong to this checkpoint (every mismatch is listed in "
-        "the error's .mismatches and in the report's shape_mismatches)."
+        "Fix the config field(s) named above, or use the config files saved with this "
+        "checkpoint (config=, --config DIR); strict=False does not change shapes (every mismatch "
+        "is listed in the error's .mismatches and in the report's shape_mismatches)."
     )
     return "\n".join(lines)
 
@@ -536,6 +619,7 @@ def inspect_checkpoint(
     stage: object = "stage1",
     config: BagelConfig | None = None,
     weights: object = None,
+    strip_prefix: str | None = None,
 ) -> CheckpointReport:
     """Validate a checkpoint folder from its headers alone, reading no tensor data.
 
@@ -544,20 +628,30 @@ def inspect_checkpoint(
     manifest's key list (shapes are not checked); any other only gets the key checks.
     ``weights`` picks ``ema.safetensors`` or ``model.safetensors`` (or its index) in a training
     output folder (see :func:`~bagelverify.checkpoint.files.choose_weights`).
-    :attr:`CheckpointReport.weights` says which file was read and why.
+    :attr:`CheckpointReport.weights` says which file was read and why. ``strip_prefix``
+    (such as ``"module."``) is removed from the keys that carry it, for checkpoints saved from a
+    wrapped module (see :func:`~bagelverify.plan.without_prefix`).
     """
     files = open_checkpoint(checkpoint_dir, weights=weights)
-    return report_files(files, stage=stage, config=config)
+    return report_files(files, stage=stage, config=config, strip_prefix=strip_prefix)
 
 
 def report_files(
-    files: CheckpointFiles, *, stage: object, config: BagelConfig | None
+    files: CheckpointFiles,
+    *,
+    stage: object,
+    config: BagelConfig | None,
+    strip_prefix: str | None = None,
 ) -> CheckpointReport:
     """:func:`inspect_checkpoint` for a folder already opened by
     :func:`~bagelverify.checkpoint.files.open_checkpoint`."""
     config = find_config(files.directory, config)
     report = build_report(
-        files.tensors, stage=stage, config=config, source=files.source, manifest_fallback=True
+        without_prefix(files.tensors, strip_prefix),
+        stage=stage,
+        config=config,
+        source=files.source,
+        manifest_fallback=True,
     )
     report.weights = files.weights
     if config is None:

@@ -21,7 +21,7 @@ from ..config import CONFIG_FILES, BagelConfig
 from ..errors import ShardSizeError
 from ..keys import strip_root, to_native_key
 from ..manifest import MODEL_FILE
-from ..plan import unroot
+from ..plan import require_mapping, unroot, without_prefix
 from ..safetensors_io import (
     DEFAULT_METADATA,
     TensorSpec,
@@ -91,6 +91,7 @@ def save_bagel_checkpoint(
     strict: bool = True,
     config: BagelConfig | None = None,
     overwrite: bool = False,
+    strip_prefix: str | None = None,
 ) -> list[Path]:
     """Write a native state dict as an HF-layout BAGEL checkpoint; return the files written.
 
@@ -110,8 +111,15 @@ def save_bagel_checkpoint(
     an index over shards of two saves. Every value (except dropped ``._extra_state``) must be a
     tensor a safetensors file can hold, kept by the stage or not:
     :class:`~bagelverify.errors.UnsupportedTensorError` otherwise, before anything is written.
+
+    A state dict without the tensors its stage is made of (an empty one, no GEN tensor for
+    stage 2) is refused strict or not: a
+    :class:`~bagelverify.errors.MissingKeysError` says what it holds and which stage fits.
+    ``strip_prefix`` (e.g. ``"module."`` from a DDP-wrapped model's ``state_dict()``) is removed
+    from the keys that carry it before the ``model.`` root is checked.
     """
-    hf = unroot(native_state_dict)  # the report below checks the keys, strict or not
+    # the report below checks the keys, strict or not
+    hf = unroot(without_prefix(require_mapping(native_state_dict, "state_dict"), strip_prefix))
     specs = {key: spec_of(key, tensor) for key, tensor in hf.items()}
     return write_bagel_checkpoint(
         specs,
@@ -268,6 +276,7 @@ def convert_checkpoint(
     on_tensor: Callable[[str, int], None] | None = None,
     overwrite: bool = False,
     weights: object = None,
+    strip_prefix: str | None = None,
 ) -> list[Path]:
     """Rewrite a checkpoint folder with HF or native keys, streaming one tensor at a time.
 
@@ -276,7 +285,8 @@ def convert_checkpoint(
     memory is about the largest tensor, never the checkpoint. The config (``config`` if given,
     else the source's config files) is written with the tensors. ``on_tensor(hf_key, nbytes)``
     is called after each tensor is read (for progress); ``overwrite`` as for
-    :func:`save_bagel_checkpoint`; ``weights`` picks the source's ``ema`` or ``model`` weights.
+    :func:`save_bagel_checkpoint`; ``weights`` picks the source's ``ema`` or ``model`` weights;
+    ``strip_prefix`` removes a wrapper's prefix (``module.``) from the source's keys.
     Returns the files written.
     """
     with read_jobs(
@@ -286,6 +296,7 @@ def convert_checkpoint(
         config=config,
         convert_conv=convert_conv_patch_embedding,
         weights=weights,
+        strip_prefix=strip_prefix,
     ) as (report, jobs):
         specs = {
             strip_root(native): TensorSpec(strip_root(native), job.info.dtype, job.shape)

@@ -35,6 +35,16 @@ def add_weights_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_strip_prefix_argument(parser: argparse.ArgumentParser) -> None:
+    """``--strip-prefix PREFIX``: remove a wrapper's prefix (``module.``) from every key."""
+    parser.add_argument(
+        "--strip-prefix",
+        metavar="PREFIX",
+        help="remove PREFIX (e.g. module. from DDP, _orig_mod. from torch.compile) from the "
+        "keys that start with it",
+    )
+
+
 def checkpoint_folder(path: str | Path, what: str) -> tuple[Path, str | None]:
     """The checkpoint folder that ``path`` names, and the ``--weights`` choice it implies.
 
@@ -94,9 +104,16 @@ def shard_size(text: str) -> int:
         ) from None
 
 
-def not_writable(folder: Path, error: OSError, fix: str) -> PermissionError:
+def not_writable(folder: Path, error: OSError, elsewhere: str) -> PermissionError:
     """The error for an output ``folder`` that cannot be written: which folder, what the file
-    system said, and ``fix``."""
+    system said, and what to do by its errno (``elsewhere``: where else to write). A read-only
+    file system cannot be fixed with permissions, so only ``elsewhere`` is offered for it."""
+    if error.errno == errno.EROFS:
+        fix = f"The file system is read-only: {elsewhere} on a writable file system."
+    elif error.errno == errno.EPERM:
+        fix = f"The folder may be immutable (lsattr; chattr -i {folder}), or {elsewhere}."
+    else:
+        fix = f"Make it writable (e.g. chmod u+w {folder}), or {elsewhere}."
     return PermissionError(
         error.errno,
         f"cannot write in {folder} ({error.strerror or error}); nothing was written. {fix}",

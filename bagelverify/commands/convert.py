@@ -31,6 +31,7 @@ from ..safetensors_io import read_header
 from .arguments import (
     DCP_METADATA,
     NOT_WRITABLE,
+    add_strip_prefix_argument,
     add_weights_argument,
     checkpoint_folder,
     config_folder,
@@ -158,6 +159,14 @@ def _convert(
     """Write the converted checkpoint into ``staging``; return (tensors, tensor bytes, extra
     report fields)."""
     strict = not args.no_strict
+    if args.strip_prefix is not None and (
+        _rewrites(args) or args.from_format == "dcp" or args.to == "dcp"
+    ):
+        raise UsageError(
+            "--strip-prefix applies to safetensors -> safetensors conversions without --dtype, "
+            "--max-latent-size or --vit-max-patches-per-side: strip the prefix in a first "
+            "convert, then run this one on its output"
+        )
     if _rewrites(args):
         if args.from_format == "dcp" or args.to == "dcp":
             raise UsageError(
@@ -189,15 +198,21 @@ def _convert(
                     max_shard_size=args.max_shard_size,
                 )
         return count, -1, {}
-    report = inspect_checkpoint(source, stage=args.stage, config=config, weights=args.weights)
+    report = inspect_checkpoint(
+        source,
+        stage=args.stage,
+        config=config,
+        weights=args.weights,
+        strip_prefix=args.strip_prefix,
+    )
     problems = report.problems(strict=strict, convert_conv=args.convert_conv_patch_embedding)
-    if problems:
+    if problems:  # the first problem's message carries its own remedy
         kinds = ", ".join(type(p).__name__ for p in problems)
-        hint = "" if not strict else "; --no-strict drops unknown keys and accepts missing ones"
+        prefix = "" if args.strip_prefix is None else f" --strip-prefix {args.strip_prefix}"
         raise NotCleanError(
             f"{source} is not clean for {args.stage} ({kinds}); nothing was written. First: "
             f"{one_line(problems[0])} Run `bagelverify inspect {source} --stage "
-            f"{args.stage[-1]}` for the full report{hint}."
+            f"{args.stage[-1]}{prefix}` for the full report."
         )
     total = sum(info.nbytes for info in report.retained.values())
     done = [0, 0]
@@ -219,6 +234,7 @@ def _convert(
             convert_conv_patch_embedding=args.convert_conv_patch_embedding,
             on_tensor=on_tensor,
             weights=args.weights,
+            strip_prefix=args.strip_prefix,
         )
     return done[0], done[1], {}
 
@@ -260,6 +276,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="drop unknown keys and accept missing ones (with warnings) instead of failing",
     )
+    add_strip_prefix_argument(parser)
     parser.add_argument(
         "--convert-conv-patch-embedding",
         action="store_true",
@@ -301,7 +318,7 @@ def _staging_place(target: Path) -> Path:
         raise not_writable(
             Path(error.filename or target.parent),
             error,
-            f"Create {target} yourself, or choose a DST under a folder you can write to.",
+            "choose a DST under a folder you can write to",
         ) from error
     remove_stale_staging(target, target.parent)
     return target if target.is_dir() else target.parent
@@ -347,11 +364,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as error:
             if error.errno not in NOT_WRITABLE:
                 raise
-            fix = (
-                f"Make it writable (e.g. chmod u+w {where}; chattr -i for an immutable folder), "
-                "or choose another DST."
-            )
-            raise not_writable(where, error, fix) from error
+            raise not_writable(where, error, "choose another DST") from error
         count, nbytes, extra = _convert(args, source, staging, config)
         vae = _carry_vae(source, staging)
         written = sorted(p.name for p in staging.iterdir())
@@ -387,6 +400,11 @@ def run(args: argparse.Namespace) -> int:
     printer.line("  " + _file_list([p for p in files if p.is_file()]))
     if weights is not None:
         printer.line(f"  read {weights}")
+        if not weights.startswith(MODEL_FILE) and args.to != "dcp" and not args.max_shard_size:
+            printer.line(
+                f"  wrote those weights as {MODEL_FILE}: the one file name BAGEL loaders read "
+                "(the release's layout)"
+            )
     if extra:
         printer.line(
             f"  tensor bytes {human_bytes(extra['bytes_before'])} -> "

@@ -31,12 +31,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compare the headers only (keys, shapes, dtypes); no tensor data is read",
     )
-    parser.add_argument("--limit", type=int, default=10, metavar="N", help="keys listed per item")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=10,
+        metavar="N",
+        help="keys listed per item (differing tensors per family; 0 lists all)",
+    )
     add_weights_argument(parser)
 
 
 def _number(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.3g}"
+
+
+def _listed(printer: Printer, keys: list[str], limit: int) -> None:
+    """Up to ``limit`` keys (0: all), escaped, then how many more there are."""
+    shown = keys if limit <= 0 else keys[:limit]
+    for key in shown:
+        printer.line(f"    {shown_key(key)}")
+    if len(shown) < len(keys):
+        printer.line(f"    ... and {len(keys) - len(shown)} more")
 
 
 def render(printer: Printer, diff: CheckpointDiff, limit: int) -> None:
@@ -46,10 +61,7 @@ def render(printer: Printer, diff: CheckpointDiff, limit: int) -> None:
     printer.heading("Headers")
     for title, keys in (("only in A", diff.only_in_a), ("only in B", diff.only_in_b)):
         printer.line(f"  {title}: {len(keys)}")
-        for key in keys[:limit]:
-            printer.line(f"    {shown_key(key)}")
-        if len(keys) > limit:
-            printer.line(f"    ... and {len(keys) - limit} more")
+        _listed(printer, keys, limit)
     printer.line(f"  shape/dtype changes: {len(diff.header_changes)}")
     for change in diff.header_changes[:limit]:
         printer.line(
@@ -79,6 +91,11 @@ def render(printer: Printer, diff: CheckpointDiff, limit: int) -> None:
     ]
     if rows:
         printer.table("Values that differ, by family", columns, rows)
+        printer.heading(f"Tensors that differ (up to {limit} per family; --limit N)")
+        for name, family in diff.families.items():
+            if family.differing:
+                printer.line(f"  {name} ({len(family.differing)})")
+                _listed(printer, family.differing, limit)
     identical = diff.identical_families
     printer.heading(f"Identical families ({len(identical)})")
     if identical:

@@ -30,11 +30,19 @@ from ..cli import EXIT_OK, EXIT_PROBLEMS, UsageError, add_stage_argument
 from ..config import BagelConfig
 from ..errors import CorruptCheckpointError, counted, format_examples
 from ..manifest import VAE_FILE
+from ..plan import without_prefix
 from ..pos_embed import TableCheck
 from ..position_check import check_tables
 from ..safetensors_io import TensorSpec, dtype_name, read_header
 from ..stage import STAGE_BUCKETS
-from .arguments import DCP_METADATA, add_weights_argument, checkpoint_path, config_folder
+from .arguments import (
+    DCP_METADATA,
+    WEIGHT_FILES,
+    add_strip_prefix_argument,
+    add_weights_argument,
+    checkpoint_path,
+    config_folder,
+)
 from .findings import FINDINGS
 from .findings import shown_key as shown_key  # public here since the command began
 from .render import Column, Printer, human_bytes, print_json
@@ -71,6 +79,9 @@ class Inspection:
     position_tables: list[TableCheck] | None = None
     """The position tables the checkpoint holds against the regenerated ones; ``None`` when
     not compared (``--headers-only``, or a DCP checkpoint)."""
+    weight_files: tuple[str, ...] = ()
+    """Every weights file the folder holds (``ema.safetensors``, ``model.safetensors``, the
+    shard index), the one read among them (:attr:`CheckpointReport.weights` says which)."""
 
     @property
     def problems(self) -> list[Exception]:
@@ -95,6 +106,7 @@ class Inspection:
             "config_source": self.config_source,
             "files": [f.as_dict() for f in self.files],
             "vae_file": None if self.vae_file is None else self.vae_file.as_dict(),
+            "weight_files": list(self.weight_files),
             "position_tables": None
             if self.position_tables is None
             else [check.as_dict() for check in self.position_tables],
@@ -114,6 +126,7 @@ def inspect_path(
     config_dir: str | Path | None = None,
     weights: object = None,
     headers_only: bool = False,
+    strip_prefix: str | None = None,
 ) -> Inspection:
     """Inspect a checkpoint folder (single file or sharded), one ``.safetensors`` file, or a
     DCP folder.
@@ -121,7 +134,8 @@ def inspect_path(
     The config is read from ``config_dir`` if given, else from the checkpoint's folder when its
     config files exist; ``weights`` picks ``ema`` or ``model`` weights in a training output
     folder. Reads headers and config files, and unless ``headers_only`` the two position
-    tables, which are compared with the regenerated ones.
+    tables, which are compared with the regenerated ones. ``strip_prefix`` removes a
+    wrapper's prefix (``module.``) from the keys first.
     """
     path = Path(path)
     if path.is_file() and path.name in (DCP_METADATA, INDEX_FILE):  # the folder's own file
@@ -136,16 +150,17 @@ def inspect_path(
         tensors, files = _dcp_tensors(path)
         if config_dir is None:
             config = find_config(path)
-        report = _report(tensors, stage, config, str(path))
+        report = _report(without_prefix(tensors, strip_prefix), stage, config, str(path))
         source = _config_source(path, config_dir, config)
         return Inspection(report, files, _vae_file(path), source, "dcp")
     with open_weights(path, weights, keep_open=True) as found:
         folder = found.directory
         if config_dir is None:
             config = find_config(folder)
-        report = _report(found.tensors, stage, config, found.source)
+        infos = without_prefix(found.tensors, strip_prefix)
+        report = _report(infos, stage, config, found.source)
         report.weights = found.weights
-        tables = None if headers_only else check_tables(found.tensors, config, found.fds)
+        tables = None if headers_only else check_tables(infos, config, found.fds)
         held = Counter(info.path for info in found.tensors.values())
         summaries = [
             FileSummary(str(file), held[file], os.fstat(found.fds[file]).st_size)
@@ -153,7 +168,8 @@ def inspect_path(
         ]
     source = _config_source(folder, config_dir, config)
     vae_file = _vae_file(folder, found.files)
-    return Inspection(report, summaries, vae_file, source, "safetensors", tables)
+    held_weights = tuple(name for name in WEIGHT_FILES if (folder / name).is_file())
+    return Inspection(report, summaries, vae_file, source, "safetensors", tables, held_weights)
 
 
 def _vae_file(folder: Path, model_files: tuple[Path, ...] = ()) -> FileSummary | None:
@@ -232,6 +248,13 @@ def render(printer: Printer, inspection: Inspection, *, limit: int = DEFAULT_LIM
     )
     if report.weights is not None:
         printer.line(f"weights: {report.weights}")
+        read = Path(report.source).name
+        others = [name for name in inspection.weight_files if name != read]
+        if others:
+            printer.line(
+                f"  the folder also holds {', '.join(others)} (not read; --weights "
+                f"{WEIGHT_FILES[others[0]]} reads {others[0]})"
+            )
     if inspection.config_source:
         printer.line(f"config: {inspection.config_source}")
     elif report.expected_from == "manifest":
@@ -343,6 +366,11 @@ def _verdict(printer: Printer, inspection: Inspection) -> None:
         printer.line(
             f"NOT clean for {report.stage}: a strict load raises {kinds}", style="bold red"
         )
+        for problem in problems:  # each with its cause and remedy, as the exception says it
+            first, *rest = str(problem).splitlines()
+            printer.line(f"  {type(problem).__name__}: {first}")
+            for line in rest:
+                printer.line(f"    {line.strip()}")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -359,6 +387,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="folder with config.json, llm_config.json, vit_config.json (default: PATH's own)",
     )
     add_weights_argument(parser)
+    add_strip_prefix_argument(parser)
     parser.add_argument(
         "--headers-only",
         action="store_true",
@@ -383,6 +412,7 @@ def run(args: argparse.Namespace) -> int:
         config_dir=config_dir,
         weights=args.weights,
         headers_only=args.headers_only,
+        strip_prefix=args.strip_prefix,
     )
     if args.json:
         print_json(inspection.as_dict())
