@@ -336,14 +336,7 @@ def run(
             stack.callback(os.close, fd)
             opened[path] = fd
         state.fds = opened
-        workers = [
-            threading.Thread(target=_worker, args=(state,), name=f"bagelverify-read-{n}")
-            for n in range(threads)
-        ]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        _run_workers(state)
         if uses_cuda:
             torch.cuda.synchronize()
     logger.debug(
@@ -356,6 +349,29 @@ def run(
     if state.error is not None:
         raise _describe(state)
     return EngineStats(state.total, len(reads), threads, state.staging.allocated)
+
+
+def _run_workers(state: _Run) -> None:
+    """Start :attr:`_Run.threads` readers and wait for them. An interrupt (Ctrl-C, or SIGTERM
+    turned into one) arriving meanwhile stops them after their current read and still waits for
+    them before it propagates: the files stay open while they read, and no read runs on after
+    :func:`run` returns."""
+    workers = [
+        threading.Thread(target=_worker, args=(state,), name=f"bagelverify-read-{n}")
+        for n in range(state.threads)
+    ]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    except BaseException:
+        state.stop.set()
+        for worker in workers:
+            while worker.is_alive():  # a second interrupt must not strand them either
+                with suppress(BaseException):
+                    worker.join()
+        raise
 
 
 def _describe(state: _Run) -> BaseException:

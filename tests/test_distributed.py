@@ -488,10 +488,10 @@ def test_convert_to_dcp_on_a_full_disk_prints_one_line(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The command line reports DCP's faults as its own errors: one line, exit code 2."""
+    """The command line reports DCP's faults as its own errors: one line, exit code 3."""
     _fail_after(5, DISK_FULL)(monkeypatch, "_write_item")
     argv = ["convert", folders["checkpoint"], str(tmp_path / "out"), "--stage", "2", "--to", "dcp"]
-    assert cli.main(argv) == 2
+    assert cli.main(argv) == 3
     error = capsys.readouterr().err
     assert error.startswith("bagelverify convert: error: [Errno 28] No space left on device")
     assert error.count("\n") == 1

@@ -327,3 +327,36 @@ def test_cuda_destinations_equal_a_cpu_read(tmp_path: Path, threads: int) -> Non
     for transfer, want in zip(transfers, expected, strict=False):
         assert _same(transfer.destination, want), transfer.label
     assert stats.staging_bytes <= 16384
+
+
+def test_an_interrupt_while_waiting_stops_the_readers_and_waits_for_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C arriving while :func:`run` waits for its readers propagates only once no reader
+    runs any more (before: the files were closed under reads still in flight, and a reader
+    could outlive the interpreter's shutdown, which aborted the process)."""
+    import signal
+
+    path, _data = _file(tmp_path, 16 * 4096)
+    destinations = [torch.empty(4096, dtype=torch.uint8) for _ in range(16)]
+    transfers = [
+        Transfer(f"k{n}", path, n * 4096, 4096, torch.uint8, (4096,), d)
+        for n, d in enumerate(destinations)
+    ]
+    released = threading.Event()
+    main = threading.get_ident()
+    original = engine._do_read
+    signalled = threading.Lock()
+
+    def interrupting(state: object, read: object, streams: object) -> None:
+        if signalled.acquire(blocking=False):  # the first read interrupts the waiting caller
+            signal.pthread_kill(main, signal.SIGINT)
+            released.wait(timeout=2.0)
+        original(state, read, streams)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "_do_read", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run(transfers, options=EngineOptions(threads=2, chunk_bytes=4096))
+    readers = [t.name for t in threading.enumerate() if t.name.startswith("bagelverify-read")]
+    released.set()
+    assert readers == []
