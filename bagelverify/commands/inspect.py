@@ -23,6 +23,7 @@ from ..checkpoint import (
     CheckpointReport,
     TensorLike,
     build_report,
+    check_swapped_vae,
     find_config,
     open_weights,
 )
@@ -145,6 +146,7 @@ def inspect_path(
             config = find_config(folder)
         report = _report(found.tensors, stage, config, found.source)
         report.weights = found.weights
+        check_swapped_vae(report, folder)
         tables = None if headers_only else check_tables(found.tensors, config, found.fds)
         held = Counter(info.path for info in found.tensors.values())
         summaries = [
@@ -343,6 +345,7 @@ def _verdict(printer: Printer, inspection: Inspection) -> None:
         printer.line(
             f"NOT clean for {report.stage}: a strict load raises {kinds}", style="bold red"
         )
+        printer.line(f"  {str(problems[0]).splitlines()[0]}")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
