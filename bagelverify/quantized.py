@@ -166,9 +166,11 @@ def _tally(counts: Counter[str]) -> str:
 
 def find_quantization(dtypes: Mapping[str, str]) -> Quantization | None:
     """The quantization of a checkpoint given each key's safetensors dtype, or ``None`` when it
-    holds no FP8 tensor and no quantization tensor."""
+    holds no quantization tensor: FP8 tensors alone are plain FP8 values (a checkpoint cast to
+    FP8, whose values every floating dtype bagelverify reads holds exactly), since nothing in
+    the file tells them from codes whose scales were dropped."""
     codes = {key: dtype for key, dtype in dtypes.items() if dtype in FP8_DTYPES}
     scales = {
         key: dtype for key, dtype in dtypes.items() if key not in codes and is_quantization_key(key)
     }
-    return Quantization(codes, scales) if codes or scales else None
+    return Quantization(codes, scales) if scales else None

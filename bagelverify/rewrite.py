@@ -205,8 +205,8 @@ def rewrite_checkpoint(
     cast that loses precision or range raises :class:`~bagelverify.errors.LossyCastError`
     before anything is written unless ``allow_lossy``. FP8 tensors without quantization
     tensors (plain FP8 casts) are widened exactly; a quantized checkpoint (scale tensors such
-    as ``weight_scale``) raises :class:`~bagelverify.errors.QuantizedCheckpointError`, with or
-    without ``dtype``. ``max_latent_size`` /
+    as ``weight_scale``) raises :class:`~bagelverify.errors.QuantizedCheckpointError`.
+    ``max_latent_size`` /
     ``vit_max_num_patch_per_side`` write the position tables regenerated for those sizes and a
     config that says so (a config is then required). ``weights`` picks ``ema`` or ``model``
     weights of a training output folder. Returns sizes before and after.
@@ -218,9 +218,7 @@ def rewrite_checkpoint(
     with open_weights(src, weights, keep_open=True) as selected:
         found = find_config(selected.directory, config)
         report = build_report(selected.tensors, stage=stage, config=found, source=selected.source)
-        report.raise_for_problems(
-            strict=strict, convert_conv=convert_conv_patch_embedding, fp8_cast=name is not None
-        )
+        report.raise_for_problems(strict=strict, convert_conv=convert_conv_patch_embedding)
         report.plan.log(strict=strict)
         transforms: list[TensorTransform] = []
         new_config = found

@@ -133,21 +133,37 @@ def test_convert_dtype_of_an_fp8_export_names_the_file_and_keys(
     assert ".weight'" in error and ".weight_scale'" in error and "Promotion" not in error
 
 
-def test_convert_dtype_widens_plain_fp8_casts_exactly(
-    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_plain_fp8_casts_are_widened_exactly_by_load_into_and_convert_dtype(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
 ) -> None:
-    """FP8 without any scale tensor: refused by a load, widened exactly by a cast."""
+    """FP8 without any scale tensor is plain FP8 values, not a quantized checkpoint. Before:
+    torch's 'Promotion for Float8 Types is not supported' from both, naming no key or file."""
     plain = _fp8_export(synthetic_checkpoint, tmp_path / "plain", None)
-    with pytest.raises(QuantizedCheckpointError, match="No scale tensors were found"):
-        load_bagel_checkpoint_state_dict(plain)
-    rewrite_checkpoint(plain, tmp_path / "f32", dtype="f32")
+    assert inspect_checkpoint(plain, stage=2).problems() == []
     codes = load_file(plain / MODEL_FILE)
+    model = {"model." + k: torch.zeros(v.shape, dtype=torch.bfloat16) for k, v in codes.items()}
+    load_into(model, plain, stage=2)  # the default cast="lossless": FP8 -> BF16 is exact
+    assert all(torch.equal(model["model." + k], v.bfloat16()) for k, v in codes.items())
+    rewrite_checkpoint(plain, tmp_path / "f32", dtype="f32")
     widened = load_file(tmp_path / "f32" / MODEL_FILE)
     assert {t.dtype for t in widened.values()} == {torch.float32}
     assert all(torch.equal(widened[k], v.float()) for k, v in codes.items())
+    assert not diff_checkpoints(plain, tmp_path / "f32").differing_keys  # equal by value
+    src = _lacking_vit(synthetic_checkpoint, tmp_path / "src", torch.bfloat16)
+    repair_checkpoint(src, base=plain, out=tmp_path / "repaired")  # a plain FP8 base widens
+    repaired = load_file(tmp_path / "repaired" / MODEL_FILE)
+    assert {t.dtype for t in repaired.values()} == {torch.bfloat16}
+    assert torch.equal(repaired[VIT_KEY], codes[VIT_KEY].bfloat16())
+
+
+def test_diff_warns_that_a_quantized_side_is_compared_as_stored(
+    synthetic_checkpoint: SyntheticCheckpoint, fp8_export: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING, logger="bagelverify.diff"):
-        assert not diff_checkpoints(plain, tmp_path / "f32").differing_keys  # equal values
-    assert "158 tensors stored as FP8" in caplog.text and "compared as stored" in caplog.text
+        diff = diff_checkpoints(synthetic_checkpoint.path, fp8_export)
+    assert len(diff.only_in_b) == 158 and len(diff.header_changes) == 158
+    assert f"{fp8_export / MODEL_FILE}: 158 tensors stored as FP8" in caplog.text
+    assert "compared as stored" in caplog.text
 
 
 def test_fp8_is_not_a_cast_target() -> None:

@@ -104,8 +104,9 @@ class CheckpointReport:
     weights: str | None = None
     """Which weights file of the folder was read and why (``None`` for a state dict)."""
     quantized: Quantization | None = None
-    """The checkpoint's FP8 tensors and quantization tensors (``weight_scale``, ...), if any:
-    a quantized checkpoint, which no load, conversion or repair reads as weights."""
+    """The checkpoint's quantization tensors (``weight_scale``, ...) and FP8 tensors, when it
+    has quantization tensors: a quantized checkpoint, which no load, conversion or repair reads
+    as weights."""
     vae_file_holds_model: str | None = None
     """The folder's ``ae.safetensors`` when it holds model (UND/GEN) keys while the model file
     holds only VAE keys: the two files are swapped (set by :func:`check_swapped_vae`)."""
@@ -152,19 +153,17 @@ class CheckpointReport:
         strict: bool = True,
         convert_conv: bool = False,
         verb: str = "load",
-        fp8_cast: bool = False,
     ) -> list[Exception]:
         """The errors a load (or, with ``verb="save"``, a save) with these settings raises, most
         fundamental first.
 
         A quantized checkpoint is a problem even when not ``strict`` (its codes read as weights
         give a wrong model); under ``strict``, a model file holding only the VAE is named as
-        such instead of its missing keys. ``fp8_cast`` (a conversion that widens every floating
-        tensor) accepts FP8 tensors that have no quantization tensors, i.e. plain FP8 casts.
+        such instead of its missing keys.
         """
         found: list[Exception] = []
         quantized = self.quantized
-        if quantized is not None and not (fp8_cast and not quantized.scales):
+        if quantized is not None:
             found.append(quantized.error(self.source))
         if strict and self.holds_vae_only:
             found.append(self._vae_only_error())
@@ -270,13 +269,10 @@ class CheckpointReport:
         strict: bool = True,
         convert_conv: bool = False,
         verb: str = "load",
-        fp8_cast: bool = False,
     ) -> None:
         """Raise the first problem, the others attached to it as notes (shown with its
         traceback), so one run shows all of them and nothing is logged for a caught error."""
-        found = self.problems(
-            strict=strict, convert_conv=convert_conv, verb=verb, fp8_cast=fp8_cast
-        )
+        found = self.problems(strict=strict, convert_conv=convert_conv, verb=verb)
         if found:
             for other in found[1:]:
                 found[0].add_note(f"also: {type(other).__name__}: {other}")
