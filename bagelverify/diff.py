@@ -22,6 +22,7 @@ import torch
 from .checkpoint import CheckpointFiles, open_weights
 from .families import family_of
 from .keys import strip_root
+from .quantized import find_quantization
 from .safetensors_io import DTYPES, TensorInfo
 from .tensor_reader import CHUNK_ELEMENTS, TensorReader, element_ranges
 
@@ -77,19 +78,15 @@ class FamilyDiff:
         return not self.differing
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON form (non-finite numbers as strings)."""
+        """JSON form (``inf`` stays a float: the JSON writer spells it as a string)."""
         return {
             "family": self.family,
             "tensors": self.tensors,
             "differing": len(self.differing),
             "differing_keys": list(self.differing),
-            "max_abs_diff": _json_float(self.max_abs_diff),
-            "max_rel_diff": _json_float(self.max_rel_diff),
+            "max_abs_diff": self.max_abs_diff,
+            "max_rel_diff": self.max_rel_diff,
         }
-
-
-def _json_float(value: float) -> float | str:
-    return value if math.isfinite(value) else str(value)
 
 
 @dataclass
@@ -293,6 +290,17 @@ def _compare_values(
                 on_tensor(key, info.nbytes + other.nbytes)
 
 
+def _warn_if_quantized(side: CheckpointFiles) -> None:
+    """A quantized side's values are compared as stored: codes, not weights."""
+    quantized = find_quantization({key: info.dtype for key, info in side.tensors.items()})
+    if quantized is not None:
+        logger.warning(
+            "%s: %s; their values are compared as stored (FP8 codes without their scales)",
+            side.source,
+            quantized.describe(),
+        )
+
+
 def diff_checkpoints(
     a: str | os.PathLike[str],
     b: str | os.PathLike[str],
@@ -319,6 +327,8 @@ def diff_checkpoints(
             left.source, right.source, only_a, only_b, changes, {}, values_compared=not keys_only
         )
         if not keys_only:
+            for side in (left, right):
+                _warn_if_quantized(side)
             # the data is read through the descriptors the headers were read through
             _compare_values(pairs, {**right.fds, **left.fds}, result, on_tensor)
     logger.info(

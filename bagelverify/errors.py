@@ -165,3 +165,13 @@ class IntegrationError(BagelError, ImportError):
 class PatternTooComplexError(PatternError):
     """A user-supplied key pattern whose automaton would exceed the construction budget (for
     example ``(?:a|b)*a(?:a|b){15}``, whose minimal DFA has 2**16 states)."""
+
+
+class QuantizedCheckpointError(BagelError, ValueError):
+    """A quantized checkpoint (FP8 weight codes, scale tensors such as ``weight_scale``) where
+    a BF16/F16/F32 one is needed: the codes are not weights without their scales. ``keys``
+    holds the FP8 tensors and the quantization tensors."""
+
+    def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.keys = list(keys)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +34,20 @@ from .checkpoint import (
 )
 from .config import BagelConfig
 from .diff import family_name
-from .errors import MissingKeysError, ShapeMismatchError, agree, counted, format_examples
+from .errors import (
+    LossyCastError,
+    MissingKeysError,
+    ShapeMismatchError,
+    agree,
+    counted,
+    format_examples,
+)
 from .families import expected_shapes
 from .keys import ROOT, strip_root
 from .manifest import VAE_FILE
-from .safetensors_io import TensorInfo, TensorSpec
+from .quantized import find_quantization
+from .rewrite import CastTransform
+from .safetensors_io import DTYPES, TensorInfo, TensorSpec
 from .stage import normalize_stage
 from .tensor_reader import TensorReader
 
@@ -62,6 +72,13 @@ class RepairReport:
     files: list[str] = field(default_factory=list)
     bytes_from_source: int = 0
     bytes_from_base: int = 0
+    dtype: str | None = None
+    """The source's floating dtype, which every filled tensor is written in (``None``: the
+    source holds no tensor, so the base's dtypes stay)."""
+    cast: list[str] = field(default_factory=list)
+    """HF keys filled from a base tensor of another dtype, cast to :attr:`dtype`."""
+    narrowed: list[str] = field(default_factory=list)
+    """Those of :attr:`cast` cast with loss of precision or range (only with ``allow_lossy``)."""
 
     @property
     def filled(self) -> list[str]:
@@ -82,6 +99,9 @@ class RepairReport:
             "bytes_from_source": self.bytes_from_source,
             "bytes_from_base": self.bytes_from_base,
             "vae_from": self.vae_from,
+            "dtype": self.dtype,
+            "cast": list(self.cast),
+            "narrowed": len(self.narrowed),
             "files": list(self.files),
         }
 
@@ -102,7 +122,12 @@ def _config_for(
 def _check_source(source: CheckpointFiles, config: BagelConfig) -> None:
     """Everything a strict stage-2 load checks, except the keys the source lacks."""
     report = build_report(source.tensors, stage="stage2", config=config, source=source.source)
-    problems = [p for p in report.problems(strict=True) if not isinstance(p, MissingKeysError)]
+    problems = [
+        problem
+        for problem in report.problems(strict=True)
+        # a source holding the VAE only is not a checkpoint missing keys
+        if not isinstance(problem, MissingKeysError) or report.holds_vae_only
+    ]
     if problems:
         raise problems[0]
 
@@ -134,7 +159,45 @@ def _base_tensors(
             f"({format_examples(wrong, show=str)}). The base is a different model size; nothing "
             "was written."
         )
+    quantized = find_quantization({key: info.dtype for key, info in by_hf.items()})
+    touched = None if quantized is None else quantized.involving(keys)
+    if touched is not None:
+        raise touched.error(
+            base.source, "the base is quantized where the keys to fill are", "nothing was written"
+        )
     return {key: by_hf[key] for key in keys}
+
+
+def _source_dtype(tensors: list[TensorInfo]) -> str | None:
+    """The floating dtype most of the source's tensors have (a checkpoint has one), or
+    ``None`` when it has no floating tensor."""
+    floating = Counter(i.dtype for i in tensors if DTYPES[i.dtype].torch_dtype.is_floating_point)
+    return floating.most_common(1)[0][0] if floating else None
+
+
+def _casts(
+    report: RepairReport, filled: dict[str, TensorInfo], allow_lossy: bool
+) -> CastTransform | None:
+    """The cast of the filled tensors to the source's dtype, recorded in ``report``; refuses
+    a lossy one (:class:`~bagelverify.errors.LossyCastError`) unless ``allow_lossy``."""
+    if report.dtype is None:
+        return None
+    cast = CastTransform(report.dtype)
+    specs = [TensorSpec(key, info.dtype, info.shape) for key, info in filled.items()]
+    report.cast = [spec.name for spec in specs if cast.spec(spec).dtype != spec.dtype]
+    report.narrowed = cast.narrowing(specs)
+    if report.narrowed and not allow_lossy:
+        found = Counter(filled[key].dtype for key in report.narrowed)
+        raise LossyCastError(
+            f"{report.base}: {counted(len(report.narrowed), 'tensor')} to fill "
+            f"{agree(len(report.narrowed), 'is', 'are')} stored as "
+            f"{', '.join(f'{name} {count:,}' for name, count in sorted(found.items()))} "
+            f"({format_examples(report.narrowed)}) and {report.source} as {report.dtype}: "
+            f"casting them to {report.dtype} loses precision or range; nothing was written. "
+            f"Pass allow_lossy=True (--allow-lossy) to round them to {report.dtype} (the "
+            f"repaired checkpoint is then all {report.dtype}), or use a {report.dtype} base."
+        )
+    return cast if report.cast else None
 
 
 def repair_checkpoint(
@@ -148,6 +211,7 @@ def repair_checkpoint(
     base_weights: object = None,
     max_shard_size: int | str | None = None,
     dry_run: bool = False,
+    allow_lossy: bool = False,
     on_tensor: Callable[[str, int], None] | None = None,
 ) -> RepairReport:
     """Write ``out``: every UND/GEN tensor of ``src`` unchanged, plus every key ``stage``
@@ -159,7 +223,13 @@ def repair_checkpoint(
     key to fill with the config's shape (:class:`~bagelverify.errors.MissingKeysError` /
     :class:`~bagelverify.errors.ShapeMismatchError` otherwise, before anything is written).
     A key ``src`` has is never taken from ``base``. The output keeps ``src``'s key layout (HF
-    or native) and tensors' dtypes; ``ae.safetensors`` is copied from ``src``, else ``base``.
+    or native) and tensors' dtypes, and the filled tensors take ``src``'s floating dtype, so
+    the output is never mixed: a widening cast (a BF16 base for an F32 source) is done, a
+    narrowing one (an F32 base for a BF16 source) raises
+    :class:`~bagelverify.errors.LossyCastError` unless ``allow_lossy``. A quantized base (FP8
+    codes, scale tensors) for the keys to fill raises
+    :class:`~bagelverify.errors.QuantizedCheckpointError`. ``ae.safetensors`` is copied from
+    ``src``, else ``base``.
     One tensor is in memory at a time; ``out`` must not exist (or be an empty folder) and
     appears only when complete. ``dry_run`` checks and plans but writes nothing.
     """
@@ -169,7 +239,7 @@ def repair_checkpoint(
         open_weights(src, weights, keep_open=True) as source,
         open_weights(base, base_weights, keep_open=True) as donor,
     ):
-        plan = _plan(source, donor, stage_name, config, target, dry_run)
+        plan = _plan(source, donor, stage_name, config, target, dry_run, allow_lossy)
         if dry_run:
             return plan.report
         plan.report.files = _write(
@@ -198,6 +268,8 @@ class _Plan:
     native_layout: bool
     """Whether the output keeps the source's ``model.``-rooted keys."""
     vae: Path | None
+    cast: CastTransform | None = None
+    """The cast of the filled keys of another dtype (``report.cast``) to the source's."""
 
 
 def _plan(
@@ -207,6 +279,7 @@ def _plan(
     config: object,
     target: Path,
     dry_run: bool,
+    allow_lossy: bool,
 ) -> _Plan:
     """Check both sides from their headers and plan the output; nothing is read or written."""
     found, config_folder = _config_for(source, donor, config)
@@ -225,13 +298,15 @@ def _plan(
     for family, keys in missing.items():
         report.from_base[family] = list(keys)
     report.bytes_from_base = sum(info.nbytes for info in filled.values())
+    report.dtype = _source_dtype(list(jobs.values()))
+    cast = _casts(report, filled, allow_lossy)
     jobs.update(filled)
     folders = (source.directory, donor.directory)
     vae = next((d / VAE_FILE for d in folders if (d / VAE_FILE).is_file()), None)
     if vae is not None:
         report.vae_from = "source" if vae.parent == source.directory else "base"
     native_layout = bool(kept) and all(key.startswith(ROOT) for key in kept)
-    return _Plan(report, jobs, found, config_folder, native_layout, vae)
+    return _Plan(report, jobs, found, config_folder, native_layout, vae, cast)
 
 
 def _write(
@@ -243,7 +318,10 @@ def _write(
 ) -> list[str]:
     """Write the plan's tensors (read through ``fds``) and ``ae.safetensors`` into a staging
     folder, then move it into place; the files written, by their final paths."""
+    cast, casts = plan.cast, set(plan.report.cast)
     specs = {key: TensorSpec(key, info.dtype, info.shape) for key, info in plan.jobs.items()}
+    if cast is not None:
+        specs.update({key: cast.spec(specs[key]) for key in casts})
     target.parent.mkdir(parents=True, exist_ok=True)
     where = target if target.is_dir() else target.parent  # an existing OUT may be a mount point
     with staging_folder(target, where) as staging:
@@ -253,7 +331,9 @@ def _write(
                 tensor = reader.read(plan.jobs[hf_key])
                 if on_tensor is not None:
                     on_tensor(hf_key, plan.jobs[hf_key].nbytes)
-                return tensor
+                return (
+                    cast.apply(hf_key, tensor) if cast is not None and hf_key in casts else tensor
+                )
 
             # not strict: the stage's keys are all there; GEN keys of a stage-1 repair stay
             written = write_bagel_checkpoint(

@@ -31,7 +31,8 @@ from .errors import ConfigError, LossyCastError, counted, format_examples
 from .keys import strip_root
 from .patch_embedding import conv_patch_weight_to_linear
 from .pos_embed import POSITION_TABLE_KEYS, compare_table, grid_side, position_table
-from .safetensors_io import DTYPES, TensorInfo, TensorSpec
+from .quantized import FP8_DTYPES
+from .safetensors_io import DTYPES, TensorInfo, TensorSpec, lossless_cast
 from .tensor_reader import TensorReader
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,11 @@ def parse_dtype(name: str) -> str:
     upper = DTYPE_ALIASES.get(name.lower(), name.upper())
     by_torch = {str(d.torch_dtype).removeprefix("torch."): n for n, d in DTYPES.items()}
     upper = by_torch.get(name.lower(), upper)
-    if upper not in DTYPES or not DTYPES[upper].torch_dtype.is_floating_point:
+    if (
+        upper not in DTYPES
+        or upper in FP8_DTYPES
+        or not DTYPES[upper].torch_dtype.is_floating_point
+    ):
         raise ValueError(f"dtype must be bf16, f16 or f32 (or F64), got {name!r}")
     return upper
 
@@ -64,10 +69,7 @@ class TensorTransform(Protocol):
 
 def is_lossless(source: str, target: str) -> bool:
     """Whether every value of dtype ``source`` is exactly representable in ``target``."""
-    a, b = DTYPES[source].torch_dtype, DTYPES[target].torch_dtype
-    return a == b or (
-        a.is_floating_point and b.is_floating_point and torch.promote_types(a, b) == b
-    )
+    return lossless_cast(DTYPES[source].torch_dtype, DTYPES[target].torch_dtype)
 
 
 @dataclass(frozen=True)
@@ -201,11 +203,17 @@ def rewrite_checkpoint(
 
     ``dtype`` (``"bf16"``, ``"F32"``, ``torch.float16``, ...) casts every floating tensor; a
     cast that loses precision or range raises :class:`~bagelverify.errors.LossyCastError`
-    before anything is written unless ``allow_lossy``. ``max_latent_size`` /
+    before anything is written unless ``allow_lossy``. FP8 tensors without quantization
+    tensors (plain FP8 casts) are widened exactly; a quantized checkpoint (scale tensors such
+    as ``weight_scale``) raises :class:`~bagelverify.errors.QuantizedCheckpointError`.
+    ``max_latent_size`` /
     ``vit_max_num_patch_per_side`` write the position tables regenerated for those sizes and a
     config that says so (a config is then required). ``weights`` picks ``ema`` or ``model``
     weights of a training output folder. Returns sizes before and after.
     """
+    name = None
+    if dtype is not None:
+        name = parse_dtype(dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch."))
     # the data is read through the descriptors the headers were read through
     with open_weights(src, weights, keep_open=True) as selected:
         found = find_config(selected.directory, config)
@@ -240,10 +248,7 @@ def rewrite_checkpoint(
             for hf, (info, conv) in jobs.items()
         }
         result = RewriteReport(selected.source, str(dst), report.stage, config=new_config)
-        if dtype is not None:
-            name = parse_dtype(
-                dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-            )
+        if name is not None:
             cast = CastTransform(name)
             result.dtype, result.narrowed = name, cast.narrowing(list(stored.values()))
             if result.narrowed and not allow_lossy:

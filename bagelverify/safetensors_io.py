@@ -97,6 +97,20 @@ def dtype_name(dtype: torch.dtype) -> str:
         ) from None
 
 
+def lossless_cast(source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether every value of ``source`` is exactly representable in ``target``: the same
+    dtype, or a floating widening (BF16 -> F32, F16 -> F32, FP8 -> BF16/F16/F32).
+
+    Decided from ``torch.finfo`` (range, precision and smallest normal all at least as fine),
+    not ``torch.promote_types``, which refuses the float8 types."""
+    if source == target:
+        return True
+    if not (source.is_floating_point and target.is_floating_point):
+        return False
+    a, b = torch.finfo(source), torch.finfo(target)
+    return b.max >= a.max and b.eps <= a.eps and b.smallest_normal <= a.smallest_normal
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives: file, name, dtype, shape and absolute byte range ``[start, end)``."""

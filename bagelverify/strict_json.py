@@ -1,14 +1,21 @@
-"""Strict JSON for the files bagelverify reads (safetensors headers, the shard index, configs).
+"""Strict JSON for the files bagelverify reads (safetensors headers, the shard index, configs)
+and for the documents it prints.
 
 ``json.loads`` silently keeps the last of two equal keys, accepts lone UTF-16 surrogate escapes
 that no UTF-8 file can hold, and fails with ``RecursionError`` or a plain ``ValueError`` (too
 many digits) on some inputs. :func:`parse_json` turns every one of those into the caller's own
 error, naming where in the document the fault is.
+
+``json.dumps`` writes bare ``NaN``/``Infinity`` (not JSON) and passes through the lone
+surrogates that stand for a path's undecodable bytes (``os.fsdecode``, Python's
+``surrogateescape``), which a strict UTF-8 stream refuses and a lenient one writes as invalid
+bytes. :func:`dumps_json` writes valid JSON in any encoding instead.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -166,3 +173,48 @@ def read_json_file(
             "(a genuine one is far smaller)"
         )
     return parse_json(raw, error)
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def _finite(value: object) -> object:
+    """``value`` with every non-finite float as its ``str`` (``"nan"``, ``"inf"``, ``"-inf"``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _escape(character: str) -> str:
+    """JSON's ``\\u`` escape of one character (a surrogate pair beyond the BMP)."""
+    code = ord(character)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def dumps_json(document: object, *, encoding: str = "utf-8", ascii_only: bool = False) -> str:
+    """``document`` as indented JSON that is valid and encodable in ``encoding``, for any
+    content: a non-finite number is written as the string ``"nan"``, ``"inf"`` or ``"-inf"``
+    (``float()`` reads each back), and a character ``encoding`` cannot encode (every one with
+    ``ascii_only``) as a ``\\u`` escape. A lone surrogate, which is how Python's
+    ``surrogateescape`` holds a path's byte that is not UTF-8 (``\\udcff`` for ``0xff``), is
+    never encodable, so it is always escaped: ``json.loads`` gives back the same string, and
+    ``text.encode("utf-8", "surrogateescape")`` the original bytes."""
+    text = json.dumps(_finite(document), indent=2, ensure_ascii=ascii_only, allow_nan=False)
+
+    def escaped(match: re.Match[str]) -> str:
+        character = match.group()
+        try:
+            character.encode(encoding)
+        except UnicodeEncodeError:
+            return _escape(character)
+        return character
+
+    # outside strings JSON is ASCII, so every non-ASCII character is inside a string
+    return _NON_ASCII.sub(escaped, text)

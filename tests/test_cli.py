@@ -612,6 +612,8 @@ REPORT_SCHEMA: dict[str, Any] = {
     "conv_patch_embedding": (str, type(None)),
     "vae_keys_in_model_file": int,
     "expected_from": (str, type(None)),
+    "quantized": list,
+    "vae_file_holds_model": (str, type(None)),
 }
 
 

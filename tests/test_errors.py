@@ -31,6 +31,7 @@ BUILTIN_PARENTS: dict[type[errors.BagelError], tuple[type[Exception], ...]] = {
     errors.DistributedMismatchError: (ValueError,),
     errors.ReadError: (OSError,),
     errors.LossyCastError: (ValueError,),
+    errors.QuantizedCheckpointError: (ValueError,),
     errors.IntegrationError: (ImportError,),
 }
 

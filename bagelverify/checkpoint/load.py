@@ -34,13 +34,13 @@ from ..errors import (
     format_examples,
 )
 from ..keys import ROOT, strip_root
-from ..manifest import VAE_FILE, load_manifest
+from ..manifest import MODEL_FILE, VAE_FILE, load_manifest
 from ..partition import classify
 from ..patch_embedding import conv_patch_weight_to_linear
 from ..plan import describe_prefix, shared_prefix
-from ..safetensors_io import TensorInfo, open_regular, read_header
+from ..safetensors_io import TensorInfo, lossless_cast, open_regular, read_header
 from .files import open_checkpoint, require_directory
-from .report import CheckpointReport, report_files
+from .report import CheckpointReport, header_buckets, report_files, swapped
 
 logger = logging.getLogger(__name__)
 
@@ -171,13 +171,7 @@ class IncompatibleKeys(NamedTuple):
 def _cast_allowed(source: torch.dtype, target: torch.dtype, cast: Cast) -> bool:
     if source == target or cast == "any":
         return True
-    if cast == "lossless":
-        return (
-            source.is_floating_point
-            and target.is_floating_point
-            and torch.promote_types(source, target) == target
-        )
-    return False
+    return cast == "lossless" and lossless_cast(source, target)
 
 
 def _overlaps(tensor: torch.Tensor) -> bool:
@@ -490,8 +484,7 @@ def _load_vae(
     if other:
         raise UnknownKeysError(
             f"{path}: {counted(len(other), 'key')} {agree(len(other), 'is', 'are')} not "
-            "VAE (encoder./decoder.) keys: "
-            f"{format_examples(other)}. Is this the model file rather than ae.safetensors?",
+            f"VAE (encoder./decoder.) keys: {format_examples(other)}. {_not_vae(path, other)}",
             other,
         )
     expected = load_manifest()[VAE_FILE]
@@ -508,3 +501,21 @@ def _load_vae(
     out = allocate(jobs, device=device, dtype=dtype)
     fill(jobs, out, read_options=read_options, progress=progress)
     return out
+
+
+def _not_vae(path: Path, other: list[str]) -> str:
+    """What to do about a VAE file holding other keys: when they are the model's and the
+    folder's model file holds the VAE, the two files are swapped."""
+    model = sum(classify(strip_root(key)) in (Bucket.UND, Bucket.GEN) for key in other)
+    if not model:
+        return f"{VAE_FILE} holds the VAE only; put the release's {VAE_FILE} here."
+    model_file = path.parent / MODEL_FILE
+    counts = header_buckets(model_file)
+    if counts is not None and counts[Bucket.VAE] and not counts[Bucket.UND] + counts[Bucket.GEN]:
+        return f"It holds the model's keys and {model_file} holds the VAE: " + swapped(
+            model_file, path
+        )
+    return (
+        f"It holds {counted(model, 'model key')}: it is the model's weights, not the VAE; put "
+        f"the release's {VAE_FILE} here."
+    )

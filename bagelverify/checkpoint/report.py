@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from ..buckets import Bucket
 from ..config import CONFIG_FILES, DERIVED_FROM, BagelConfig, field_source
 from ..errors import (
+    BagelError,
     ConfigError,
     MissingKeysError,
     ShapeMismatchError,
@@ -31,10 +33,12 @@ from ..errors import (
 )
 from ..families import FAMILIES, FAMILY_BY_NAME, family_of
 from ..keys import strip_root
-from ..manifest import MODEL_FILE, load_manifest
+from ..manifest import MODEL_FILE, VAE_FILE, load_manifest
+from ..partition import classify
 from ..patch_embedding import PATCH_EMBEDDING_WEIGHT
 from ..plan import Plan, describe_prefix, plan, shared_prefix, strip_prefix_advice, without_prefix
-from ..safetensors_io import TensorInfo, TensorSpec, dtype_name
+from ..quantized import Quantization, find_quantization
+from ..safetensors_io import TensorInfo, TensorSpec, dtype_name, read_header
 from ..stage import STAGE_BUCKETS, Stage
 from .files import CheckpointFiles, find_config, open_checkpoint
 
@@ -99,6 +103,19 @@ class CheckpointReport:
     checkpoint looks like BAGEL-7B-MoT, so the shipped key list stands in) or ``None``."""
     weights: str | None = None
     """Which weights file of the folder was read and why (``None`` for a state dict)."""
+    quantized: Quantization | None = None
+    """The checkpoint's quantization tensors (``weight_scale``, ...) and FP8 tensors, when it
+    has quantization tensors: a quantized checkpoint, which no load, conversion or repair reads
+    as weights."""
+    vae_file_holds_model: str | None = None
+    """The folder's ``ae.safetensors`` when it holds model (UND/GEN) keys while the model file
+    holds only VAE keys: the two files are swapped (set by :func:`check_swapped_vae`)."""
+
+    @property
+    def holds_vae_only(self) -> bool:
+        """The model file holds VAE keys and no UND or GEN key (``ae.safetensors``' content)."""
+        counts = {bucket: summary.count for bucket, summary in self.buckets.items()}
+        return counts[Bucket.VAE] > 0 and counts[Bucket.UND] == counts[Bucket.GEN] == 0
 
     @property
     def retained(self) -> dict[str, TensorLike]:
@@ -197,14 +214,31 @@ class CheckpointReport:
         allow_empty: bool = False,
     ) -> list[Exception]:
         """The errors a load (or, with ``verb="save"``, a save) with these settings raises, most
-        fundamental first. A checkpoint without the tensors its stage is made of
-        (:meth:`emptiness`) is a problem strict or not, unless ``allow_empty`` (the adapter,
-        which maps the keys of whatever part of a state dict it is given)."""
-        found = [
+        fundamental first.
+
+        A checkpoint without the tensors its stage is made of (:meth:`emptiness`) is a problem
+        strict or not, unless ``allow_empty`` (the adapter, which maps the keys of whatever part
+        of a state dict it is given). A quantized checkpoint is a problem even when not
+        ``strict`` (its codes read as weights give a wrong model); under ``strict``, a model
+        file holding only the VAE is named as such instead of its missing keys.
+        """
+        found: list[Exception] = []
+        quantized = self.quantized
+        if quantized is not None:
+            found.append(quantized.error(self.source))
+        if strict and self.holds_vae_only:
+            found.append(self._vae_only_error())
+        found += [
             problem
             for problem in self.plan.problems(strict=strict)
             # with expected keys, a missing UND twin is reported with the other missing keys
             if not (self.expected_from is not None and isinstance(problem, MissingKeysError))
+            # quantization tensors are reported as such, not as keys of no family
+            and not (
+                quantized is not None
+                and isinstance(problem, UnknownKeysError)
+                and set(problem.keys) <= set(quantized.scales)
+            )
         ]
         if strict and self.beyond_config:
             found.append(
@@ -216,10 +250,10 @@ class CheckpointReport:
                     self.beyond_config,
                 )
             )
-        empty = None if allow_empty else self.emptiness(verb)
+        empty = None if allow_empty or (strict and self.holds_vae_only) else self.emptiness(verb)
         if empty is not None:
             found.append(empty)
-        if strict and self.missing and empty is None:
+        if strict and self.missing and empty is None and not self.holds_vae_only:
             count = len(self.missing_keys)
             by_manifest = self.expected_from == "manifest"
             found.append(
@@ -263,6 +297,24 @@ class CheckpointReport:
                 )
             )
         return found
+
+    def _vae_only_error(self) -> MissingKeysError:
+        """The model file holds the VAE: swapped with ``ae.safetensors``, or a copy of it."""
+        vae_keys = counted(self.buckets[Bucket.VAE].count, "VAE key")
+        if self.vae_file_holds_model is not None:
+            detail = f"and {self.vae_file_holds_model} holds the model's keys: " + swapped(
+                Path(self.source), Path(self.vae_file_holds_model)
+            )
+        else:
+            detail = (
+                f"it is a copy of {VAE_FILE}, not the model's weights. Put the model's weights "
+                f"({MODEL_FILE} of the release) in its place"
+            )
+        return MissingKeysError(
+            f"{self.source} holds the VAE ({vae_keys}, encoder./decoder.) and none of the "
+            f"model's keys, {detail}; nothing was read.",
+            self.missing_keys,
+        )
 
     def _missing_advice(self, verb: str) -> str:
         """What to do about missing keys: a save of UND weights alone under the default stage 2
@@ -332,6 +384,8 @@ class CheckpointReport:
             "conv_patch_embedding": self.conv_patch_embedding,
             "vae_keys_in_model_file": len(self.plan.buckets[Bucket.VAE]),
             "expected_from": self.expected_from,
+            "quantized": [] if self.quantized is None else self.quantized.keys,
+            "vae_file_holds_model": self.vae_file_holds_model,
         }
 
 
@@ -595,6 +649,7 @@ def build_report(
         beyond,
         conv,
         expected_from,
+        quantized=find_quantization({key: info.dtype for key, info in tensors.items()}),
     )
 
 
@@ -654,6 +709,7 @@ def report_files(
         manifest_fallback=True,
     )
     report.weights = files.weights
+    check_swapped_vae(report, files.directory)
     if config is None:
         logger.warning(
             "%s: no config given and no %s in the folder; %s",
@@ -665,3 +721,37 @@ def report_files(
             else "shapes and completeness are not checked",
         )
     return report
+
+
+def swapped(model_file: Path, vae_file: Path) -> str:
+    """The end of a message about a model file and a VAE file whose contents are swapped."""
+    model, vae = model_file.name, vae_file.name
+    return (
+        f"the two files are swapped. Swap them back (in {model_file.parent}: mv {model} "
+        f"{model}.tmp && mv {vae} {model} && mv {model}.tmp {vae})"
+    )
+
+
+def header_buckets(path: Path) -> Counter[Bucket] | None:
+    """Tensors per bucket in a safetensors file's header, or ``None`` when there is no such
+    file or its header cannot be read (used as evidence only, never to load)."""
+    if not path.is_file():
+        return None
+    try:
+        keys = read_header(path).tensors
+    except (BagelError, OSError) as error:
+        logger.debug("%s: header not read: %s", path, error)
+        return None
+    return Counter(classify(strip_root(key)) for key in keys)
+
+
+def check_swapped_vae(report: CheckpointReport, directory: Path) -> None:
+    """When the report's model file holds only VAE keys, record in
+    :attr:`CheckpointReport.vae_file_holds_model` whether the folder's ``ae.safetensors`` holds
+    model keys (the files are swapped). Reads that file's header only, and only then."""
+    vae = directory / VAE_FILE
+    if not report.holds_vae_only or str(vae) == report.source:
+        return
+    counts = header_buckets(vae)
+    if counts is not None and counts[Bucket.UND] + counts[Bucket.GEN] > 0:
+        report.vae_file_holds_model = str(vae)

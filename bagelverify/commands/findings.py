@@ -57,6 +57,12 @@ def _vae_merged(report: CheckpointReport) -> list[str]:
     return list(report.plan.buckets[Bucket.VAE])
 
 
+def _quantized(report: CheckpointReport) -> dict[str, str]:
+    """Key -> dtype of the FP8 tensors and quantization tensors."""
+    found = report.quantized
+    return {} if found is None else {**found.codes, **found.scales}
+
+
 FINDINGS: tuple[Finding, ...] = (
     Finding(
         "unknown keys",
@@ -64,6 +70,13 @@ FINDINGS: tuple[Finding, ...] = (
         "unknown",
         lambda r: len(r.plan.unknown),
         lambda r: [shown_key(key) for key in r.plan.unknown],
+    ),
+    Finding(
+        "quantized tensors (FP8, scales)",
+        "Quantized tensors: FP8 codes and quantization tensors (dequantize first)",
+        "quantized",
+        lambda r: len(_quantized(r)),
+        lambda r: [f"{shown_key(key)}  ({dtype})" for key, dtype in _quantized(r).items()],
     ),
     Finding(
         "missing expected keys",

@@ -23,6 +23,7 @@ from ..checkpoint import (
     CheckpointReport,
     TensorLike,
     build_report,
+    check_swapped_vae,
     find_config,
     open_weights,
 )
@@ -160,6 +161,7 @@ def inspect_path(
         infos = without_prefix(found.tensors, strip_prefix)
         report = _report(infos, stage, config, found.source)
         report.weights = found.weights
+        check_swapped_vae(report, folder)
         tables = None if headers_only else check_tables(infos, config, found.fds)
         held = Counter(info.path for info in found.tensors.values())
         summaries = [

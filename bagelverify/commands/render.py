@@ -8,12 +8,13 @@ never contain control codes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
+
+from ..strict_json import dumps_json
 
 SCHEMA_VERSION = 1
 """Version of every ``--json`` document (``"schema_version"``); bumped on incompatible change."""
@@ -38,12 +39,40 @@ def print_json(
     document: dict[str, Any], stream: TextIO | None = None, *, ascii_only: bool = False
 ) -> None:
     """One JSON document with the ``schema_version`` field first, then ``command`` (every
-    command's document has both). ``ascii_only`` escapes every non-ASCII character (for text
-    that may hold a lone surrogate, which no terminal encoding prints)."""
+    command's document has both), written by :func:`bagelverify.strict_json.dumps_json`: valid
+    JSON in the stream's encoding whatever it holds (a non-finite number as ``"nan"``/``"inf"``/
+    ``"-inf"``, a path's undecodable byte as its ``\\udcXX`` escape). ``ascii_only`` escapes
+    every non-ASCII character."""
     if "command" not in document:
         raise ValueError("a --json document names its command")
+    stream = stream or sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
     out = {"schema_version": SCHEMA_VERSION, **document}
-    print(json.dumps(out, indent=2, ensure_ascii=ascii_only), file=stream or sys.stdout)
+    print(dumps_json(out, encoding=encoding, ascii_only=ascii_only), file=stream)
+
+
+def _encodes(character: str, encoding: str) -> bool:
+    try:
+        character.encode(encoding)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str, encoding: str) -> str:
+    """``text`` with what ``encoding`` cannot write escaped: a path's undecodable byte
+    (``surrogateescape``'s ``\\udcXX``) as ``\\xXX``, any other character as its ``\\u``
+    escape, so a folder name holding a byte that is not UTF-8 prints instead of failing."""
+    if _encodes(text, encoding):
+        return text
+    return "".join(
+        character
+        if _encodes(character, encoding)
+        else f"\\x{ord(character) - 0xDC00:02x}"
+        if 0xDC80 <= ord(character) <= 0xDCFF
+        else ascii(character)[1:-1]
+        for character in text
+    )
 
 
 @dataclass(frozen=True)
@@ -68,9 +97,11 @@ class Printer:
             self._console = Console(file=self.stream, highlight=False)
 
     def line(self, text: str = "", style: str | None = None) -> None:
-        """One line of text (``style`` is a rich style, ignored in plain mode)."""
+        """One line of text (``style`` is a rich style, ignored in plain mode); what the
+        stream's encoding cannot write is escaped (:func:`printable`)."""
         if self.quiet:
             return
+        text = printable(text, getattr(self.stream, "encoding", None) or "utf-8")
         if self._console is not None:
             from rich.text import Text
 

@@ -33,6 +33,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--max-shard-size", type=shard_size, metavar="SIZE", help="write shards of at most SIZE"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
+    parser.add_argument(
+        "--allow-lossy",
+        action="store_true",
+        help="round BASE tensors of a wider dtype (F32) to SRC's (BF16) instead of refusing",
+    )
     add_weights_argument(parser)
     parser.add_argument(
         "--base-weights", choices=WEIGHTS_CHOICES, help="--weights for BASE (default: its ema)"
@@ -56,6 +61,11 @@ def render(printer: Printer, report: RepairReport) -> None:
         f"{len(report.filled)} ({human_bytes(report.bytes_from_base)}) from {report.base}",
         style="green",
     )
+    if report.cast:
+        lossy = f", {len(report.narrowed)} with rounding" if report.narrowed else ""
+        printer.line(
+            f"  {counted(len(report.cast), 'tensor')} from BASE cast to {report.dtype}{lossy}"
+        )
     if report.vae_from:
         printer.line(f"  ae.safetensors from {report.vae_from}")
 
@@ -72,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         weights=args.weights,
         base_weights=args.base_weights,
         max_shard_size=args.max_shard_size,
+        allow_lossy=args.allow_lossy,
     )
     plan = repair(dry_run=True)
     if not args.dry_run:
