@@ -165,3 +165,14 @@ class IntegrationError(BagelError, ImportError):
 class PatternTooComplexError(PatternError):
     """A user-supplied key pattern whose automaton would exceed the construction budget (for
     example ``(?:a|b)*a(?:a|b){15}``, whose minimal DFA has 2**16 states)."""
+
+
+class AliasError(BagelError, ValueError):
+    """A write whose output is one of its inputs (the same folder or file, through a symlink, a
+    bind mount or a hard link): it would replace what it reads. Nothing is written. ``source``
+    is the input, ``destination`` the output that is the same file."""
+
+    def __init__(self, message: str, source: str = "", destination: str = "") -> None:
+        super().__init__(message)
+        self.source = source
+        self.destination = destination

@@ -18,15 +18,45 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from ..adapter import BagelStateDictAdapter
-from ..checkpoint import ReadJobs, find_config, read_jobs, read_tensor, write_bagel_checkpoint
+from ..checkpoint import (
+    INDEX_FILE,
+    ReadJobs,
+    find_config,
+    read_jobs,
+    read_tensor,
+    write_bagel_checkpoint,
+)
 from ..config import CONFIG_FILES, BagelConfig
 from ..errors import CorruptCheckpointError, agree, counted, format_examples
 from ..keys import strip_root, to_native_key
+from ..manifest import MODEL_FILE
+from ..publish import Guard, publishing, recover
 from ..safe_pickle import load_dcp_metadata
 from ..safetensors_io import DTYPES, TensorSpec, dtype_name
 from .agreement import quietly
 
 logger = logging.getLogger(__name__)
+
+DCP_METADATA = ".metadata"
+"""The file that describes a DCP checkpoint (written last)."""
+
+
+def _is_dcp_file(name: str) -> bool:
+    return name == DCP_METADATA or name.endswith(".distcp")
+
+
+def _dcp_guard(target: Path, overwrite: bool) -> Guard:
+    """Refuse a folder that holds a checkpoint (DCP or safetensors) unless ``overwrite``."""
+
+    def guard(entries: list[str]) -> None:
+        found = [n for n in entries if _is_dcp_file(n) or n in (MODEL_FILE, INDEX_FILE)]
+        if found and not overwrite:
+            raise FileExistsError(
+                f"{target} already holds a checkpoint ({found[0]}); pass overwrite=True to "
+                "replace it, or write to another folder"
+            )
+
+    return guard
 
 
 class _ReadingPlanner(DefaultSavePlanner):
@@ -65,6 +95,7 @@ def hf_to_dcp(
     config: Any = None,
     convert_conv_patch_embedding: bool = False,
     weights: object = None,
+    overwrite: bool = False,
 ) -> int:
     """Convert an HF-layout BAGEL folder to a DCP checkpoint in native layout; return the count
     of tensors written.
@@ -78,7 +109,25 @@ def hf_to_dcp(
     files (``config`` if given, else the source folder's) are written next to DCP's files so
     that :func:`dcp_to_hf` validates shapes on the way back. ``weights`` picks the source's
     ``ema`` or ``model`` weights.
+
+    The output is published like every checkpoint write
+    (:func:`bagelverify.save_bagel_checkpoint`): written into a staging folder and swapped in
+    whole, so ``dst_dir`` never holds a partial checkpoint. A ``dst_dir`` that holds a
+    checkpoint (DCP or safetensors) is refused with ``FileExistsError`` unless ``overwrite``;
+    with it, the previous DCP files (and config files, when new ones are written) are all
+    replaced, none left stale. A ``dst_dir`` that is the source (or the config folder) by any
+    name -- a symlink, a bind mount, hard links -- raises
+    :class:`~bagelverify.errors.AliasError` before anything is written.
     """
+    target = Path(dst_dir)
+    config_path = config if isinstance(config, (str, os.PathLike)) else None
+    folder = Path(config_path) if config_path is not None else Path(src_dir)
+    copied = [name for name in CONFIG_FILES if (folder / name).is_file()]
+    written_configs = isinstance(config, BagelConfig) or bool(copied)
+
+    def replaces(name: str) -> bool:
+        return _is_dcp_file(name) or (written_configs and name in CONFIG_FILES)
+
     with read_jobs(
         src_dir,
         stage=stage,
@@ -88,24 +137,27 @@ def hf_to_dcp(
         weights=weights,
     ) as (_, jobs):
         state = _placeholders(jobs)
-        target = Path(dst_dir)
-        target.mkdir(parents=True, exist_ok=True)
-        quietly(
-            dcp_save,
-            state,
-            # one file per tensor: DCP's writer keeps every tensor of a file alive until the
-            # file is written, so one file per rank would hold the whole checkpoint in memory
-            storage_writer=FileSystemWriter(str(target), single_file_per_rank=False),
-            planner=_ReadingPlanner(jobs),
-            no_dist=True,
-        )
-    if isinstance(config, BagelConfig):
-        config.save_pretrained(target)
-    else:  # the files of the folder the config came from, as they are
-        folder = Path(config) if isinstance(config, (str, os.PathLike)) else Path(src_dir)
-        for name in CONFIG_FILES:
-            if (folder / name).is_file():
-                shutil.copyfile(folder / name, target / name)
+        with publishing(
+            target,
+            replaces=replaces,
+            guard=_dcp_guard(target, overwrite),
+            reads=[src_dir, config_path],
+            last=(DCP_METADATA,),
+        ) as staging:
+            quietly(
+                dcp_save,
+                state,
+                # one file per tensor: DCP's writer keeps every tensor of a file alive until the
+                # file is written, so one file per rank would hold the whole checkpoint in memory
+                storage_writer=FileSystemWriter(str(staging), single_file_per_rank=False),
+                planner=_ReadingPlanner(jobs),
+                no_dist=True,
+            )
+            if isinstance(config, BagelConfig):
+                config.save_pretrained(staging)
+            else:  # the files of the folder the config came from, as they are
+                for name in copied:
+                    shutil.copyfile(folder / name, staging / name)
     logger.info("%s: wrote %d tensors as a DCP checkpoint", target, len(state))
     return len(state)
 
@@ -168,10 +220,13 @@ def dcp_to_hf(
     ``stage`` keeps are then streamed by :func:`bagelverify.checkpoint.write_bagel_checkpoint`:
     each is loaded from DCP, written and released, so memory holds about two copies of the
     largest tensor (DCP deserialises, then copies into the buffer). Files are written atomically,
-    with the config files when there is a config; an existing checkpoint in ``dst_dir`` is
-    replaced only with ``overwrite``.
+    with the config files when there is a config, and published as a whole (see
+    :func:`bagelverify.save_bagel_checkpoint`); an existing checkpoint in ``dst_dir`` is replaced
+    only with ``overwrite``; a ``dst_dir`` that is the source by any name raises
+    :class:`~bagelverify.errors.AliasError`.
     """
     source = Path(src_dir)
+    recover(source)  # a killed write of the source is finished or undone first
     if not (source / ".metadata").is_file():
         raise FileNotFoundError(f"{source / '.metadata'}: not found; is {source} a DCP checkpoint?")
     reader = _MetadataOnceReader(str(source))
@@ -195,5 +250,6 @@ def dcp_to_hf(
         strict=strict,
         config=find_config(source, config),
         overwrite=overwrite,
+        inputs=(source, config if isinstance(config, (str, os.PathLike)) else None),
     )
     return fetched[0]
