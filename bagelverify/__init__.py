@@ -9,6 +9,7 @@ from .adapter import BagelStateDictAdapter
 from .buckets import Bucket
 from .config import BagelConfig
 from .errors import (
+    AliasError,
     AllocationError,
     BagelError,
     ConfigError,
@@ -124,6 +125,7 @@ __all__ = [
     "GEN_PATTERNS",
     "UND_PATTERNS",
     "VAE_PATTERNS",
+    "AliasError",
     "AllocationError",
     "BagelConfig",
     "BagelError",

@@ -1,5 +1,7 @@
 """Atomic file replacement: write a temporary file next to the target, fsync, rename.
 
+(Whole checkpoint folders are published by :mod:`bagelverify.publish`, on top of this.)
+
 A process killed mid-write (SIGKILL, power loss) leaves its temporary file behind, never a
 partial file under the final name. Temporary files are named
 ``.<name>.bagelverify-<16 hex digits>.tmp`` (:func:`temporary_name`) and are locked (``flock``) by
@@ -66,22 +68,8 @@ def is_temporary_name(path: Path, name: str) -> bool:
     return re.fullmatch(pattern, name) is not None
 
 
-STAGING_MARKER = ".partial-"
-"""Fixed part of every staging folder's name (:func:`staging_folder`), before its token."""
-
-
-def staging_name(path: Path) -> str:
-    """A fresh staging-folder name for ``path``: ``.<name>.partial-<16 hex digits>``."""
-    return f".{path.name}{STAGING_MARKER}{secrets.token_hex(_TOKEN_BYTES)}"
-
-
-def is_staging_name(path: Path, name: str) -> bool:
-    """Whether ``name`` has exactly the shape of a :func:`staging_name` of ``path``."""
-    pattern = re.escape(f".{path.name}{STAGING_MARKER}") + f"[0-9a-f]{{{2 * _TOKEN_BYTES}}}"
-    return re.fullmatch(pattern, name) is not None
-
-
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """fsync a folder (so renames and removals in it survive a crash); best effort."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # some platforms cannot open directories; the rename is still done
@@ -98,11 +86,12 @@ def remove_durably(path: Path) -> None:
     """Delete ``path`` if it exists and fsync its folder, so the removal survives a crash."""
     if path.exists():
         path.unlink()
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
 
 
-def _is_abandoned(candidate: Path) -> bool:
-    """Whether no live writer holds ``candidate`` and it has been idle for a while."""
+def is_abandoned(candidate: Path) -> bool:
+    """Whether no live writer holds the temporary file ``candidate`` and it has been idle for
+    :data:`STALE_AFTER_SECONDS`."""
     if fcntl is None or time.time() - candidate.stat().st_mtime < STALE_AFTER_SECONDS:
         return False
     fd = os.open(candidate, os.O_RDONLY)
@@ -129,62 +118,13 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     for name in names:
         candidate = path.parent / name
         try:
-            if _is_abandoned(candidate):
+            if is_abandoned(candidate):
                 candidate.unlink()
                 removed.append(candidate)
                 logger.info("removed %s, left by an interrupted write of %s", candidate, path)
         except OSError as error:
             logger.debug("could not check or remove %s: %s", candidate, error)
     return removed
-
-
-def remove_stale_staging(path: str | os.PathLike[str], where: Path) -> list[Path]:
-    """Delete the staging folders of dead writers of ``path`` found in the folder ``where``.
-
-    Only names of exactly the :func:`staging_name` shape are candidates, and only those no live
-    writer holds (writers ``flock`` their folder) and untouched for :data:`STALE_AFTER_SECONDS`.
-    Best effort, like :func:`remove_stale_temporaries`. Returns what was removed.
-    """
-    path = Path(path)
-    removed: list[Path] = []
-    try:
-        names = [n for n in os.listdir(where) if is_staging_name(path, n)]
-    except OSError:
-        return removed
-    for name in names:
-        candidate = where / name
-        try:
-            if candidate.is_dir() and not candidate.is_symlink() and _is_abandoned(candidate):
-                shutil.rmtree(candidate)
-                removed.append(candidate)
-                logger.info("removed %s, left by an interrupted write of %s", candidate, path)
-        except OSError as error:
-            logger.debug("could not check or remove %s: %s", candidate, error)
-    return removed
-
-
-@contextlib.contextmanager
-def staging_folder(path: str | os.PathLike[str], where: Path) -> Iterator[Path]:
-    """A new, locked, hidden folder in ``where`` in which to build ``path``; removed on exit
-    (whatever is still in it: a finished build moves its files out first).
-
-    Stale staging folders of earlier, killed builds of ``path`` in ``where`` are removed first
-    (:func:`remove_stale_staging`). The folder gets the usual mode (``0o777`` less the umask).
-    """
-    path = Path(path)
-    remove_stale_staging(path, where)
-    while True:
-        folder = where / staging_name(path)
-        try:
-            folder.mkdir(mode=0o777)
-            break
-        except FileExistsError:  # pragma: no cover - a 64-bit token collided
-            continue
-    try:
-        with folder_lock(folder):  # a new folder: never contended; saves into it re-enter
-            yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def move_into_place(source: Path, target: Path) -> None:
@@ -256,7 +196,7 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 _held_guard = threading.Lock()
@@ -266,18 +206,21 @@ process's threads, [how deep the holding thread has nested])."""
 
 
 @contextlib.contextmanager
-def folder_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
+def folder_lock(directory: str | os.PathLike[str], *, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the folder ``directory`` itself for the block (nothing is
-    created in it), waiting for another writer of the folder to finish first. Every save into a
-    folder holds it for its whole run (files, index, renames, clean-up), so two saves never
-    interleave. Re-entrant in one thread (a save into a staging folder its caller holds); other
-    threads of the process wait like other processes. Without ``fcntl`` (Windows) only this
-    process's threads are serialised."""
+    created in it), waiting for another holder to finish first, or, with ``wait=False``,
+    raising ``BlockingIOError`` at once. Publishing (:mod:`bagelverify.publish`) holds it on a
+    checkpoint folder's parent while it publishes or recovers, and on each staging folder for
+    the staging folder's whole life. Re-entrant in one thread; other threads of the process
+    wait like other processes. Without ``fcntl`` (Windows) only this process's threads are
+    serialised."""
     stats = os.stat(directory)
     key = (stats.st_dev, stats.st_ino)
     with _held_guard:
         thread_lock, depth = _held.setdefault(key, (threading.RLock(), [0]))
-    with thread_lock:
+    if not thread_lock.acquire(blocking=wait):
+        raise BlockingIOError(errno.EWOULDBLOCK, f"another thread holds {directory}")
+    try:
         if depth[0]:
             depth[0] += 1
             try:
@@ -292,6 +235,8 @@ def folder_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
+                    if not wait:
+                        raise
                     logger.info(
                         "%s: waiting for another writer of this folder to finish", directory
                     )
@@ -303,3 +248,5 @@ def folder_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
                 depth[0] = 0
         finally:
             os.close(fd)  # releases the lock
+    finally:
+        thread_lock.release()

@@ -175,3 +175,14 @@ class QuantizedCheckpointError(BagelError, ValueError):
     def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.keys = list(keys)
+
+
+class AliasError(BagelError, ValueError):
+    """A write whose output is one of its inputs (the same folder or file, through a symlink, a
+    bind mount or a hard link): it would replace what it reads. Nothing is written. ``source``
+    is the input, ``destination`` the output that is the same file."""
+
+    def __init__(self, message: str, source: str = "", destination: str = "") -> None:
+        super().__init__(message)
+        self.source = source
+        self.destination = destination

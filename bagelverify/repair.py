@@ -5,9 +5,9 @@ or all ``vit_model.*`` keys, repaired from the release. :func:`repair_checkpoint
 sides from their headers (the source like a load, apart from the keys it lacks; the base's
 tensors for those keys against the config's shapes), then writes every tensor of the source
 unchanged plus the missing ones from the base through the writer ``convert`` uses
-(:func:`bagelverify.checkpoint.write_bagel_checkpoint`), into a hidden staging folder
-(:func:`bagelverify.atomic.staging_folder`: next to a new ``out``, inside an existing empty one
-such as a mount point) that is moved into place only when complete.
+(:func:`bagelverify.checkpoint.write_bagel_checkpoint`), into a hidden staging folder published
+as ``out`` only when complete (:mod:`bagelverify.publish`: a killed repair leaves ``out`` as it
+was, and the next run removes what it left).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from .atomic import move_into_place, staging_folder
 from .checkpoint import (
     INDEX_FILE,
     CheckpointFiles,
@@ -45,6 +44,7 @@ from .errors import (
 from .families import expected_shapes
 from .keys import ROOT, strip_root
 from .manifest import VAE_FILE
+from .publish import Guard, publishing, refuse_aliasing, visible_entries
 from .quantized import find_quantization
 from .rewrite import CastTransform
 from .safetensors_io import DTYPES, TensorInfo, TensorSpec
@@ -230,8 +230,11 @@ def repair_checkpoint(
     codes, scale tensors) for the keys to fill raises
     :class:`~bagelverify.errors.QuantizedCheckpointError`. ``ae.safetensors`` is copied from
     ``src``, else ``base``.
-    One tensor is in memory at a time; ``out`` must not exist (or be an empty folder) and
-    appears only when complete. ``dry_run`` checks and plans but writes nothing.
+    One tensor is in memory at a time; ``out`` must not exist (or be an empty folder: the
+    leftovers of a killed repair do not count) and appears only when complete; an ``out`` that
+    is ``src``, ``base`` or the config folder, by any name (symlink, bind mount, hard links),
+    raises :class:`~bagelverify.errors.AliasError`. ``dry_run`` checks and plans but writes
+    nothing.
     """
     stage_name = normalize_stage(stage)
     target = Path(out)
@@ -265,6 +268,8 @@ class _Plan:
     jobs: dict[str, TensorInfo]
     config: BagelConfig
     config_folder: Path
+    reads: list[Path]
+    """What the repair reads: the two folders (or files) and the config folder."""
     native_layout: bool
     """Whether the output keeps the source's ``model.``-rooted keys."""
     vae: Path | None
@@ -286,8 +291,12 @@ def _plan(
     _check_source(source, found)
     missing = build_report(source.tensors, stage=stage, config=found, source=source.source).missing
     filled = _base_tensors(donor, missing, found)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise FileExistsError(f"{target} exists and is not an empty folder; choose a new folder")
+    reads = [*source.files, source.directory, *donor.files, donor.directory]
+    if isinstance(config, (str, os.PathLike)):
+        reads.append(Path(config))
+    refuse_aliasing(target, reads, _everything)
+    if target.exists():
+        _empty(target)(visible_entries(target) if target.is_dir() else [target.name])
     kept = build_report(source.tensors, stage="stage2", config=found).plan.native
     jobs: dict[str, TensorInfo] = {strip_root(key): source.tensors[key] for key in kept}
     report = RepairReport(source.source, donor.source, str(target), stage, dry_run=dry_run)
@@ -306,7 +315,22 @@ def _plan(
     if vae is not None:
         report.vae_from = "source" if vae.parent == source.directory else "base"
     native_layout = bool(kept) and all(key.startswith(ROOT) for key in kept)
-    return _Plan(report, jobs, found, config_folder, native_layout, vae, cast)
+    return _Plan(report, jobs, found, config_folder, reads, native_layout, vae, cast)
+
+
+def _everything(name: str) -> bool:
+    """A repair's output replaces nothing: it must be new or empty."""
+    return True
+
+
+def _empty(target: Path) -> Guard:
+    def guard(entries: list[str]) -> None:
+        if entries:
+            raise FileExistsError(
+                f"{target} exists and is not an empty folder; choose a new folder"
+            )
+
+    return guard
 
 
 def _write(
@@ -317,14 +341,14 @@ def _write(
     on_tensor: Callable[[str, int], None] | None,
 ) -> list[str]:
     """Write the plan's tensors (read through ``fds``) and ``ae.safetensors`` into a staging
-    folder, then move it into place; the files written, by their final paths."""
+    folder, then publish it as ``target``; the files written, by their final paths."""
     cast, casts = plan.cast, set(plan.report.cast)
     specs = {key: TensorSpec(key, info.dtype, info.shape) for key, info in plan.jobs.items()}
     if cast is not None:
         specs.update({key: cast.spec(specs[key]) for key in casts})
-    target.parent.mkdir(parents=True, exist_ok=True)
-    where = target if target.is_dir() else target.parent  # an existing OUT may be a mount point
-    with staging_folder(target, where) as staging:
+    with publishing(
+        target, replaces=_everything, guard=_empty(target), reads=plan.reads, last=(INDEX_FILE,)
+    ) as staging:
         with TensorReader(fds) as reader:
 
             def fetch(hf_key: str) -> torch.Tensor:
@@ -349,9 +373,4 @@ def _write(
         if plan.vae is not None:
             shutil.copyfile(plan.vae, staging / VAE_FILE)
             written.append(staging / VAE_FILE)
-        if where == target:  # an empty OUT: the files move in, the index last
-            for path in sorted(staging.iterdir(), key=lambda p: p.name == INDEX_FILE):
-                move_into_place(path, target / path.name)
-        else:
-            move_into_place(staging, target)
     return [str(target / path.name) for path in written]

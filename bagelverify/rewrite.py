@@ -198,6 +198,7 @@ def rewrite_checkpoint(
     weights: object = None,
     convert_conv_patch_embedding: bool = False,
     on_tensor: Callable[[str, int], None] | None = None,
+    overwrite: bool = False,
 ) -> RewriteReport:
     """``convert_checkpoint`` with a dtype cast and resized position tables on the way.
 
@@ -209,7 +210,11 @@ def rewrite_checkpoint(
     ``max_latent_size`` /
     ``vit_max_num_patch_per_side`` write the position tables regenerated for those sizes and a
     config that says so (a config is then required). ``weights`` picks ``ema`` or ``model``
-    weights of a training output folder. Returns sizes before and after.
+    weights of a training output folder. The output is published like every checkpoint write
+    (:func:`bagelverify.save_bagel_checkpoint`): an existing checkpoint in ``dst`` is replaced
+    only with ``overwrite``, and a ``dst`` that is ``src`` (or the config folder) by any name --
+    a symlink, a bind mount, hard links -- raises :class:`~bagelverify.errors.AliasError`.
+    Returns sizes before and after.
     """
     name = None
     if dtype is not None:
@@ -294,6 +299,8 @@ def rewrite_checkpoint(
                 strict=strict,
                 config=new_config,
                 keys=keys,
+                overwrite=overwrite,
+                inputs=(src, config if isinstance(config, (str, os.PathLike)) else None),
             )
     logger.info(
         "%s: %d tensors, %d -> %d bytes",

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .config import BagelConfig
+from .config import CONFIG_FILES, BagelConfig
 from .families import expected_shapes
 from .manifest import MODEL_FILE, VAE_FILE, load_manifest
 from .pos_embed import POSITION_TABLE_KEYS, position_table
+from .publish import publishing
 from .safetensors_io import DTYPES, TensorSpec, write_safetensors
 
 _FULL = BagelConfig()
@@ -115,11 +116,11 @@ def make_synthetic_checkpoint(
     the same arguments give the same bytes; the two position tables are the real sine-cosine
     tables for the config (:func:`bagelverify.pos_embed.position_table`). ``scale=1`` is the
     full 29 GB model; ``scale=64`` writes about 4 MB in well under a second. Tensors are
-    generated one at a time.
+    generated one at a time. The folder is published like every checkpoint write
+    (:mod:`bagelverify.publish`): a synthetic checkpoint already there is replaced as a whole.
     """
     config, model, vae = synthetic_specs(scale, dtype=dtype)
     directory = Path(out_dir)
-    directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     by_name = {spec.name: spec for spec in (*model, *vae)}
     model_keys = {spec.name for spec in model}
@@ -134,8 +135,10 @@ def make_synthetic_checkpoint(
         values = torch.randn(spec.shape, generator=generator, dtype=torch.float32)
         return values.mul_(0.02).to(target)
 
-    write_safetensors(directory / MODEL_FILE, model, draw)
-    if with_vae:
-        write_safetensors(directory / VAE_FILE, vae, draw)
-    config.save_pretrained(directory)
+    written = {MODEL_FILE, *CONFIG_FILES} | ({VAE_FILE} if with_vae else set())
+    with publishing(directory, replaces=written.__contains__) as staging:
+        write_safetensors(staging / MODEL_FILE, model, draw)
+        if with_vae:
+            write_safetensors(staging / VAE_FILE, vae, draw)
+        config.save_pretrained(staging)
     return SyntheticCheckpoint(directory, config, sum(spec.nbytes for spec in model))

@@ -7,9 +7,11 @@ enough to signal mid-write. Chosen by environment variables:
 ``BV_FAULT_SLOW=SECONDS``
     convert waits SECONDS after each tensor it writes;
 ``BV_FAULT_MOUNT=DIR``
-    DIR acts as a mount point: a rename into or out of it fails with ``EXDEV``;
+    DIR acts as a mount point: a rename into or out of it fails with ``EXDEV``, and exchanging
+    it with another folder with ``EBUSY``;
 ``BV_FAULT_READONLY=DIR`` (with ``BV_FAULT_ERRNO``, default ``EACCES``)
-    creating a folder or file directly in DIR fails with that errno.
+    creating a folder or file directly in DIR fails with that errno, and ``os.access`` says DIR
+    cannot be written.
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ def _mount(folder: Path) -> None:
             _real(src, dst, *args, **kwargs)
 
         setattr(os, name, move)
+    from bagelverify import publish
+
+    real_exchange = publish.exchange
+
+    def exchange(a: Any, b: Any) -> None:
+        if _inside(a, folder) or _inside(b, folder):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), a, None, b)
+        real_exchange(a, b)
+
+    publish.exchange = exchange  # type: ignore[assignment]
 
 
 def _readonly(folder: Path, code: int) -> None:
@@ -56,7 +68,14 @@ def _readonly(folder: Path, code: int) -> None:
             refuse(path)
         return real_open(path, flags, *args, **kwargs)
 
-    os.mkdir, os.open = mkdir, open_  # type: ignore[assignment]
+    real_access = os.access
+
+    def access(path: Any, mode: int, *args: Any, **kwargs: Any) -> bool:
+        if mode & os.W_OK and Path(os.fsdecode(path)).resolve() == folder:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    os.mkdir, os.open, os.access = mkdir, open_, access  # type: ignore[assignment]
 
 
 def _slow(seconds: float) -> None:

@@ -6,8 +6,8 @@ Usage: ``python _crash_writer.py MODE FOLDER SHARD_SIZE SYNC_FD``. The child loa
 
 - ``data``: the writer writes half of the 50th tensor's bytes, flushes, writes one byte to the
   pipe SYNC_FD and sleeps; the parent kills it with SIGKILL while the file is half written.
-- ``rename``: the first rename of a shard over its final name happens, then the same signal and
-  sleep (a kill between two renames of a sharded save).
+- ``rename``: the first rename of a shard over its final name (in the save's staging folder)
+  happens, then the same signal and sleep (a kill between two renames of a sharded save).
 - ``fsize``: no signal; ``RLIMIT_FSIZE`` is set to half the model file's size (``SIGXFSZ``
   ignored), so the kernel itself refuses a write; the child prints ``errno`` and the message
   of the ``OSError`` it gets, as JSON, and exits.

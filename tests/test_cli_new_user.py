@@ -35,7 +35,7 @@ from test_cli import (
 )
 
 import bagelverify as bv_api
-from bagelverify import atomic
+from bagelverify import atomic, publish
 from bagelverify.errors import UnknownKeysError
 from bagelverify.manifest import MODEL_FILE, VAE_FILE
 from bagelverify.safetensors_io import read_header, save_tensors
@@ -144,36 +144,37 @@ def test_sigterm_stops_convert_like_ctrl_c_and_removes_its_staging_folder(
 def test_the_next_convert_removes_the_staging_folder_of_a_killed_one_and_nothing_else(
     synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
 ) -> None:
+    """Right away (a retry need not wait): staging folders are created and locked under the
+    publishing lock, so one that nobody holds, however young, is a dead run's."""
     target = tmp_path / "out"
     process = _start_slow_convert(synthetic_checkpoint.path, target)
     process.kill()  # SIGKILL: no clean-up can run
     process.communicate(timeout=TIMEOUT)
     [killed] = partial_folders(tmp_path)
     old = time.time() - 2 * atomic.STALE_AFTER_SECONDS
-    os.utime(killed, (old, old))
     mine = tmp_path / ".out.partial-notes"  # not of convert's exact naming
     mine.mkdir()
     os.utime(mine, (old, old))
-    young = tmp_path / f".out.partial-{'0' * 16}"  # convert's naming, but just made
+    young = tmp_path / f".out.partial-{'0' * 16}"  # convert's naming, just made, unlocked
     young.mkdir()
     other = tmp_path / f".other.partial-{'1' * 16}"  # another destination's
     other.mkdir()
     os.utime(other, (old, old))
     result = bv("convert", synthetic_checkpoint.path, target, "--stage", "1")
     assert result.returncode == 0, result.stderr
-    assert not killed.exists()
-    assert mine.is_dir() and young.is_dir() and other.is_dir()
+    assert not killed.exists() and not young.exists()
+    assert mine.is_dir() and other.is_dir()
 
 
 def test_a_staging_folder_that_its_writer_holds_is_never_removed(tmp_path: Path) -> None:
     """Invariant: while a writer holds its staging folder, no clean-up removes it, however old."""
     target = tmp_path / "out"
-    with atomic.staging_folder(target, tmp_path) as staging:
+    with publish.publishing(target, replaces=lambda name: True) as staging:
         old = time.time() - 2 * atomic.STALE_AFTER_SECONDS
         os.utime(staging, (old, old))
-        assert atomic.remove_stale_staging(target, tmp_path) == []
+        assert publish.recover(target, wait=True) == []
         assert staging.is_dir()
-    assert not staging.exists()
+    assert not staging.exists() and target.is_dir()
 
 
 # -- 4. one JSON envelope, documented ------------------------------------------------------------

@@ -33,6 +33,7 @@ BUILTIN_PARENTS: dict[type[errors.BagelError], tuple[type[Exception], ...]] = {
     errors.LossyCastError: (ValueError,),
     errors.QuantizedCheckpointError: (ValueError,),
     errors.IntegrationError: (ImportError,),
+    errors.AliasError: (ValueError,),
 }
 
 

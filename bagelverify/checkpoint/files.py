@@ -18,6 +18,7 @@ from typing import Literal
 from ..config import CONFIG_FILES, BagelConfig
 from ..errors import CorruptCheckpointError, ReadError, agree, counted, format_examples
 from ..manifest import MODEL_FILE
+from ..publish import recover
 from ..safetensors_io import TensorInfo, open_regular, read_header
 from ..strict_json import MAX_INDEX_BYTES, parse_json, short_repr
 
@@ -276,9 +277,13 @@ def open_checkpoint(
     regular file, or an index that disagrees with its shards (every index entry must be in its
     shard's header and every shard tensor in the index; shards of another save), and
     :class:`~bagelverify.errors.ReadError` when the folder kept changing.
+
+    A write of the folder that was killed part way is first finished or undone
+    (:func:`bagelverify.publish.recover`, best effort, never waiting for a live writer).
     """
     directory = Path(checkpoint_dir)
     check_weights(weights)
+    recover(directory)  # a killed write of the folder is finished or undone first
     require_directory(directory, MODEL_FILE)
     what = ""
     for attempt in range(1, OPEN_ATTEMPTS + 1):

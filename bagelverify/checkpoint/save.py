@@ -1,10 +1,9 @@
-"""Writing BAGEL checkpoint folders: one ``ema.safetensors`` or index-described shards, every
-file atomic, validated like a load before anything is written; and folder-to-folder conversion,
-one tensor in memory at a time."""
+"""Writing BAGEL checkpoint folders: one ``ema.safetensors`` or index-described shards, validated
+like a load before anything is written and published as a whole (:mod:`bagelverify.publish`);
+and folder-to-folder conversion, one tensor in memory at a time."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -16,21 +15,22 @@ from typing import Literal
 
 import torch
 
-from ..atomic import atomic_open, folder_lock, remove_durably
+from ..atomic import atomic_open
 from ..config import CONFIG_FILES, BagelConfig
-from ..errors import ShardSizeError
+from ..errors import CorruptCheckpointError, ShardSizeError
 from ..keys import strip_root, to_native_key
 from ..manifest import MODEL_FILE
 from ..plan import require_mapping, unroot, without_prefix
+from ..publish import Guard, public_path, publishing
 from ..safetensors_io import (
     DEFAULT_METADATA,
     TensorSpec,
     layout_order,
     spec_of,
-    stream_safetensors,
     write_safetensors,
 )
-from .files import INDEX_FILE, MODEL_WEIGHTS_FILE, SAVE_ID, open_checkpoint
+from ..strict_json import MAX_INDEX_BYTES, read_json_file
+from .files import INDEX_FILE, MODEL_WEIGHTS_FILE, SAVE_ID
 from .load import read_jobs, read_tensor
 from .report import build_report
 
@@ -105,12 +105,17 @@ def save_bagel_checkpoint(
     ``config`` the tensors are validated like a load (shapes, missing keys under ``strict``) and
     the three config files are written too. Without ``max_shard_size`` one ``ema.safetensors``
     is written; with it, ``model-0000i-of-0000n.safetensors`` shards and
-    ``model.safetensors.index.json`` (written last). Every file is written atomically
-    (temporary file, fsync, rename), with ``__metadata__ {"format": "pt"}``; shards are all
-    written before any is renamed and the old index is removed first, so a crash never leaves
-    an index over shards of two saves. Every value (except dropped ``._extra_state``) must be a
-    tensor a safetensors file can hold, kept by the stage or not:
-    :class:`~bagelverify.errors.UnsupportedTensorError` otherwise, before anything is written.
+    ``model.safetensors.index.json``, with ``__metadata__ {"format": "pt"}``.
+
+    The files are written into a staging folder and published together
+    (:func:`bagelverify.publish.publishing`): at every instant, a SIGKILL included, the folder
+    holds the previous checkpoint or the new one, never a mix, and the next save (or load)
+    finishes or removes what a killed one left. The new files replace the previous
+    ``ema.safetensors`` (a single-file save) or the previous index and its shards (a sharded
+    save), and the config files when a config is written; the folder's other files stay. Every
+    value (except dropped ``._extra_state``) must be a tensor a safetensors file can hold, kept
+    by the stage or not: :class:`~bagelverify.errors.UnsupportedTensorError` otherwise, before
+    anything is written.
 
     A state dict without the tensors its stage is made of (an empty one, no GEN tensor for
     stage 2) is refused strict or not: a
@@ -148,23 +153,30 @@ def write_bagel_checkpoint(
     config: BagelConfig | None = None,
     keys: KeyLayout = "hf",
     overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
 ) -> list[Path]:
     """Write a checkpoint described by its specs, fetching one tensor at a time.
 
     ``specs`` maps HF key -> :class:`TensorSpec`; ``fetch(hf_key)`` returns that tensor and is
     called once per written tensor, in file order, and its result released after writing, so
-    peak memory is about the largest tensor. Validation, stage selection, sharding and files
-    are those of :func:`save_bagel_checkpoint`; ``keys="native"`` names the tensors by their
-    native (``model.``-rooted) keys instead of their HF keys; ``overwrite`` as there.
+    peak memory is about the largest tensor. Validation, stage selection, sharding, files and
+    publishing are those of :func:`save_bagel_checkpoint`; ``keys="native"`` names the tensors
+    by their native (``model.``-rooted) keys instead of their HF keys; ``overwrite`` as there.
+    ``inputs`` are the folders or files the tensors are read from: an ``out_dir`` that is one of
+    them, or whose replaced files are among their files (by identity: symlinks, bind mounts and
+    hard links count), raises :class:`~bagelverify.errors.AliasError` before anything is
+    written.
     """
     if config is not None and not isinstance(config, BagelConfig):
         raise TypeError(
             f"config must be a bagelverify.BagelConfig (written as the checkpoint's config "
             f"files), got {type(config).__name__}; use BagelConfig.from_pretrained(folder)"
         )
-    report = build_report(specs, stage=stage, config=config, source=str(out_dir))
+    directory = Path(out_dir)
+    report = build_report(specs, stage=stage, config=config, source=str(public_path(directory)))
     report.raise_for_problems(strict=strict, verb="save")
     report.plan.log(strict=strict)
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
     names = {
         key: (native if keys == "native" else key) for key, native in report.plan.native.items()
     }
@@ -174,29 +186,23 @@ def write_bagel_checkpoint(
     def fetch_by_name(name: str) -> torch.Tensor:
         return fetch(by_name[name])
 
-    directory = Path(out_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    with folder_lock(directory):
-        if max_shard_size is not None:
-            _refuse_shadowing(directory)
-        existing = [directory / name for name in (MODEL_FILE, INDEX_FILE)]
-        if not overwrite and any(path.exists() for path in existing):
-            found = next(path for path in existing if path.exists())
-            raise FileExistsError(
-                f"{directory} already holds a checkpoint ({found.name}); pass overwrite=True to "
-                "replace it, or save to another folder"
-            )
-        if max_shard_size is None:
-            target = directory / MODEL_FILE
-            write_safetensors(target, kept, fetch_by_name)
-            written = [target]
+    with publishing(
+        directory,
+        replaces=_replaced_by_save(directory, sharded=limit is not None, config=config is not None),
+        guard=_save_guard(directory, sharded=limit is not None, overwrite=overwrite),
+        reads=inputs,
+        last=(INDEX_FILE,),
+    ) as staging:
+        if limit is None:
+            write_safetensors(staging / MODEL_FILE, kept, fetch_by_name)
+            written = [MODEL_FILE]
         else:
-            written = _write_shards(directory, kept, fetch_by_name, parse_size(max_shard_size))
+            written = _write_shards(staging, kept, fetch_by_name, limit)
         if config is not None:
-            config.save_pretrained(directory)
-            written.extend(directory / name for name in CONFIG_FILES)
+            config.save_pretrained(staging)
+            written.extend(CONFIG_FILES)
     logger.info("%s: wrote %d tensors (%s)", directory, len(kept), report.stage)
-    return written
+    return [directory / name for name in written]
 
 
 SHARD_NAME = re.compile(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors")
@@ -204,62 +210,103 @@ SHARD_NAME = re.compile(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors")
 
 
 def _indexed_shards(directory: Path) -> set[str]:
-    """The shard names the folder's current index lists (none if it has no readable index)."""
+    """The file names the folder's current shard index lists (none without a readable one)."""
     try:
-        files = open_checkpoint(directory, weights="model")
+        document = read_json_file(directory / INDEX_FILE, MAX_INDEX_BYTES, CorruptCheckpointError)
     except (OSError, ValueError):  # no index, or one that does not parse: nothing to go by
         return set()
-    return {path.name for path in files.files} if files.layout == "sharded" else set()
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
+    if not isinstance(weight_map, dict):
+        return set()
+    return {
+        name
+        for name in weight_map.values()
+        if isinstance(name, str)
+        and name
+        and "\0" not in name
+        and Path(name).name == name
+        and name not in (".", "..")
+    }
 
 
-def _refuse_shadowing(directory: Path) -> None:
-    for name in (MODEL_FILE, MODEL_WEIGHTS_FILE):
-        if (directory / name).exists():
+def _replaced_by_save(directory: Path, *, sharded: bool, config: bool) -> Callable[[str], bool]:
+    """The names of a folder's previous checkpoint that a save replaces: ``ema.safetensors``
+    (a single-file save) or the index and the shards it names or that have the saver's shard
+    names (a sharded save), and the config files when a config is written. The other weights
+    of a training output folder (``model.safetensors`` beside ``ema.safetensors``) stay."""
+    indexed: dict[tuple[int, int, int], set[str]] = {}
+
+    def previous_shards() -> set[str]:  # read again whenever the index changed
+        try:
+            stats = os.stat(directory / INDEX_FILE)
+        except OSError:
+            return set()
+        key = (stats.st_ino, stats.st_size, stats.st_mtime_ns)
+        if key not in indexed:
+            indexed.clear()
+            indexed[key] = _indexed_shards(directory)
+        return indexed[key]
+
+    def replaces(name: str) -> bool:
+        if config and name in CONFIG_FILES:
+            return True
+        if not sharded:
+            return name == MODEL_FILE
+        return (
+            name == INDEX_FILE
+            or SHARD_NAME.fullmatch(name) is not None
+            or (name.endswith(".safetensors") and name in previous_shards())
+        )
+
+    return replaces
+
+
+def _save_guard(directory: Path, *, sharded: bool, overwrite: bool) -> Guard:
+    """Refuse a folder that holds a checkpoint unless ``overwrite``, and, for a sharded save, a
+    weights file that would shadow the new index."""
+
+    def guard(entries: list[str]) -> None:
+        if sharded:
+            for name in (MODEL_FILE, MODEL_WEIGHTS_FILE):
+                if name in entries:
+                    raise FileExistsError(
+                        f"{directory / name} exists and would shadow the sharded checkpoint (a "
+                        f"load reads {name} before {INDEX_FILE}); remove it or save to another "
+                        "folder"
+                    )
+        found = [name for name in (MODEL_FILE, INDEX_FILE) if name in entries]
+        if found and not overwrite:
             raise FileExistsError(
-                f"{directory / name} exists and would shadow the sharded checkpoint (a load "
-                f"reads {name} before {INDEX_FILE}); remove it or save to another folder"
+                f"{directory} already holds a checkpoint ({found[0]}); pass overwrite=True to "
+                "replace it, or save to another folder"
             )
+
+    return guard
 
 
 def _write_shards(
     directory: Path, kept: list[TensorSpec], fetch: Callable[[str], torch.Tensor], limit: int
-) -> list[Path]:
-    """Write ``kept`` as shards of at most ``limit`` bytes and their index; then remove the
-    shards of the previous save that the new index does not name."""
-    previous = _indexed_shards(directory) | {
-        entry.name for entry in os.scandir(directory) if SHARD_NAME.fullmatch(entry.name)
-    }
+) -> list[str]:
+    """Write ``kept`` into the (new, private) ``directory`` as shards of at most ``limit`` bytes,
+    then their index; return the names written."""
     shards = _shards(kept, limit)
     save_id = secrets.token_hex(16)
     weight_map: dict[str, str] = {}
-    written: list[Path] = []
-    # Every shard is complete and fsync'ed under a temporary name before the old index is
-    # removed and the shards renamed: a crash leaves the previous checkpoint, or no index
-    # (a loud FileNotFoundError), never an index over a mix of old and new shards.
-    with contextlib.ExitStack() as renames:
-        for number, shard in enumerate(shards, start=1):
-            name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            handle = renames.enter_context(atomic_open(directory / name))
-            stream_safetensors(
-                handle, shard, fetch, metadata={**DEFAULT_METADATA, SAVE_ID: save_id}
-            )
-            handle.flush()
-            os.fsync(handle.fileno())
-            weight_map.update((spec.name, name) for spec in shard)
-            written.append(directory / name)
-        remove_durably(directory / INDEX_FILE)
+    written: list[str] = []
+    for number, shard in enumerate(shards, start=1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(
+            directory / name, shard, fetch, metadata={**DEFAULT_METADATA, SAVE_ID: save_id}
+        )
+        weight_map.update((spec.name, name) for spec in shard)
+        written.append(name)
     index = {
         "metadata": {"total_size": sum(spec.nbytes for spec in kept), SAVE_ID: save_id},
         "weight_map": {spec.name: weight_map[spec.name] for spec in kept},
     }
     with atomic_open(directory / INDEX_FILE) as handle:
         handle.write((json.dumps(index, indent=2) + "\n").encode("utf-8"))
-    written.append(directory / INDEX_FILE)
-    # Only now, with the new index in place, go the old shards it does not name (glob-based
-    # readers would load them too). A crash here leaves unindexed files, removed next time.
-    for name in sorted(previous - {path.name for path in written}):
-        remove_durably(directory / name)
-        logger.info("%s: removed %s, a shard of the previous save", directory, name)
+    written.append(INDEX_FILE)
     return written
 
 
@@ -286,7 +333,9 @@ def convert_checkpoint(
     else the source's config files) is written with the tensors. ``on_tensor(hf_key, nbytes)``
     is called after each tensor is read (for progress); ``overwrite`` as for
     :func:`save_bagel_checkpoint`; ``weights`` picks the source's ``ema`` or ``model`` weights;
-    ``strip_prefix`` removes a wrapper's prefix (``module.``) from the source's keys.
+    ``strip_prefix`` removes a wrapper's prefix (``module.``) from the source's keys. A
+    ``dst_dir`` that is the source (the same folder through a symlink or a bind mount, or a
+    folder holding hard links to its files) raises :class:`~bagelverify.errors.AliasError`.
     Returns the files written.
     """
     with read_jobs(
@@ -320,4 +369,5 @@ def convert_checkpoint(
             config=report.config,
             keys=keys,
             overwrite=overwrite,
+            inputs=(src_dir, config if isinstance(config, (str, os.PathLike)) else None),
         )

@@ -5,11 +5,12 @@ Safetensors -> safetensors streams one tensor at a time
 To DCP (:func:`bagelverify.hf_to_dcp`) and from DCP (:func:`bagelverify.dcp_to_hf`) one tensor
 at a time.
 The output is written into a hidden staging folder (``.DST.partial-<token>``) on ``DST``'s own file
-system -- inside an existing ``DST`` (a mount point, say), else next to it -- and moved into place
-only when complete, so an interrupted run (Ctrl-C, SIGTERM) never leaves a partial checkpoint
-under ``DST``; a later run removes the staging folders of killed ones
-(:func:`bagelverify.atomic.staging_folder`). An existing checkpoint in ``DST`` is replaced only
-with ``--force``. ``ae.safetensors`` (the VAE) is carried over from ``SRC`` when it has one.
+system and published by the one rule every writer follows (:mod:`bagelverify.publish`): at every
+instant, a SIGKILL included, ``DST`` holds its previous checkpoint or the complete new one, and
+the next run finishes or removes what a killed one left. An existing checkpoint in ``DST`` is
+replaced only with ``--force`` (its other files stay); ``DST`` may not be ``SRC`` or ``--config``
+by any name (symlink, bind mount, hard links). ``ae.safetensors`` (the VAE) is carried over from
+``SRC`` when it has one.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import argparse
 import contextlib
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..atomic import move_into_place, remove_stale_staging, staging_folder
 from ..checkpoint import INDEX_FILE, choose_weights, convert_checkpoint, inspect_checkpoint
 from ..cli import UsageError, add_stage_argument, one_line
 from ..config import CONFIG_FILES, BagelConfig
 from ..errors import BagelError, counted
 from ..manifest import MODEL_FILE, VAE_FILE
+from ..publish import publishing, refuse_aliasing, visible_entries
 from ..safetensors_io import read_header
 from .arguments import (
     DCP_METADATA,
@@ -47,36 +49,20 @@ class NotCleanError(BagelError, ValueError):
     """The source checkpoint would not load strictly for the stage (see ``inspect``)."""
 
 
+def is_checkpoint_file(name: str) -> bool:
+    """Whether a file named ``name`` belongs to a checkpoint (a conversion replaces it)."""
+    return (
+        name in {MODEL_FILE, INDEX_FILE, DCP_METADATA, VAE_FILE, *CONFIG_FILES}
+        or name.endswith(".distcp")
+        or (name.startswith("model-") and name.endswith(".safetensors"))
+    )
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     """Files in ``folder`` that belong to a checkpoint and that a conversion would replace."""
     if not folder.is_dir():
         return []
-    names = {MODEL_FILE, INDEX_FILE, DCP_METADATA, VAE_FILE, *CONFIG_FILES}
-    return sorted(
-        path
-        for path in folder.iterdir()
-        if path.name in names
-        or path.suffix == ".distcp"
-        or (path.name.startswith("model-") and path.suffix == ".safetensors")
-    )
-
-
-def _publish(staging: Path, target: Path, replaced: list[Path]) -> None:
-    """Move a finished staging folder's files to ``target``.
-
-    A staging folder beside ``target`` is renamed to be the new ``target``. One inside an
-    existing ``target`` has its files moved up after the old checkpoint files are removed, the
-    index (or DCP metadata) last, so the folder never pairs an index with missing shards; each
-    move is a rename, or a copy and rename where the file system refuses (``EXDEV``).
-    """
-    if staging.parent != target:
-        move_into_place(staging, target)
-        return
-    for path in replaced:
-        path.unlink()
-    last = {INDEX_FILE, DCP_METADATA}
-    for path in sorted(staging.iterdir(), key=lambda p: p.name in last):
-        move_into_place(path, target / path.name)
+    return [folder / name for name in visible_entries(folder) if is_checkpoint_file(name)]
 
 
 def _check_paths(args: argparse.Namespace) -> tuple[Path, Path, list[Path]]:
@@ -92,15 +78,30 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path, list[Path]]:
         raise UsageError(f"{source} is a DCP checkpoint (it has {DCP_METADATA}); add --from dcp")
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target} exists and is not a folder")
-    if target.exists() and target.resolve() == source.resolve():
-        raise UsageError(f"SRC and DST are the same folder ({source}); write to a new folder")
+    # by identity: a DST that is SRC through a symlink or a bind mount, or holds hard links to
+    # its files, is refused with --force too
+    refuse_aliasing(target, [source, config_folder(args.config)], is_checkpoint_file)
     existing = checkpoint_files(target)
     if existing and not args.force:
-        names = ", ".join(p.name for p in existing[:4]) + (" ..." if len(existing) > 4 else "")
-        raise FileExistsError(
-            f"{target} already holds a checkpoint ({names}); pass --force to replace it"
-        )
+        raise FileExistsError(_holds_checkpoint(target, [p.name for p in existing]))
     return source, target, existing
+
+
+def _holds_checkpoint(target: Path, names: list[str]) -> str:
+    shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+    return f"{target} already holds a checkpoint ({shown}); pass --force to replace it"
+
+
+def _guard(target: Path, force: bool) -> Callable[[list[str]], None]:
+    """The ``--force`` check, run again just before publishing (another process may have
+    written a checkpoint into ``DST`` meanwhile)."""
+
+    def guard(entries: list[str]) -> None:
+        found = [name for name in entries if is_checkpoint_file(name)]
+        if found and not force:
+            raise FileExistsError(_holds_checkpoint(target, found))
+
+    return guard
 
 
 def _check_formats(args: argparse.Namespace) -> None:
@@ -306,10 +307,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_weights_argument(parser)
 
 
-def _staging_place(target: Path) -> Path:
-    """Where to stage ``target``: inside it when it exists (so a mount point's files never
-    cross file systems), else next to it. Stale staging folders of killed runs are removed from
-    both places."""
+def _make_parent(target: Path) -> None:
+    """Create ``DST``'s parent folders, or say which one cannot be written."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -320,8 +319,6 @@ def _staging_place(target: Path) -> Path:
             error,
             "choose a DST under a folder you can write to",
         ) from error
-    remove_stale_staging(target, target.parent)
-    return target if target.is_dir() else target.parent
 
 
 def _carry_vae(source: Path, staging: Path) -> Path | None:
@@ -356,19 +353,27 @@ def run(args: argparse.Namespace) -> int:
     config_dir = config_folder(args.config)
     config = BagelConfig.from_pretrained(config_dir) if config_dir is not None else None
     weights = None if args.from_format == "dcp" else choose_weights(source, args.weights)[1]
-    where = _staging_place(target)
+    _make_parent(target)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         try:
-            staging = stack.enter_context(staging_folder(target, where))
+            staging = stack.enter_context(
+                publishing(
+                    target,
+                    replaces=is_checkpoint_file,
+                    guard=_guard(target, args.force),
+                    reads=[source, config_dir],
+                    last=(INDEX_FILE, DCP_METADATA),
+                )
+            )
         except OSError as error:
             if error.errno not in NOT_WRITABLE:
                 raise
+            where = Path(error.filename or target.parent)
             raise not_writable(where, error, "choose another DST") from error
         count, nbytes, extra = _convert(args, source, staging, config)
         vae = _carry_vae(source, staging)
         written = sorted(p.name for p in staging.iterdir())
-        _publish(staging, target, replaced)
     seconds = time.perf_counter() - started
     files = [target / name for name in written]
     document: dict[str, Any] = {

@@ -25,6 +25,7 @@ from ..buckets import Bucket
 from ..checkpoint import convert_checkpoint, load_bagel_checkpoint_state_dict, save_bagel_checkpoint
 from ..cli import EXIT_OK, EXIT_PROBLEMS, one_line, terminate_as_interrupt
 from ..manifest import MODEL_FILE, VAE_FILE
+from ..publish import visible_entries
 from ..stage import STAGE_BUCKETS, Stage
 from ..synthetic import make_synthetic_checkpoint
 from .inspect import Inspection, inspect_path, render
@@ -200,7 +201,7 @@ def _work_folder(keep: str | None) -> Path:
     if keep is None:
         return Path(tempfile.mkdtemp(prefix="bagelverify-demo-"))
     folder = Path(keep)
-    if folder.exists() and any(folder.iterdir()):
+    if folder.exists() and visible_entries(folder):  # a killed demo's own leftovers do not count
         raise FileExistsError(f"--keep {folder}: the folder is not empty; name a new one")
     folder.mkdir(parents=True, exist_ok=True)
     return folder

@@ -20,52 +20,61 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from ..adapter import BagelStateDictAdapter
-from ..checkpoint import ReadJobs, find_config, read_jobs, read_tensor, write_bagel_checkpoint
+from ..checkpoint import (
+    INDEX_FILE,
+    ReadJobs,
+    find_config,
+    read_jobs,
+    read_tensor,
+    write_bagel_checkpoint,
+)
 from ..config import CONFIG_FILES, BagelConfig
 from ..errors import BagelError, CorruptCheckpointError, agree, counted, format_examples
 from ..keys import strip_root, to_native_key
+from ..manifest import MODEL_FILE
+from ..publish import Guard, publishing, recover
 from ..safe_pickle import load_dcp_metadata
 from ..safetensors_io import DTYPES, TensorSpec, dtype_name
 from .agreement import quietly
 
 logger = logging.getLogger(__name__)
 
-METADATA_FILE = ".metadata"
-"""The file of a DCP checkpoint that indexes its data files."""
+DCP_METADATA = ".metadata"
+"""The file that describes a DCP checkpoint (written last)."""
+
+
+def _is_dcp_file(name: str) -> bool:
+    return name == DCP_METADATA or name.endswith(".distcp")
+
+
+def _dcp_guard(target: Path, overwrite: bool) -> Guard:
+    """Refuse a folder that holds a checkpoint (DCP or safetensors) unless ``overwrite``."""
+
+    def guard(entries: list[str]) -> None:
+        found = [n for n in entries if _is_dcp_file(n) or n in (MODEL_FILE, INDEX_FILE)]
+        if found and not overwrite:
+            raise FileExistsError(
+                f"{target} already holds a checkpoint ({found[0]}); pass overwrite=True to "
+                "replace it, or write to another folder"
+            )
+
+    return guard
 
 
 @contextlib.contextmanager
-def _removed_on_failure(target: Path) -> Iterator[None]:
-    """Create ``target`` (and its missing parents) for the block; if the block fails or is
-    interrupted, remove what appeared in ``target`` meanwhile and the folders it created, then
-    re-raise. An ``OSError`` that names no file (DCP's writer on a full disk) is re-raised with
-    its errno and a message naming ``target``.
-
-    Entries that were in ``target`` before are left alone, even where the block rewrote them.
-    """
-    created = [folder for folder in (target, *target.parents) if not folder.exists()]
-    target.mkdir(parents=True, exist_ok=True)
-    before = set(os.listdir(target))
+def _disk_faults_named(target: Path) -> Iterator[None]:
+    """Re-raise an ``OSError`` that names no file (DCP's writer on a full disk) with its errno
+    and a message naming ``target``; what was staged is already removed by then."""
     try:
         yield
-    except BaseException as error:
-        for name in set(os.listdir(target)) - before:
-            path = target / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        for folder in created:  # innermost first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
-            raise OSError(
-                error.errno,
-                f"{error.strerror or error} while writing {target}; the files this call had "
-                "written there were removed. Free space (or fix the file system) and run it "
-                "again, or write to another folder",
-            ) from error
-        raise
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(
+            error.errno,
+            f"{error.strerror or error} while writing {target}; nothing was published there. "
+            "Free space (or fix the file system) and run it again, or write to another folder",
+        ) from error
 
 
 class _ReadingPlanner(DefaultSavePlanner):
@@ -104,6 +113,7 @@ def hf_to_dcp(
     config: Any = None,
     convert_conv_patch_embedding: bool = False,
     weights: object = None,
+    overwrite: bool = False,
 ) -> int:
     """Convert an HF-layout BAGEL folder to a DCP checkpoint in native layout; return the count
     of tensors written.
@@ -118,10 +128,26 @@ def hf_to_dcp(
     that :func:`dcp_to_hf` validates shapes on the way back. ``weights`` picks the source's
     ``ema`` or ``model`` weights.
 
-    A failure inside DCP is raised as itself (a full disk: the ``OSError``, errno kept, naming
-    ``dst_dir``; Ctrl-C: ``KeyboardInterrupt``), and the files and folders this call created in
-    ``dst_dir`` are removed first; files that were there before are not restored.
+    The output is published like every checkpoint write
+    (:func:`bagelverify.save_bagel_checkpoint`): written into a staging folder and swapped in
+    whole, so ``dst_dir`` never holds a partial checkpoint. A ``dst_dir`` that holds a
+    checkpoint (DCP or safetensors) is refused with ``FileExistsError`` unless ``overwrite``;
+    with it, the previous DCP files (and config files, when new ones are written) are all
+    replaced, none left stale. A ``dst_dir`` that is the source (or the config folder) by any
+    name -- a symlink, a bind mount, hard links -- raises
+    :class:`~bagelverify.errors.AliasError` before anything is written. A failure inside DCP is
+    raised as itself (a full disk: the ``OSError``, errno kept, naming ``dst_dir``; Ctrl-C:
+    ``KeyboardInterrupt``), with the staging folder removed.
     """
+    target = Path(dst_dir)
+    config_path = config if isinstance(config, (str, os.PathLike)) else None
+    folder = Path(config_path) if config_path is not None else Path(src_dir)
+    copied = [name for name in CONFIG_FILES if (folder / name).is_file()]
+    written_configs = isinstance(config, BagelConfig) or bool(copied)
+
+    def replaces(name: str) -> bool:
+        return _is_dcp_file(name) or (written_configs and name in CONFIG_FILES)
+
     with read_jobs(
         src_dir,
         stage=stage,
@@ -131,24 +157,30 @@ def hf_to_dcp(
         weights=weights,
     ) as (_, jobs):
         state = _placeholders(jobs)
-        target = Path(dst_dir)
-        with _removed_on_failure(target):
+        with (
+            _disk_faults_named(target),
+            publishing(
+                target,
+                replaces=replaces,
+                guard=_dcp_guard(target, overwrite),
+                reads=[src_dir, config_path],
+                last=(DCP_METADATA,),
+            ) as staging,
+        ):
             quietly(
                 dcp_save,
                 state,
                 # one file per tensor: DCP's writer keeps every tensor of a file alive until the
                 # file is written, so one file per rank would hold the whole checkpoint in memory
-                storage_writer=FileSystemWriter(str(target), single_file_per_rank=False),
+                storage_writer=FileSystemWriter(str(staging), single_file_per_rank=False),
                 planner=_ReadingPlanner(jobs),
                 no_dist=True,
             )
             if isinstance(config, BagelConfig):
-                config.save_pretrained(target)
+                config.save_pretrained(staging)
             else:  # the files of the folder the config came from, as they are
-                folder = Path(config) if isinstance(config, (str, os.PathLike)) else Path(src_dir)
-                for name in CONFIG_FILES:
-                    if (folder / name).is_file():
-                        shutil.copyfile(folder / name, target / name)
+                for name in copied:
+                    shutil.copyfile(folder / name, staging / name)
     logger.info("%s: wrote %d tensors as a DCP checkpoint", target, len(state))
     return len(state)
 
@@ -191,7 +223,7 @@ def _check_data_files(metadata: Metadata, source: Path) -> None:
             and min(offset, length) >= 0
         ):
             raise CorruptCheckpointError(
-                f"{source / METADATA_FILE}: {index.fqn!r} is stored at {name!r} (offset "
+                f"{source / DCP_METADATA}: {index.fqn!r} is stored at {name!r} (offset "
                 f"{offset!r}, length {length!r}), which is not a byte range of a file in "
                 f"{source}. Re-save the checkpoint or restore the file."
             )
@@ -208,7 +240,7 @@ def _check_data_files(metadata: Metadata, source: Path) -> None:
     if faults:
         raise CorruptCheckpointError(
             f"{source}: {counted(len(faults), 'data file')} "
-            f"{agree(len(faults), 'is', 'are')} missing or shorter than {METADATA_FILE} says: "
+            f"{agree(len(faults), 'is', 'are')} missing or shorter than {DCP_METADATA} says: "
             f"{format_examples(faults, show=str)}. The checkpoint was cut short (an interrupted "
             "copy or save); copy or save it again. Nothing was written."
         )
@@ -272,17 +304,19 @@ def dcp_to_hf(
     ``stage`` keeps are then streamed by :func:`bagelverify.checkpoint.write_bagel_checkpoint`:
     each is loaded from DCP, written and released, so memory holds about two copies of the
     largest tensor (DCP deserialises, then copies into the buffer). Files are written atomically,
-    with the config files when there is a config; an existing checkpoint in ``dst_dir`` is
-    replaced only with ``overwrite``. A data file that ``.metadata`` points into and that is
-    missing or shorter than the bytes it indexes is a
+    with the config files when there is a config, and published as a whole (see
+    :func:`bagelverify.save_bagel_checkpoint`); an existing checkpoint in ``dst_dir`` is replaced
+    only with ``overwrite``; a ``dst_dir`` that is the source by any name raises
+    :class:`~bagelverify.errors.AliasError`. A data file that ``.metadata`` points into and that
+    is missing or shorter than the bytes it indexes is a
     :class:`~bagelverify.errors.CorruptCheckpointError` naming it, before anything is written;
-    so is data DCP cannot deserialise, and a failure or interrupt while writing removes the
-    files and folders this call created in ``dst_dir``.
+    so is data DCP cannot deserialise.
     """
     source = Path(src_dir)
-    if not (source / METADATA_FILE).is_file():
+    recover(source)  # a killed write of the source is finished or undone first
+    if not (source / DCP_METADATA).is_file():
         raise FileNotFoundError(
-            f"{source / METADATA_FILE}: not found; is {source} a DCP checkpoint?"
+            f"{source / DCP_METADATA}: not found; is {source} a DCP checkpoint?"
         )
     reader = _MetadataOnceReader(str(source))
     native = _dcp_tensor_specs(reader.read_metadata(), str(source))
@@ -297,7 +331,7 @@ def dcp_to_hf(
         fetched[0] += 1
         return out[to_native_key(hf_key)]
 
-    with _removed_on_failure(Path(dst_dir)):
+    with _disk_faults_named(Path(dst_dir)):
         write_bagel_checkpoint(
             specs,
             fetch,
@@ -307,5 +341,6 @@ def dcp_to_hf(
             strict=strict,
             config=find_config(source, config),
             overwrite=overwrite,
+            inputs=(source, config if isinstance(config, (str, os.PathLike)) else None),
         )
     return fetched[0]
