@@ -32,6 +32,7 @@ from types import FrameType
 from typing import NoReturn
 
 from .errors import (
+    AliasError,
     AllocationError,
     BagelError,
     IntegrationError,
@@ -103,6 +104,7 @@ _USAGE_ERRORS: tuple[type[BaseException], ...] = (
     ShardSizeError,
     PatternError,
     LossyCastError,
+    AliasError,  # an output that is one of the inputs: the arguments are wrong
     FileNotFoundError,
     FileExistsError,
     NotADirectoryError,

@@ -678,6 +678,7 @@ class _Publish:
         last: Collection[str],
     ) -> None:
         self.given = given
+        self.created: list[Path] = []
         self.dst = Path(os.path.realpath(given))
         self.replaces = replaces
         self.guard = guard
@@ -693,6 +694,9 @@ class _Publish:
     def begin(self) -> Path:
         """Recover, check, create and lock the staging folder (under the publishing lock)."""
         parent = self.dst.parent
+        # the missing parents made here (innermost first): removed again, when still empty,
+        # if this publish publishes nothing
+        self.created = [folder for folder in (parent, *parent.parents) if not folder.exists()]
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -730,6 +734,9 @@ class _Publish:
             _remove_tree(self.staging)
         except OSError as error:
             logger.warning("could not remove the staging folder %s: %s", self.staging, error)
+        for folder in self.created:
+            with contextlib.suppress(OSError):  # not empty (another writer's): it stays
+                folder.rmdir()
 
     def commit(self) -> None:
         """Publish the complete staging folder (see the module docstring)."""
