@@ -268,6 +268,7 @@ def convert_checkpoint(
     on_tensor: Callable[[str, int], None] | None = None,
     overwrite: bool = False,
     weights: object = None,
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[Path]:
     """Rewrite a checkpoint folder with HF or native keys, streaming one tensor at a time.
 
@@ -277,7 +278,9 @@ def convert_checkpoint(
     else the source's config files) is written with the tensors. ``on_tensor(hf_key, nbytes)``
     is called after each tensor is read (for progress); ``overwrite`` as for
     :func:`save_bagel_checkpoint`; ``weights`` picks the source's ``ema`` or ``model`` weights.
-    Returns the files written.
+    ``transform(hf_key, tensor)``, if given, replaces each tensor read before it is written
+    (same shape and dtype: the header is written from the source's). Returns the files
+    written.
     """
     with read_jobs(
         src_dir,
@@ -295,6 +298,8 @@ def convert_checkpoint(
         def fetch(hf_key: str) -> torch.Tensor:
             job = jobs[to_native_key(hf_key)]
             out = read_tensor(job)
+            if transform is not None:
+                out = transform(hf_key, out)
             if on_tensor is not None:
                 on_tensor(hf_key, job.info.nbytes)
             return out
