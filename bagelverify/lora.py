@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .buckets import Bucket
 from .checkpoint import convert_checkpoint, find_config, open_weights
 from .config import BagelConfig
 from .errors import (
@@ -34,7 +35,9 @@ from .errors import (
 )
 from .families import FAMILIES, Family
 from .lora_keys import PEFT_ROOT, factor_mismatches, lora_families, lora_key
+from .partition import classify
 from .safetensors_io import TensorInfo, open_regular, read_header, read_into
+from .stage import STAGE_BUCKETS, normalize_stage
 from .strict_json import read_json_file
 
 logger = logging.getLogger(__name__)
@@ -296,7 +299,10 @@ def check_adapter(
     (or the reverse), naming the twins left out, and bound modules the file holds no factors
     for. Modules are enumerated for the base's config, else the default BAGEL-7B-MoT config.
     """
-    adapter = read_adapter(adapter_dir)
+    return _check(read_adapter(adapter_dir), base, weights)
+
+
+def _check(adapter: Adapter, base: str | os.PathLike[str] | None, weights: object) -> AdapterReport:
     settings = adapter.settings
     shape_config = find_config(base) if base is not None else None
     config = shape_config or BagelConfig()
@@ -402,13 +408,9 @@ def _against_base(
 # -- merge -------------------------------------------------------------------------------------
 
 
-def _read(info: TensorInfo) -> torch.Tensor:
+def _read(fd: int, info: TensorInfo) -> torch.Tensor:
     out = torch.empty(info.shape, dtype=info.torch_dtype)
-    fd = open_regular(info.path)
-    try:
-        read_into(fd, info, out)
-    finally:
-        os.close(fd)
+    read_into(fd, info, out)
     return out
 
 
@@ -449,7 +451,7 @@ def merge_adapter(
     out: str | os.PathLike[str],
     *,
     dry_run: bool = False,
-    stage: object = "stage2",
+    stage: object = None,
     weights: object = None,
     overwrite: bool = False,
 ) -> MergePlan:
@@ -458,29 +460,47 @@ def merge_adapter(
     ``s`` is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``). The adapter is
     checked first (:func:`check_adapter` against the base; any error raises
     :class:`~bagelverify.errors.LoraError`). The base is streamed one tensor at a time through
-    :func:`bagelverify.convert_checkpoint` (validated like a load, the stage's tensors kept,
-    written atomically with the base's config); each adapted weight is computed in F32 and
-    rounded once to its stored dtype. ``dry_run`` checks and returns the plan, writing nothing.
+    :func:`bagelverify.convert_checkpoint` (validated like a load, written atomically with the
+    base's config); each adapted weight is computed in F32 and rounded once to its stored
+    dtype. ``stage`` picks what is written (default: ``"stage2"`` when the base holds GEN
+    weights, else ``"stage1"``); an adapted weight the stage drops is an error. ``dry_run``
+    checks and returns the plan, writing nothing.
     """
-    report = check_adapter(adapter, base, weights=weights)
+    checked = read_adapter(adapter)
+    report = _check(checked, base, weights)
     report.raise_for_errors()
     for warning in report.warnings:
         logger.warning("%s: %s", adapter, warning)
-    checked = read_adapter(adapter)
+    if stage is None:
+        with open_weights(base, weights) as files:
+            has_gen = any(classify(key) is Bucket.GEN for key in files.tensors)
+        stage = "stage2" if has_gen else "stage1"
+    keep = STAGE_BUCKETS[normalize_stage(stage)]
+    dropped = [weight for weight in checked.pairs if classify(weight) not in keep]
+    if dropped:
+        raise LoraError(
+            f"{adapter}: {counted(len(dropped), 'adapted weight')} "
+            f"{agree(len(dropped), 'is', 'are')} not written for {stage}: "
+            f"{format_examples(dropped)}; merge for stage2"
+        )
     scale = checked.settings.scale
     plan = MergePlan(str(base), str(adapter), str(out), scale, sorted(checked.pairs))
     if dry_run:
         return plan
+    fd = open_regular(checked.directory / ADAPTER_WEIGHTS)
+    try:
 
-    def transform(hf_key: str, tensor: torch.Tensor) -> torch.Tensor:
-        pair = checked.pairs.get(hf_key)
-        if pair is None:
-            return tensor
-        return merged_weight(tensor, _read(pair[0]), _read(pair[1]), scale)
+        def transform(hf_key: str, tensor: torch.Tensor) -> torch.Tensor:
+            pair = checked.pairs.get(hf_key)
+            if pair is None:
+                return tensor
+            return merged_weight(tensor, _read(fd, pair[0]), _read(fd, pair[1]), scale)
 
-    written = convert_checkpoint(
-        base, out, stage=stage, weights=weights, transform=transform, overwrite=overwrite
-    )
+        written = convert_checkpoint(
+            base, out, stage=stage, weights=weights, transform=transform, overwrite=overwrite
+        )
+    finally:
+        os.close(fd)
     return MergePlan(
         plan.base, plan.adapter, plan.out, scale, plan.weights, [str(p) for p in written]
     )

@@ -631,3 +631,41 @@ def test_a_lora_model_saves_with_install_exactly_as_automodels_own_adapter_and_l
     restored = [k for k in expected if torch.equal(expected[k], loaded[k])]
     held = [k for k in expected if ".lora_" in k or not is_peft]
     assert sorted(restored) == sorted(held)
+
+
+@needs_automodel
+def test_merging_automodels_saved_adapter_equals_its_lora_modules_effective_weights(
+    am: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    """The real thing end to end: the adapter Automodel saves (is_peft) checks clean against the
+    base bagelverify saves from the same model, and ``merge_adapter`` gives every LoRA module's
+    weight exactly as Automodel's ``LinearLoRA.materialize_effective_weight`` computes it (F32
+    model: both compute W + s*B@A in F32, rounded once); every other tensor is the base's."""
+    from nemo_automodel.components._peft.lora import LinearLoRA
+
+    from bagelverify.lora import check_adapter, merge_adapter
+
+    model = lora_model(am, seed=3)
+    adapter = lora_save(am, model, tmp_path / "adapter", is_peft=True)
+    state = model.state_dict()
+    base = {key: value for key, value in state.items() if ".lora_" not in key}
+    config = automodel.bagel_config_from_automodel(model.config)
+    bv.save_bagel_checkpoint(base, tmp_path / "base", stage="stage1", config=config)
+    report = check_adapter(adapter, tmp_path / "base")
+    assert report.ok, report.errors
+    assert f"q_proj: {TINY.num_hidden_layers} UND, 0 GEN twins" in report.total.summary()
+    merge_adapter(tmp_path / "base", adapter, tmp_path / "merged")
+    merged = file_tensors(tmp_path / "merged")
+    effective = {
+        name.removeprefix("model.") + ".weight": module.materialize_effective_weight()
+        for name, module in model.named_modules()
+        if isinstance(module, LinearLoRA)
+    }
+    assert len(effective) == report.modules == 2 * (TINY.num_hidden_layers + TINY.vit_layers_used)
+    unequal = [
+        key
+        for key, value in merged.items()
+        if not torch.equal(value, effective.get(key, base["model." + key]))
+    ]
+    assert unequal == []
+    assert sum(not torch.equal(merged[k], base["model." + k]) for k in effective) == len(effective)
