@@ -58,6 +58,8 @@ class LoraSettings:
     target_modules: tuple[str, ...] | str
     """A list of module names or name suffixes (Automodel's ``*`` wildcards allowed), or one
     regex a module name must match whole (PEFT's string form)."""
+    exclude_modules: tuple[str, ...] | str = ()
+    """Modules no target binds, written like :attr:`target_modules`."""
 
     @property
     def scale(self) -> float:
@@ -65,12 +67,23 @@ class LoraSettings:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def binds(self, target: str, module: str) -> bool:
-        """Whether ``target`` (one entry, or the regex) selects the module named ``module``."""
-        if isinstance(self.target_modules, str):
-            return re.fullmatch(target, module) is not None
-        if "*" in target:
-            return fnmatch.fnmatchcase(module, target)
-        return module == target or module.endswith("." + target)
+        """Whether ``target`` (one entry, or the regex) selects the module named ``module``
+        and no :attr:`exclude_modules` entry excludes it."""
+        excluded = self.exclude_modules
+        entries = (excluded,) if isinstance(excluded, str) else excluded
+        return _selects(target, module, regex=isinstance(self.target_modules, str)) and not any(
+            _selects(entry, module, regex=isinstance(excluded, str)) for entry in entries
+        )
+
+
+def _selects(entry: str, module: str, *, regex: bool) -> bool:
+    """PEFT's rule: a regex matches the whole name; a list entry is the name or a dotted
+    suffix of it; Automodel's entries may hold ``*`` wildcards."""
+    if regex:
+        return re.fullmatch(entry, module) is not None
+    if "*" in entry:
+        return fnmatch.fnmatchcase(module, entry)
+    return module == entry or module.endswith("." + entry)
 
 
 def _config_error(path: Path) -> Any:
@@ -81,9 +94,11 @@ def read_settings(adapter_dir: str | os.PathLike[str]) -> LoraSettings:
     """Parse and check ``adapter_config.json`` of an adapter folder."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     document = read_json_file(path, _MAX_CONFIG_BYTES, _config_error(path))
+    if not isinstance(document, dict):
+        raise LoraError(f"{path}: must hold a JSON object, found {type(document).__name__}")
 
     def field_of(name: str, kinds: tuple[type, ...], default: object = None) -> Any:
-        value = document.get(name, default) if isinstance(document, dict) else None
+        value = document.get(name, default)
         if not isinstance(value, kinds) or isinstance(value, bool) != (bool in kinds):
             raise LoraError(
                 f"{path}: {name!r} must be {' or '.join(k.__name__ for k in kinds)}, found "
@@ -93,26 +108,40 @@ def read_settings(adapter_dir: str | os.PathLike[str]) -> LoraSettings:
 
     if field_of("peft_type", (str,), "LORA") != "LORA":
         raise LoraError(f"{path}: peft_type is {document['peft_type']!r}; only LORA adapters")
-    for unsupported in ("rank_pattern", "alpha_pattern"):
+    for unsupported in ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern"):
         if document.get(unsupported):
             raise LoraError(
-                f"{path}: {unsupported!r} gives modules their own rank or alpha; bagelverify "
-                "supports one r and lora_alpha for every module"
+                f"{path}: {unsupported!r} is set; bagelverify supports adapters with one r and "
+                "lora_alpha for every module, bound by target_modules (and exclude_modules) alone"
             )
     if document.get("use_dora"):
         raise LoraError(f"{path}: use_dora is set; DoRA adapters cannot be merged as W + s*B@A")
     r = field_of("r", (int,))
     if r < 1:
         raise LoraError(f"{path}: r is {r}; a LoRA rank is at least 1")
-    targets = field_of("target_modules", (list, str))
-    if isinstance(targets, list) and not all(isinstance(t, str) and t for t in targets):
-        raise LoraError(f"{path}: target_modules must list non-empty strings, found {targets}")
     return LoraSettings(
         r=r,
         lora_alpha=float(field_of("lora_alpha", (int, float))),
         use_rslora=field_of("use_rslora", (bool,), False),
-        target_modules=targets if isinstance(targets, str) else tuple(targets),
+        target_modules=_module_set(path, "target_modules", field_of("target_modules", (list, str))),
+        exclude_modules=_module_set(
+            path, "exclude_modules", field_of("exclude_modules", (list, str, type(None))) or []
+        ),
     )
+
+
+def _module_set(path: Path, name: str, value: list[Any] | str) -> tuple[str, ...] | str:
+    """A checked ``target_modules``/``exclude_modules`` value: a compilable regex, or a tuple
+    of non-empty strings."""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise LoraError(f"{path}: {name} {value!r} is not a valid regex ({error})") from None
+        return value
+    if not all(isinstance(entry, str) and entry for entry in value):
+        raise LoraError(f"{path}: {name} must list non-empty strings, found {value}")
+    return tuple(value)
 
 
 @dataclass(frozen=True)

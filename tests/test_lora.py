@@ -305,3 +305,40 @@ def test_cli_merge_writes_a_checkpoint_and_dry_run_prints_the_plan(
     document = json.loads(capsys.readouterr().out)
     assert document["merged"] == ["connector.fc2.weight"] and document["files"]
     assert diff_checkpoints(base, out).differing_keys == ["connector.fc2.weight"]
+
+
+def test_regex_targets_and_exclude_modules_bind_as_peft_does(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    config = synthetic_checkpoint.config
+    regex = r".*\.layers\.[0-9]+\.self_attn\.(q_proj|q_proj_moe_gen)"
+    report = check_adapter(write_adapter(tmp_path / "r", config, ["q_proj", "q_proj_moe_gen"]))
+    adapter = tmp_path / "r"
+    document = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps({**document, "target_modules": regex}))
+    by_regex = check_adapter(adapter)
+    assert by_regex.total.families == report.total.families
+    assert by_regex.total.families["q_proj_moe_gen"] == LLM_LAYERS
+    assert by_regex.total.families["vit.q_proj"] == config.vit_layers_used
+    assert by_regex.ok and by_regex.warnings == []
+    excluded = {**document, "exclude_modules": ["vision_model.encoder.layers.0.self_attn.q_proj"]}
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps(excluded))
+    assert check_adapter(adapter).total.families["vit.q_proj"] == config.vit_layers_used - 1
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps({**document, "target_modules": "q_proj("}))
+    with pytest.raises(bv.LoraError, match=r"target_modules 'q_proj\(' is not a valid regex"):
+        check_adapter(adapter)
+
+
+def test_bound_modules_without_factors_warn_and_a_stage_that_drops_one_is_refused(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    config = synthetic_checkpoint.config
+    adapter = write_adapter(tmp_path / "a", config, ["q_proj", "o_proj_moe_gen"])
+    tensors = safetensors.torch.load_file(str(adapter / ADAPTER_WEIGHTS))
+    layer0 = "language_model.model.layers.0.self_attn.q_proj"
+    kept = {k: v for k, v in tensors.items() if f".{layer0}." not in k}
+    safetensors.torch.save_file(kept, str(adapter / ADAPTER_WEIGHTS))
+    [warning] = check_adapter(adapter).warnings[-1:]
+    assert "1 bound module has no factors" in warning and layer0 in warning
+    with pytest.raises(bv.LoraError, match=r"28 adapted weights are not written for stage1: 'lang"):
+        merge_adapter(synthetic_checkpoint.path, adapter, tmp_path / "out", stage="stage1")
