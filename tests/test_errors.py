@@ -32,6 +32,7 @@ BUILTIN_PARENTS: dict[type[errors.BagelError], tuple[type[Exception], ...]] = {
     errors.ReadError: (OSError,),
     errors.LossyCastError: (ValueError,),
     errors.IntegrationError: (ImportError,),
+    errors.LoraError: (ValueError,),
 }
 
 
