@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from .buckets import Bucket
 from .checkpoint import convert_checkpoint, find_config, open_weights
 from .config import BagelConfig
 from .errors import (
+    BagelError,
     CorruptCheckpointError,
     LoraError,
     MissingKeysError,
@@ -86,7 +87,7 @@ def _selects(entry: str, module: str, *, regex: bool) -> bool:
     return module == entry or module.endswith("." + entry)
 
 
-def _config_error(path: Path) -> Any:
+def _config_error(path: Path) -> Callable[[str], BagelError]:
     return lambda what: CorruptCheckpointError(f"{path}: {what}")
 
 
@@ -161,8 +162,8 @@ def read_adapter(adapter_dir: str | os.PathLike[str]) -> Adapter:
 
     Raises :class:`~bagelverify.errors.UnknownKeysError` for keys that are no factor of a BAGEL
     weight, :class:`~bagelverify.errors.MissingKeysError` for a factor without its pair and
-    :class:`~bagelverify.errors.ShapeMismatchError`-style :class:`~bagelverify.errors.LoraError`
-    for factor shapes that disagree with each other or with ``r``.
+    :class:`~bagelverify.errors.LoraError` for factor shapes that disagree with each other or
+    with ``r``, and for factor keys under several roots.
     """
     directory = Path(adapter_dir)
     settings = read_settings(directory)
