@@ -18,6 +18,7 @@ from .errors import (
     DistributedMismatchError,
     IntegrationError,
     KeyCollisionError,
+    LoraError,
     LossyCastError,
     MissingKeysError,
     PatternError,
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
         hf_to_dcp,
         load_bagel_checkpoint_distributed,
     )
+    from .lora import check_adapter, merge_adapter
     from .patch_embedding import conv_patch_weight_to_linear, linear_patch_weight_to_conv
     from .synthetic import make_synthetic_checkpoint
     from .verify import check_patterns
@@ -89,6 +91,8 @@ _LAZY: dict[str, str] = {
         ),
         "distributed",
     ),
+    "check_adapter": "lora",
+    "merge_adapter": "lora",
     "conv_patch_weight_to_linear": "patch_embedding",
     "linear_patch_weight_to_conv": "patch_embedding",
     "make_synthetic_checkpoint": "synthetic",
@@ -138,6 +142,7 @@ __all__ = [
     "DistributedLoadResult",
     "DistributedMismatchError",
     "IntegrationError",
+    "LoraError",
     "Family",
     "IncompatibleKeys",
     "KeyCollisionError",
@@ -158,6 +163,7 @@ __all__ = [
     "UnsupportedPattern",
     "UnsupportedPlatformError",
     "UnsupportedTensorError",
+    "check_adapter",
     "classify",
     "check_patterns",
     "compile_matcher",
@@ -173,6 +179,7 @@ __all__ = [
     "load_bagel_vae_state_dict",
     "load_into",
     "make_synthetic_checkpoint",
+    "merge_adapter",
     "normalize_stage",
     "partition",
     "plan",

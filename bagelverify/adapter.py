@@ -13,11 +13,19 @@ from typing import Any, TypeVar
 
 from .buckets import Bucket
 from .config import BagelConfig
-from .errors import MissingKeysError, UnknownKeysError, agree, counted, format_examples
+from .errors import (
+    MissingKeysError,
+    ShapeMismatchError,
+    UnknownKeysError,
+    agree,
+    counted,
+    format_examples,
+)
 from .keys import ROOT, check_key, strip_root, to_native_key
+from .lora_keys import factor_mismatches, lora_key, native_factor_key
 from .partition import classify
 from .plan import Plan, plan, require_mapping, unroot
-from .stage import Stage, normalize_stage
+from .stage import STAGE_BUCKETS, Stage, normalize_stage
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +84,10 @@ class BagelStateDictAdapter:
         return list(self.to_hf(state_dict, exclude_key_regex=self._EXTRA_STATE_EXCLUDE))
 
     def map_peft_target_module_to_hf(self, name: str, *, v4_compatible: bool = False) -> str:
-        """A native module name in HF layout (the ``model.`` root removed), as :meth:`to_hf`
-        renames that module's tensors. ``v4_compatible`` changes nothing for BAGEL."""
-        return strip_root(check_key(name))
+        """A PEFT target module name as the saved adapter names it: unchanged, since
+        :meth:`to_hf` keeps the keys of LoRA factors under the PEFT root as they are (Automodel's
+        own BAGEL adapter does the same). ``v4_compatible`` changes nothing for BAGEL."""
+        return check_key(name)
 
     # -- conversion ----------------------------------------------------------------------------
 
@@ -101,6 +110,11 @@ class BagelStateDictAdapter:
         ShapeMismatchError` listing every mismatch; under ``strict`` expected keys the stage keeps
         must all be present); any other config object is kept for reference only.
 
+        LoRA factor keys (:func:`~bagelverify.lora_keys.lora_key`) of the stage's buckets are
+        kept under ``model.``, or ``base_model.model.model.`` when they came under the PEFT root;
+        their shapes are checked (:class:`~bagelverify.errors.ShapeMismatchError`). A state dict
+        of factors alone (an adapter) needs no base weights.
+
         Raises :class:`~bagelverify.errors.KeyCollisionError` when a key occurs both unrooted and
         rooted; under ``strict``, :class:`~bagelverify.errors.UnknownKeysError` (a ``KeyError``)
         for unknown keys and :class:`~bagelverify.errors.MissingKeysError` for a stage-2 GEN key
@@ -110,17 +124,42 @@ class BagelStateDictAdapter:
         """
         hf_state_dict = require_mapping(hf_state_dict, "hf_state_dict")
         stage = self.stage if stage is None else stage
-        if isinstance(self.config, BagelConfig):
-            from .checkpoint import state_dict_report  # torch is needed only with a config
+        lora = {key: value for key, value in hf_state_dict.items() if lora_key(key) is not None}
+        weights = {key: value for key, value in hf_state_dict.items() if key not in lora}
+        out: dict[str, V] = {}
+        if weights or not lora:  # an adapter alone (only factors) lacks the weights by design
+            if isinstance(self.config, BagelConfig):
+                from .checkpoint import state_dict_report  # torch is needed only with a config
 
-            checked = state_dict_report(hf_state_dict, stage=stage, config=self.config)
-            checked.raise_for_problems(strict=strict, allow_empty=True)
-            report = checked.plan
-        else:
-            report = self.plan(hf_state_dict, stage=stage)
-            report.raise_for_problems(strict=strict)
-        report.log(strict=strict)
-        return {native: hf_state_dict[key] for key, native in report.native.items()}
+                checked = state_dict_report(weights, stage=stage, config=self.config)
+                checked.raise_for_problems(strict=strict, allow_empty=True)
+                report = checked.plan
+            else:
+                report = self.plan(weights, stage=stage)
+                report.raise_for_problems(strict=strict)
+            report.log(strict=strict)
+            out = {native: weights[key] for key, native in report.native.items()}
+        self._check_factors(lora)
+        keep = STAGE_BUCKETS[normalize_stage(stage)]
+        for key, value in lora.items():
+            found = lora_key(key)
+            assert found is not None
+            if found.bucket in keep:
+                out[native_factor_key(found)] = value
+        return out
+
+    def _check_factors(self, lora: Mapping[str, Any]) -> None:
+        """Raise :class:`~bagelverify.errors.ShapeMismatchError` for LoRA factors that do not
+        fit the weights they adapt (ranks of a pair, and the config's shapes when it has one)."""
+        config = self.config if isinstance(self.config, BagelConfig) else None
+        shapes = {key: tuple(getattr(value, "shape", ())) for key, value in lora.items()}
+        wrong = factor_mismatches(shapes, config=config)
+        if wrong:
+            raise ShapeMismatchError(
+                f"{counted(len(wrong), 'LoRA factor')} {agree(len(wrong), 'does', 'do')} "
+                "not fit the weight it adapts:\n" + "\n".join(wrong) + "\nThe adapter was "
+                "built for another model, or its rank differs between factors."
+            )
 
     def to_hf(
         self,
@@ -139,12 +178,15 @@ class BagelStateDictAdapter:
         Keys for which ``re.match(exclude_key_regex, native_key)`` succeeds are skipped before any
         check. Every other key must start with ``model.`` (:class:`~bagelverify.errors.RootError`
         otherwise); ``._extra_state`` entries are dropped. Under ``strict`` every output key must
-        be an UND or GEN key (:class:`~bagelverify.errors.UnknownKeysError` otherwise); without
-        it such keys are kept with a warning. Values are the same objects, so a checkpoint reader
-        that fills the result fills the model.
+        be an UND or GEN key or a LoRA factor of one (:class:`~bagelverify.errors.
+        UnknownKeysError` otherwise); without it such keys are kept with a warning. LoRA factors
+        under the PEFT ``base_model.model.`` root keep their key, as Automodel's own adapter
+        writes them. Values are the same objects, so a checkpoint reader that fills the result
+        fills the model.
 
         With a :class:`~bagelverify.config.BagelConfig` as ``config``, the shapes are checked
-        against it (one :class:`~bagelverify.errors.ShapeMismatchError`); with
+        against it, LoRA factors against the weights they adapt (one
+        :class:`~bagelverify.errors.ShapeMismatchError`); with
         ``for_checkpoint_load`` (Automodel's checkpointer asks for load destinations) the keys
         must also be the stage's complete set under ``strict``, before anything is read.
 
@@ -160,7 +202,12 @@ class BagelStateDictAdapter:
                 "model's config"
             )
         out = unroot(state_dict, exclude_key_regex=exclude_key_regex)
-        unknown = [ROOT + k for k in out if classify(k) not in (Bucket.UND, Bucket.GEN)]
+        lora = {key: out[key] for key in out if lora_key(key) is not None}
+        unknown = [
+            ROOT + key
+            for key in out
+            if key not in lora and classify(key) not in (Bucket.UND, Bucket.GEN)
+        ]
         if unknown:
             what = agree(
                 len(unknown), "is not a BAGEL UND or GEN key", "are not BAGEL UND or GEN keys"
@@ -173,10 +220,12 @@ class BagelStateDictAdapter:
                     unknown,
                 )
             logger.warning("%s; converting them unchanged", message)
-        if isinstance(self.config, BagelConfig):
+        self._check_factors(lora)
+        weights = {key: value for key, value in out.items() if key not in lora}
+        if isinstance(self.config, BagelConfig) and (weights or not lora):
             from .checkpoint import state_dict_report  # torch is needed only with a config
 
-            report = state_dict_report(out, stage=self.stage, config=self.config)
+            report = state_dict_report(weights, stage=self.stage, config=self.config)
             problems = [
                 problem
                 for problem in report.problems(strict=strict, allow_empty=True)

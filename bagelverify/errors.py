@@ -157,6 +157,11 @@ class LossyCastError(BagelError, ValueError):
     """A requested dtype cast that would lose precision or range, without permission to."""
 
 
+class LoraError(BagelError, ValueError):
+    """A LoRA adapter that does not fit BAGEL: a bad ``adapter_config.json``, factor shapes
+    that disagree with the rank or the base, a target that binds no module."""
+
+
 class IntegrationError(BagelError, ImportError):
     """A training framework bagelverify plugs into is missing, or is a version whose interface
     it cannot serve completely."""

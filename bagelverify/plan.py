@@ -26,6 +26,7 @@ from .errors import (
 )
 from .families import und_twin
 from .keys import ROOT, check_key, strip_root, to_native_key
+from .lora_keys import PEFT_ROOT, lora_key
 from .partition import classify
 from .stage import STAGE_BUCKETS, Stage, normalize_stage
 
@@ -294,7 +295,8 @@ def unroot(state_dict: Mapping[str, V], *, exclude_key_regex: str | None = None)
 
     Keys matched by ``re.match(exclude_key_regex, key)`` are skipped; every other key must be
     under the ``model.`` root, once (:class:`~bagelverify.errors.RootError` listing all that are
-    not, or are rooted twice);
+    not, or are rooted twice), except LoRA factor keys under the PEFT ``base_model.model.``
+    root, which are kept as they are (PEFT adapters are saved under that root);
     ``._extra_state`` entries are dropped.
     """
     state_dict = require_mapping(state_dict, "state_dict")
@@ -306,6 +308,9 @@ def unroot(state_dict: Mapping[str, V], *, exclude_key_regex: str | None = None)
     for key, value in state_dict.items():
         check_key(key)
         if exclude is not None and exclude.match(key):
+            continue
+        if key.startswith(PEFT_ROOT) and lora_key(key) is not None:
+            out[key] = value
             continue
         if not key.startswith(ROOT):
             unrooted.append(key)

@@ -553,3 +553,119 @@ def test_a_routed_load_freezes_older_objects_for_its_duration_only(
         assert seen and gc.get_freeze_count() > 0  # the process's own freeze is not undone
     finally:
         gc.unfreeze()
+
+
+# -- LoRA (Automodel's own PEFT) -------------------------------------------------------------
+
+LORA_TARGETS = ["*.q_proj", "*.v_proj"]
+
+
+def automodels_own_adapter(am: dict[str, ModuleType]) -> type:
+    """Automodel's BAGEL adapter class as it ships (install() replaced it in its module)."""
+    name = "nemo_automodel.components.models.bagel.state_dict_adapter"
+    source = importlib.util.find_spec(name)
+    assert source is not None and source.origin is not None
+    spec = importlib.util.spec_from_file_location("_automodels_own_adapter", source.origin)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    own: type = module.BagelStateDictAdapter
+    return own
+
+
+def lora_model(am: dict[str, ModuleType], seed: int) -> Any:
+    """A tiny F32 stage-1 model, random weights, Automodel's LoRA on ``*.q_proj``/``*.v_proj``
+    with random factors (B too, so a merge changes something)."""
+    from nemo_automodel.components._peft.lora import PeftConfig, apply_lora_to_linear_modules
+
+    torch.manual_seed(seed)
+    model = build(am, TINY, "stage1", dtype=torch.float32)
+    with torch.no_grad():
+        for value in model.state_dict().values():
+            value.normal_()
+    config = PeftConfig(target_modules=LORA_TARGETS, dim=4, alpha=8)
+    assert apply_lora_to_linear_modules(model, config) > 0
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if ".lora_" in key:
+                value.normal_()
+    return model
+
+
+def lora_save(am: dict[str, ModuleType], model: Any, folder: Path, is_peft: bool) -> Path:
+    from nemo_automodel.components._peft.lora import PeftConfig
+
+    config = PeftConfig(target_modules=LORA_TARGETS, dim=4, alpha=8)
+    checkpointer(am, folder / "ck", is_peft=is_peft).save_model(
+        model, str(folder / "saved"), peft_config=config
+    )
+    return folder / "saved/model"
+
+
+@needs_automodel
+@pytest.mark.parametrize("is_peft", [False, True], ids=["full", "peft"])
+def test_a_lora_model_saves_with_install_exactly_as_automodels_own_adapter_and_loads_back(
+    am: dict[str, ModuleType], tmp_path: Path, is_peft: bool
+) -> None:
+    """Automodel's LoRA on a tiny BAGEL model: the save through bagelverify's adapter writes the
+    same files, byte for byte, as Automodel's own adapter; loading that save into a fresh LoRA
+    model restores every tensor it holds (all of them, or the factors alone with is_peft)."""
+    model = lora_model(am, seed=1)
+    ours = lora_save(am, model, tmp_path / "ours", is_peft)
+    model.state_dict_adapter = automodels_own_adapter(am)(model.config)
+    theirs = lora_save(am, model, tmp_path / "theirs", is_peft)
+    model.state_dict_adapter = automodel.AutomodelBagelStateDictAdapter(model.config)
+
+    def files(folder: Path) -> dict[str, bytes]:
+        found = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+        return {n: p.read_bytes() for n, p in found.items() if n != "consolidate.sh"}
+
+    assert files(ours) == files(theirs)
+    factors = [n for n in files(ours) if n.endswith(".safetensors")]
+    keys = safetensors.torch.load_file(str(ours / factors[0]))
+    assert any(".lora_A.weight" in key for key in keys)
+
+    fresh = lora_model(am, seed=2)
+    checkpointer(am, tmp_path / "load", is_peft=is_peft).load_model(fresh, str(ours))
+    expected, loaded = model.state_dict(), fresh.state_dict()
+    restored = [k for k in expected if torch.equal(expected[k], loaded[k])]
+    held = [k for k in expected if ".lora_" in k or not is_peft]
+    assert sorted(restored) == sorted(held)
+
+
+@needs_automodel
+def test_merging_automodels_saved_adapter_equals_its_lora_modules_effective_weights(
+    am: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    """The real thing end to end: the adapter Automodel saves (is_peft) checks clean against the
+    base bagelverify saves from the same model, and ``merge_adapter`` gives every LoRA module's
+    weight exactly as Automodel's ``LinearLoRA.materialize_effective_weight`` computes it (F32
+    model: both compute W + s*B@A in F32, rounded once); every other tensor is the base's."""
+    from nemo_automodel.components._peft.lora import LinearLoRA
+
+    from bagelverify.lora import check_adapter, merge_adapter
+
+    model = lora_model(am, seed=3)
+    adapter = lora_save(am, model, tmp_path / "adapter", is_peft=True)
+    state = model.state_dict()
+    base = {key: value for key, value in state.items() if ".lora_" not in key}
+    config = automodel.bagel_config_from_automodel(model.config)
+    bv.save_bagel_checkpoint(base, tmp_path / "base", stage="stage1", config=config)
+    report = check_adapter(adapter, tmp_path / "base")
+    assert report.ok, report.errors
+    assert f"q_proj: {TINY.num_hidden_layers} UND, 0 GEN twins" in report.total.summary()
+    merge_adapter(tmp_path / "base", adapter, tmp_path / "merged")
+    merged = file_tensors(tmp_path / "merged")
+    effective = {
+        name.removeprefix("model.") + ".weight": module.materialize_effective_weight()
+        for name, module in model.named_modules()
+        if isinstance(module, LinearLoRA)
+    }
+    assert len(effective) == report.modules == 2 * (TINY.num_hidden_layers + TINY.vit_layers_used)
+    unequal = [
+        key
+        for key, value in merged.items()
+        if not torch.equal(value, effective.get(key, base["model." + key]))
+    ]
+    assert unequal == []
+    assert sum(not torch.equal(merged[k], base["model." + k]) for k in effective) == len(effective)

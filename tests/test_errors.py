@@ -34,6 +34,7 @@ BUILTIN_PARENTS: dict[type[errors.BagelError], tuple[type[Exception], ...]] = {
     errors.QuantizedCheckpointError: (ValueError,),
     errors.IntegrationError: (ImportError,),
     errors.AliasError: (ValueError,),
+    errors.LoraError: (ValueError,),
 }
 
 

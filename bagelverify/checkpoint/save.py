@@ -324,6 +324,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     weights: object = None,
     strip_prefix: str | None = None,
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[Path]:
     """Rewrite a checkpoint folder with HF or native keys, streaming one tensor at a time.
 
@@ -336,7 +337,9 @@ def convert_checkpoint(
     ``strip_prefix`` removes a wrapper's prefix (``module.``) from the source's keys. A
     ``dst_dir`` that is the source (the same folder through a symlink or a bind mount, or a
     folder holding hard links to its files) raises :class:`~bagelverify.errors.AliasError`.
-    Returns the files written.
+    ``transform(hf_key, tensor)``, if given, replaces each tensor read before it is written
+    (same shape and dtype: the header is written from the source's). Returns the files
+    written.
     """
     with read_jobs(
         src_dir,
@@ -355,6 +358,8 @@ def convert_checkpoint(
         def fetch(hf_key: str) -> torch.Tensor:
             job = jobs[to_native_key(hf_key)]
             out = read_tensor(job)
+            if transform is not None:
+                out = transform(hf_key, out)
             if on_tensor is not None:
                 on_tensor(hf_key, job.info.nbytes)
             return out
