@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -253,3 +254,45 @@ def test_header_length_is_capped_exactly_at_max_header_bytes(tmp_path: Path) -> 
     path.write_bytes(struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}")
     with pytest.raises(CorruptCheckpointError, match=f"exceeds the {MAX_HEADER_BYTES}-byte cap"):
         read_header(path)
+
+
+def test_every_safetensors_dtype_name_maps_to_its_torch_dtype_and_size() -> None:
+    names = {
+        "BOOL": "bool",
+        "U8": "uint8",
+        "I8": "int8",
+        "I16": "int16",
+        "U16": "uint16",
+        "I32": "int32",
+        "U32": "uint32",
+        "I64": "int64",
+        "U64": "uint64",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "F32": "float32",
+        "F64": "float64",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+    }
+    expected = {n: getattr(torch, a) for n, a in names.items() if hasattr(torch, a)}
+    assert {n: d.torch_dtype for n, d in DTYPES.items()} == expected
+    assert all(d.name == n and d.itemsize == d.torch_dtype.itemsize for n, d in DTYPES.items())
+
+
+# -- the engine's defaults and its summary line --------------------------------------------------
+
+
+def test_thread_count_is_one_when_the_cpu_count_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert EngineOptions().thread_count() == EngineOptions().thread_count(staged=False) == 1
+
+
+def test_the_engine_logs_bytes_reads_threads_and_staging(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, _ = _file_of(tmp_path, 64)
+    destination = torch.empty(64, dtype=torch.uint8)
+    with caplog.at_level(logging.DEBUG, logger="bagelverify.engine"):
+        run([Transfer("x", path, 0, 64, torch.uint8, (64,), destination)])
+    summaries = [r.getMessage() for r in caplog.records if r.name == "bagelverify.engine"]
+    assert summaries == ["read 64 bytes in 1 reads on 1 threads (0 staging bytes)"]
