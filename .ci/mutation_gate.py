@@ -6,12 +6,12 @@
 Steps: a fresh ``mutants/`` is generated and mutmut's per-test coverage collected (by running the
 few mutants of ``keys.py``); then a deterministic sample of every module's mutants (the same
 ``--seed`` and code give the same sample) is run by ``mutmut run``, except the mutants of the
-helpers that only run while ``bagelverify.families`` is imported, which mutmut cannot switch on
-in time: each of those runs in a fresh process (the import-time loop; the gate fails if it
-tests nothing). Survivors are matched against the reviewed list ``.ci/mutation_equivalents.toml``;
-a module fails below ``--bar`` percent of its non-equivalent mutants killed (a timeout is a
-kill; a mutant no selected test reaches is a survivor). The table is printed and MUTATION.md is
-rewritten from the run (``--no-write`` to leave it).
+helpers that only run while their module is imported (the family table's, the dtype table),
+which mutmut cannot switch on in time: each of those runs in a fresh process (the import-time
+loop; the gate fails if it tests nothing). Survivors are matched against the reviewed list
+``.ci/mutation_equivalents.toml``; a module fails below ``--bar`` percent of its non-equivalent
+mutants killed (a timeout is a kill; a mutant no selected test reaches is a survivor). The
+table is printed and MUTATION.md is rewritten from the run (``--no-write`` to leave it).
 """
 
 from __future__ import annotations
@@ -34,8 +34,18 @@ import tomllib
 ROOT = Path(__file__).resolve().parent.parent
 MUTANTS = ROOT / "mutants"
 EQUIVALENTS = ROOT / ".ci" / "mutation_equivalents.toml"
-IMPORT_TIME = re.compile(r"^bagelverify\.families\.x__(linear|vector|table|twinned)__mutmut_\d+$")
-IMPORT_TIME_TESTS = ["tests/test_families.py", "tests/test_mutation_gaps.py"]
+# Helpers that only run while their module is imported (mutmut cannot switch their mutants on in
+# time), with the tests each such mutant runs against in a fresh process.
+IMPORT_TIME_TESTS = {
+    re.compile(r"^bagelverify\.families\.x__(linear|vector|table|twinned)__mutmut_\d+$"): [
+        "tests/test_families.py",
+        "tests/test_mutation_gaps.py",
+    ],
+    re.compile(r"^bagelverify\.safetensors_io\.x__dtype_table__mutmut_\d+$"): [
+        "tests/test_mutation_gaps_io.py",
+        "tests/test_safetensors_io.py",
+    ],
+}
 KILLED = {1, 3, 24, -24, 36, 152, 255}  # failed tests, pytest's internal error, timeouts
 SEED_MODULE = "bagelverify.keys.*"  # a few mutants: the first run generates and collects stats
 
@@ -102,11 +112,15 @@ def _exit_codes() -> dict[str, int | None]:
     return codes
 
 
+def _import_tests(name: str) -> list[str] | None:
+    """The tests of an import-time mutant, None for one mutmut switches on at call time."""
+    return next((t for pattern, t in IMPORT_TIME_TESTS.items() if pattern.match(name)), None)
+
+
 def _module(name: str) -> str:
-    """The module a mutant belongs to; the import-time mutants are a pool of their own."""
-    if IMPORT_TIME.match(name):
-        return "bagelverify.families (import time)"
-    return name.split(".x_", 1)[0].split(".xǁ", 1)[0]
+    """The module a mutant belongs to; its import-time mutants are a pool of their own."""
+    module = name.split(".x_", 1)[0].split(".xǁ", 1)[0]
+    return module + " (import time)" if _import_tests(name) else module
 
 
 def _sample(names: list[str], size: int, seed: int) -> list[str]:
@@ -140,10 +154,10 @@ def _equivalents() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     return skips, mutants
 
 
-def _import_time_tests(mutant: str) -> int:
-    """The import-time tests' exit status in a fresh process with ``mutant`` on ("": none)."""
+def _import_time_tests(mutant: str, tests: list[str]) -> int:
+    """``tests``' exit status in a fresh process with ``mutant`` on ("": none)."""
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *IMPORT_TIME_TESTS],
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
         cwd=MUTANTS,
         env=dict(_env(), MUTANT_UNDER_TEST=mutant, PYTHONPATH=str(MUTANTS)),
         capture_output=True,
@@ -158,9 +172,10 @@ def _import_time_loop(names: list[str]) -> dict[str, bool]:
     would then look killed)."""
     if not names:
         sys.exit("the import-time loop has no mutant to test")
-    if _import_time_tests("") != 0:
-        sys.exit(f"the import-time tests fail in {MUTANTS} with no mutant on")
-    return {name: _import_time_tests(name) != 0 for name in names}
+    for tests in IMPORT_TIME_TESTS.values():
+        if _import_time_tests("", tests) != 0:
+            sys.exit(f"{tests} fail in {MUTANTS} with no mutant on")
+    return {name: _import_time_tests(name, _import_tests(name) or []) != 0 for name in names}
 
 
 def _cell(text: str) -> str:
@@ -229,11 +244,11 @@ def _markdown(
         "`[tool.mutmut]` in `pyproject.toml` names the mutated modules and the test files run "
         "against them (mutmut runs, for each mutant, the selected tests that reach its "
         "function). CI runs a time-boxed, deterministic sample: the same seed and code give the "
-        "same mutants, and each module is judged on its sample. Mutants of the four helpers "
-        "that only run while `bagelverify.families` is imported (`_linear`, `_vector`, "
-        "`_table`, `_twinned`) are run one fresh process each (the gate fails when that loop "
-        "tests none). The Hypothesis profile `mutation` runs 25 derandomized examples per "
-        "property, so every mutant meets the same inputs.",
+        "same mutants, and each module is judged on its sample. Mutants of the helpers that "
+        "only run while their module is imported (`families`' `_linear`, `_vector`, `_table`, "
+        "`_twinned`; `safetensors_io._dtype_table`) are run one fresh process each (the gate "
+        "fails when that loop tests none). The Hypothesis profile `mutation` runs 25 "
+        "derandomized examples per property, so every mutant meets the same inputs.",
         "",
         f"Score = killed / (tried - equivalent); a timeout is a kill, a mutant no selected test "
         f"reaches is a survivor. The gate fails when a module scores below {args.bar:g}%.",
@@ -285,10 +300,8 @@ def main() -> int:
     _run([SEED_MODULE], args.max_children)  # generates every mutant, collects coverage
     everything = sorted(_exit_codes())
     sample = _sample(everything, args.sample, args.seed)
-    at_import = [n for n in sample if IMPORT_TIME.match(n)]
-    runtime = [
-        n for n in sample if not IMPORT_TIME.match(n) and not n.startswith("bagelverify.keys.")
-    ]
+    at_import = [n for n in sample if _import_tests(n)]
+    runtime = [n for n in sample if not _import_tests(n) and not n.startswith("bagelverify.keys.")]
     print(f"{len(everything)} mutants; running {len(sample)} ({len(at_import)} at import time)")
     in_time = _run(runtime, args.max_children, args.time_box or None) if runtime else True
     codes = _exit_codes()

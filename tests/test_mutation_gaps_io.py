@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -173,24 +174,22 @@ def test_gapped_and_permuted_views_are_accepted() -> None:
     assert _overlaps(torch.zeros(4, 8).as_strided((4, 4), (2, 1)))  # rows overlap by half
 
 
-def _stage1_zeros(folder: Path) -> dict[str, torch.Tensor]:
+def _stage1_with_matrix(folder: Path) -> tuple[dict[str, torch.Tensor], str, int, int]:
+    """Zeroed stage-1 destinations of ``folder`` and a 2-d key of at least 3 x 3 with its shape."""
     report = bv.inspect_checkpoint(folder, stage=1)
-    return {
+    destination = {
         native: torch.zeros(info.shape, dtype=DTYPES[info.dtype].torch_dtype)
         for native, info in report.retained.items()
     }
-
-
-def _matrix_key(destination: dict[str, torch.Tensor]) -> str:
-    return next(k for k, v in destination.items() if v.dim() == 2 and min(v.shape) > 2)
+    key = next(k for k, v in destination.items() if v.dim() == 2 and min(v.shape) > 2)
+    rows, cols = destination[key].shape
+    return destination, key, rows, cols
 
 
 def test_a_partly_overlapping_as_strided_destination_is_refused(
     synthetic_checkpoint: SyntheticCheckpoint,
 ) -> None:
-    destination = _stage1_zeros(synthetic_checkpoint.path)
-    key = _matrix_key(destination)
-    rows, cols = destination[key].shape
+    destination, key, rows, cols = _stage1_with_matrix(synthetic_checkpoint.path)
     storage = torch.zeros(rows * cols, dtype=destination[key].dtype)
     destination[key] = storage.as_strided((rows, cols), (cols // 2, 1))  # each row half the next
     with pytest.raises(bv.DestinationError, match=rf"{key}: destination's elements share memory"):
@@ -202,9 +201,7 @@ def test_a_gapped_destination_view_is_accepted_and_filled(
     synthetic_checkpoint: SyntheticCheckpoint,
 ) -> None:
     """The ``zeros(4, 8)[:, ::2]`` pattern: every other column of a wider tensor."""
-    destination = _stage1_zeros(synthetic_checkpoint.path)
-    key = _matrix_key(destination)
-    rows, cols = destination[key].shape
+    destination, key, rows, cols = _stage1_with_matrix(synthetic_checkpoint.path)
     wide = torch.zeros(rows, 2 * cols, dtype=destination[key].dtype)
     destination[key] = wide[:, ::2]
     bv.load_into(destination, synthetic_checkpoint.path)
@@ -257,25 +254,11 @@ def test_header_length_is_capped_exactly_at_max_header_bytes(tmp_path: Path) -> 
 
 
 def test_every_safetensors_dtype_name_maps_to_its_torch_dtype_and_size() -> None:
-    names = {
-        "BOOL": "bool",
-        "U8": "uint8",
-        "I8": "int8",
-        "I16": "int16",
-        "U16": "uint16",
-        "I32": "int32",
-        "U32": "uint32",
-        "I64": "int64",
-        "U64": "uint64",
-        "F16": "float16",
-        "BF16": "bfloat16",
-        "F32": "float32",
-        "F64": "float64",
-        "F8_E4M3": "float8_e4m3fn",
-        "F8_E5M2": "float8_e5m2",
-    }
-    expected = {n: getattr(torch, a) for n, a in names.items() if hasattr(torch, a)}
-    assert {n: d.torch_dtype for n, d in DTYPES.items()} == expected
+    """The names are the safetensors format's; the torch dtypes are safetensors' own reader's."""
+    names = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32"}
+    names |= {"F64", "F8_E4M3", "F8_E5M2"}
+    reference = {n: safetensors.torch._TYPES[n] for n in names}
+    assert {n: d.torch_dtype for n, d in DTYPES.items()} == reference
     assert all(d.name == n and d.itemsize == d.torch_dtype.itemsize for n, d in DTYPES.items())
 
 
