@@ -279,3 +279,11 @@ def test_the_engine_logs_bytes_reads_threads_and_staging(
         run([Transfer("x", path, 0, 64, torch.uint8, (64,), destination)])
     summaries = [r.getMessage() for r in caplog.records if r.name == "bagelverify.engine"]
     assert summaries == ["read 64 bytes in 1 reads on 1 threads (0 staging bytes)"]
+
+
+def test_direct_reads_may_use_more_threads_than_staged_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert EngineOptions().thread_count(staged=True) == 8
+    assert EngineOptions().thread_count(staged=False) == 16
