@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import struct
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import bagelverify as bv
 from bagelverify.checkpoint.load import _overlaps
 from bagelverify.engine import EngineOptions, Transfer, run
 from bagelverify.errors import CorruptCheckpointError
-from bagelverify.safetensors_io import DTYPES, MAX_HEADER_BYTES, read_header
+from bagelverify.safetensors_io import DTYPES, MAX_HEADER_BYTES, read_header, require_little_endian
 from bagelverify.synthetic import SyntheticCheckpoint
 
 # -- short reads -------------------------------------------------------------------------------
@@ -287,3 +288,13 @@ def test_direct_reads_may_use_more_threads_than_staged_ones(
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert EngineOptions().thread_count(staged=True) == 8
     assert EngineOptions().thread_count(staged=False) == 16
+
+
+def test_a_big_endian_host_is_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "byteorder", "big")
+    with pytest.raises(bv.UnsupportedPlatformError) as info:
+        require_little_endian()
+    assert str(info.value) == (
+        "this host is big-endian; bagelverify copies safetensors bytes (little-endian) straight "
+        "into tensor memory and supports little-endian hosts only"
+    )
