@@ -18,7 +18,7 @@ from bagelverify import matcher as matcher_module
 from bagelverify.errors import PatternError, format_examples
 from bagelverify.families import FAMILIES, FAMILY_BY_NAME, Family, family_of
 from bagelverify.matcher import Matcher, NaiveMatcher, literal_prefix
-from bagelverify.plan import plan
+from bagelverify.plan import plan, unroot
 
 # ``bagelverify.partition`` is also the name of a function the package exports
 partition_module = importlib.import_module("bagelverify.partition")
@@ -592,3 +592,65 @@ def test_family_keys_enumerate_each_key_once() -> None:
         if family.shape is not None:
             keys = list(family.keys(config))
             assert len(keys) == len(set(keys)), family.name
+
+
+# -- issue 29: the doubly-rooted refusal and the plural forms of the messages -----------------
+
+K = "language_model.model.layers.1.self_attn.k_proj.weight"
+
+
+def test_unroot_reports_every_doubly_rooted_key_in_one_error() -> None:
+    """Every key rooted twice is listed (in ``.keys`` and the message), and they are reported
+    before keys that are not rooted at all."""
+    doubly = ["model.model." + Q, "model.model." + K]
+    with pytest.raises(bv.RootError) as info:
+        unroot({"model." + Q: 1, doubly[0]: 2, "bare": 3, doubly[1]: 4})
+    assert info.value.keys == doubly
+    assert str(info.value) == (
+        f"2 native keys are rooted twice ('model.''model.'...): {format_examples(doubly)}. "
+        "A native key has one 'model.' root; strip the extra prefix (a module wrapped in "
+        "another module adds one)."
+    )
+    with pytest.raises(bv.RootError, match=r"^1 native key is rooted twice") as one:
+        unroot({doubly[1]: 1})
+    assert one.value.keys == [doubly[1]]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda: unroot({Q: 1, "model." + K: 2, K: 3}),
+            bv.RootError,
+            f"2 native keys are not under the 'model.' root: {format_examples([Q, K])}. to_hf "
+            "takes the module's own state dict; HF-layout keys need no conversion.",
+        ),
+        (
+            lambda: ADAPTER.from_hf({Q: 1, "model." + Q: 2, K: 3, "model." + K: 4}),
+            bv.KeyCollisionError,
+            "2 keys occur both unrooted and under the 'model.' root: "
+            f"{format_examples([(Q, 'model.' + Q), (K, 'model.' + K)])}; both would load into "
+            "the same parameter. Remove one of each pair from the state dict.",
+        ),
+        (
+            lambda: ADAPTER.to_hf({"model.head.weight": 1, "model.head.bias": 2}),
+            bv.UnknownKeysError,
+            "2 native keys are not BAGEL UND or GEN keys: 'model.head.weight', "
+            "'model.head.bias'. Pass strict=False to convert them anyway, or exclude them with "
+            "exclude_key_regex.",
+        ),
+    ],
+    ids=["unrooted", "collisions", "to_hf-unknown"],
+)
+def test_plural_error_messages_are_pinned(call: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error) as info:
+        call()
+    assert str(info.value) == message
+
+
+def test_error_attributes_keep_what_they_are_given() -> None:
+    """The lists callers read from the errors, not only their messages."""
+    missing = bv.MissingKeysError("m", ("a",), ("b", "c"))
+    assert (missing.keys, missing.unexpected) == (["a"], ["b", "c"])
+    mismatch = bv.ShapeMismatchError("m", [("k", (1, 2), (2, 1))])
+    assert mismatch.mismatches == [("k", (1, 2), (2, 1))]

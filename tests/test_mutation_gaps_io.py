@@ -1,0 +1,300 @@
+"""Issue 29: tests that kill the mutants a probe of the read engine, the loaders and the
+safetensors reader found alive (short ``preadv`` reads, overlapping and gapped destinations,
+the int64 and header-length edges). In mutmut's test selection (``[tool.mutmut]``)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import struct
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import bagelverify as bv
+from bagelverify.checkpoint.load import _overlaps
+from bagelverify.engine import EngineOptions, Transfer, run
+from bagelverify.errors import CorruptCheckpointError
+from bagelverify.safetensors_io import DTYPES, MAX_HEADER_BYTES, read_header, require_little_endian
+from bagelverify.synthetic import SyntheticCheckpoint
+
+# -- short reads -------------------------------------------------------------------------------
+
+_CAPS = (1, 5, 3, 16, 2, 7)  # bytes each call may read: mid-buffer and on buffer boundaries
+
+
+@pytest.fixture
+def short_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]]]:
+    """``os.preadv`` that reads at most the next of :data:`_CAPS` bytes per call (a legal short
+    read, as a signal or a network file system may give); logs (bytes asked, bytes read)."""
+    real, caps, log = os.preadv, itertools.cycle(_CAPS), []
+
+    def short(fd: int, buffers: list[memoryview], offset: int) -> int:
+        left, capped = next(caps), []
+        asked = sum(len(b) for b in buffers)
+        for buffer in buffers:
+            view = memoryview(buffer)[:left]
+            capped.append(view)
+            left -= len(view)
+        got = real(fd, capped, offset)
+        log.append((asked, got))
+        return got
+
+    monkeypatch.setattr(os, "preadv", short)
+    yield log
+
+
+def _file_of(tmp_path: Path, nbytes: int) -> tuple[Path, bytes]:
+    data = bytes((7 * n + 3) % 251 for n in range(nbytes))
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+def _expected(data: bytes, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    raw = bytearray(data[offset : offset + count * dtype.itemsize])
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).clone()
+
+
+_SIZES = (3, 5, 1, 16, 9, 2, 11)  # element counts: pieces of several lengths, back to back
+
+
+def test_short_preadv_reads_resume_in_place_across_and_inside_buffers(
+    tmp_path: Path, short_reads: list[tuple[int, int]]
+) -> None:
+    """CPU destinations of the file's dtype are read in place with one ``preadv`` per read over
+    several buffers; every short count resumes at the right byte of the right buffer."""
+    path, data = _file_of(tmp_path, 4 + sum(_SIZES) * 2)
+    transfers, offset = [], 4
+    for n, count in enumerate(_SIZES):
+        dtype = torch.uint8 if n % 2 else torch.int16
+        nbytes = count * dtype.itemsize
+        transfers.append(
+            Transfer(
+                f"t{n}", path, offset, nbytes, dtype, (count,), torch.empty(count, dtype=dtype)
+            )
+        )
+        offset += nbytes
+    stats = run(transfers, options=EngineOptions(threads=1, chunk_bytes=4096, staging_bytes=4096))
+    assert stats.reads == 1 and stats.staging_bytes == 0  # one multi-buffer read, in place
+    assert any(got < asked for asked, got in short_reads)
+    for transfer in transfers:
+        want = _expected(data, transfer.offset, transfer.shape[0], transfer.dtype)
+        assert torch.equal(transfer.destination, want), transfer.label
+
+
+def test_short_preadv_reads_resume_on_the_staged_path(
+    tmp_path: Path, short_reads: list[tuple[int, int]]
+) -> None:
+    """A cast (BF16 file into an F32 destination) goes through the staging buffer; short reads
+    into it resume where they stopped."""
+    count = 37
+    path, data = _file_of(tmp_path, 6 + 2 * count)
+    destination = torch.empty(count, dtype=torch.float32)
+    transfer = Transfer("cast", path, 6, 2 * count, torch.bfloat16, (count,), destination)
+    stats = run([transfer], options=EngineOptions(threads=1, chunk_bytes=4096, staging_bytes=4096))
+    assert stats.staging_bytes > 0
+    assert any(got < asked for asked, got in short_reads)
+    want = _expected(data, 6, count, torch.bfloat16).float()
+    assert torch.equal(destination.view(torch.int32), want.view(torch.int32))
+
+
+def test_a_file_ending_during_short_reads_is_still_a_corrupt_checkpoint(
+    tmp_path: Path, short_reads: list[tuple[int, int]]
+) -> None:
+    path, _ = _file_of(tmp_path, 20)
+    destination = torch.empty(30, dtype=torch.uint8)
+    with pytest.raises(CorruptCheckpointError, match="unexpected end of file at byte 20"):
+        run([Transfer("past", path, 0, 30, torch.uint8, (30,), destination)])
+
+
+# -- destinations whose elements share memory ----------------------------------------------------
+
+
+def _shares_memory(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Brute force: whether two indices of the layout land on the same storage offset."""
+    offsets = [
+        sum(i * s for i, s in zip(index, strides, strict=True))
+        for index in itertools.product(*(range(n) for n in shape))
+    ]
+    return len(set(offsets)) < len(offsets)
+
+
+@st.composite
+def _power_of_two_layouts(draw: st.DrawFn) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    rank = draw(st.integers(1, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=rank, max_size=rank)))
+    strides = tuple(
+        draw(st.lists(st.sampled_from([0, 1, 2, 4, 8, 16]), min_size=rank, max_size=rank))
+    )
+    return shape, strides
+
+
+@given(_power_of_two_layouts())
+def test_with_dividing_strides_a_destination_is_refused_exactly_when_elements_share_memory(
+    layout: tuple[tuple[int, ...], tuple[int, ...]],
+) -> None:
+    """Invariant: for strides that divide one another (powers of two, or 0), the overlap check
+    refuses an ``as_strided`` view exactly when two of its elements share memory (any stride
+    below the extent of the smaller ones then lands on another element)."""
+    shape, strides = layout
+    view = torch.zeros(1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True)))
+    view = view.as_strided(shape, strides)
+    assert _overlaps(view) == _shares_memory(shape, strides)
+
+
+@given(
+    st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    st.lists(st.integers(0, 7), min_size=3, max_size=3),
+)
+def test_a_destination_whose_elements_share_memory_is_never_accepted(
+    shape: list[int], strides: list[int]
+) -> None:
+    """Invariant: for any strides, shared memory implies refusal (the check may refuse some
+    irregular layouts that do not overlap, never accept one that does)."""
+    strides = strides[: len(shape)]
+    view = torch.zeros(1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True)))
+    view = view.as_strided(shape, strides)
+    if _shares_memory(tuple(shape), tuple(strides)):
+        assert _overlaps(view)
+
+
+def test_gapped_and_permuted_views_are_accepted() -> None:
+    assert not _overlaps(torch.zeros(4, 8)[:, ::2])
+    assert not _overlaps(torch.zeros(4, 8)[::2, ::3])
+    assert not _overlaps(torch.zeros(3, 5, 2).permute(2, 0, 1))
+    assert not _overlaps(torch.zeros(1, 6)[:, ::3])
+    assert _overlaps(torch.zeros(4, 8).as_strided((4, 4), (2, 1)))  # rows overlap by half
+
+
+def _stage1_with_matrix(folder: Path) -> tuple[dict[str, torch.Tensor], str, int, int]:
+    """Zeroed stage-1 destinations of ``folder`` and a 2-d key of at least 3 x 3 with its shape."""
+    report = bv.inspect_checkpoint(folder, stage=1)
+    destination = {
+        native: torch.zeros(info.shape, dtype=DTYPES[info.dtype].torch_dtype)
+        for native, info in report.retained.items()
+    }
+    key = next(k for k, v in destination.items() if v.dim() == 2 and min(v.shape) > 2)
+    rows, cols = destination[key].shape
+    return destination, key, rows, cols
+
+
+def test_a_partly_overlapping_as_strided_destination_is_refused(
+    synthetic_checkpoint: SyntheticCheckpoint,
+) -> None:
+    destination, key, rows, cols = _stage1_with_matrix(synthetic_checkpoint.path)
+    storage = torch.zeros(rows * cols, dtype=destination[key].dtype)
+    destination[key] = storage.as_strided((rows, cols), (cols // 2, 1))  # each row half the next
+    with pytest.raises(bv.DestinationError, match=rf"{key}: destination's elements share memory"):
+        bv.load_into(destination, synthetic_checkpoint.path)
+    assert not storage.any()  # refused before any read
+
+
+def test_a_gapped_destination_view_is_accepted_and_filled(
+    synthetic_checkpoint: SyntheticCheckpoint,
+) -> None:
+    """The ``zeros(4, 8)[:, ::2]`` pattern: every other column of a wider tensor."""
+    destination, key, rows, cols = _stage1_with_matrix(synthetic_checkpoint.path)
+    wide = torch.zeros(rows, 2 * cols, dtype=destination[key].dtype)
+    destination[key] = wide[:, ::2]
+    bv.load_into(destination, synthetic_checkpoint.path)
+    expected = bv.load_bagel_checkpoint_state_dict(synthetic_checkpoint.path)[key]
+    assert torch.equal(wide[:, ::2], expected) and not wide[:, 1::2].any()
+
+
+# -- the safetensors reader's edges ------------------------------------------------------------
+
+
+def _header_file(path: Path, header: Mapping[str, object]) -> Path:
+    body = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("shape", "overflows"),
+    [
+        ([2**63 - 1], False),
+        ([2**63], True),
+        ([2**62, 2], True),
+        ([2**62 - 1, 2], False),
+        ([0, 2**63 - 1, 1], False),
+        ([1, 0, 2**63], True),
+    ],
+)
+def test_element_counts_are_refused_exactly_above_int64(
+    tmp_path: Path, shape: list[int], overflows: bool
+) -> None:
+    """At 2**63 - 1 elements the shape passes (the file is then refused for its byte span, one
+    byte too long); one more is refused as an int64 overflow, whatever zero dims stand around."""
+    count = 1
+    for dim in shape:
+        count *= dim
+    header = {"a": {"dtype": "U8", "shape": shape, "data_offsets": [0, count + 1]}}
+    with pytest.raises(CorruptCheckpointError) as info:
+        read_header(_header_file(tmp_path / "x.safetensors", header))
+    assert ("overflows int64" in str(info.value)) is overflows, str(info.value)
+
+
+def test_header_length_is_capped_exactly_at_max_header_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", MAX_HEADER_BYTES) + b"{}")
+    with pytest.raises(CorruptCheckpointError, match=f"header length {MAX_HEADER_BYTES} runs past"):
+        read_header(path)
+    path.write_bytes(struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}")
+    with pytest.raises(CorruptCheckpointError, match=f"exceeds the {MAX_HEADER_BYTES}-byte cap"):
+        read_header(path)
+
+
+def test_every_safetensors_dtype_name_maps_to_its_torch_dtype_and_size() -> None:
+    """The names are the safetensors format's; the torch dtypes are safetensors' own reader's."""
+    names = {"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "BF16", "F32"}
+    names |= {"F64", "F8_E4M3", "F8_E5M2"}
+    reference = {n: safetensors.torch._TYPES[n] for n in names}
+    assert {n: d.torch_dtype for n, d in DTYPES.items()} == reference
+    assert all(d.name == n and d.itemsize == d.torch_dtype.itemsize for n, d in DTYPES.items())
+
+
+# -- the engine's defaults and its summary line --------------------------------------------------
+
+
+def test_thread_count_is_one_when_the_cpu_count_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert EngineOptions().thread_count() == EngineOptions().thread_count(staged=False) == 1
+
+
+def test_the_engine_logs_bytes_reads_threads_and_staging(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, _ = _file_of(tmp_path, 64)
+    destination = torch.empty(64, dtype=torch.uint8)
+    with caplog.at_level(logging.DEBUG, logger="bagelverify.engine"):
+        run([Transfer("x", path, 0, 64, torch.uint8, (64,), destination)])
+    summaries = [r.getMessage() for r in caplog.records if r.name == "bagelverify.engine"]
+    assert summaries == ["read 64 bytes in 1 reads on 1 threads (0 staging bytes)"]
+
+
+def test_direct_reads_may_use_more_threads_than_staged_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert EngineOptions().thread_count(staged=True) == 8
+    assert EngineOptions().thread_count(staged=False) == 16
+
+
+def test_a_big_endian_host_is_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "byteorder", "big")
+    with pytest.raises(bv.UnsupportedPlatformError) as info:
+        require_little_endian()
+    assert str(info.value) == (
+        "this host is big-endian; bagelverify copies safetensors bytes (little-endian) straight "
+        "into tensor memory and supports little-endian hosts only"
+    )
