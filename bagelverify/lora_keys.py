@@ -18,7 +18,7 @@ from typing import Literal
 
 from .buckets import Bucket
 from .config import BagelConfig
-from .families import FAMILIES, Family
+from .families import FAMILIES, Family, family_of
 from .keys import ROOT, check_key
 
 PEFT_ROOT = "base_model.model."
@@ -84,9 +84,9 @@ def lora_key(key: str) -> LoraKey | None:
         tail = f".{factor}{_SUFFIX}"
         if hf_key.endswith(tail):
             module = hf_key[: -len(tail)]
-            for family in lora_families():
-                if family.match(module + _SUFFIX):
-                    return LoraKey(key, root, module, factor, family)
+            family = family_of(module + _SUFFIX)
+            if family is not None and family in lora_families():
+                return LoraKey(key, root, module, factor, family)
     return None
 
 

@@ -79,8 +79,17 @@ def leftovers(*folders: Path) -> list[str]:
 
 
 def run_child(*args: object) -> subprocess.CompletedProcess[str]:
+    return _run(sys.executable, CHILD, *args)
+
+
+def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
+    """``python -m bagelverify ARGS`` in a child process."""
+    return _run(sys.executable, "-m", "bagelverify", *args)
+
+
+def _run(*command: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(CHILD), *map(str, args)],
+        [str(part) for part in command],
         capture_output=True,
         text=True,
         env=CHILD_ENV,
@@ -515,14 +524,7 @@ def test_convert_cli_refuses_an_output_that_is_its_input_even_with_force(
     dst = aliases(source, how)
     for extra in ([], ["--to", "dcp"], ["--dtype", "f32"]):
         argv = ["convert", str(source), str(dst), "--stage", "1", "--force", *extra]
-        done = subprocess.run(
-            [sys.executable, "-m", "bagelverify", *argv],
-            capture_output=True,
-            text=True,
-            env=CHILD_ENV,
-            timeout=TIMEOUT,
-            check=False,
-        )
+        done = run_cli(*argv)
         assert done.returncode == 2 and done.stdout == "", done.stderr
         line = done.stderr.strip()
         assert line.startswith("bagelverify convert: error: ") and "\n" not in line, line
@@ -532,14 +534,7 @@ def test_convert_cli_refuses_an_output_that_is_its_input_even_with_force(
 
 def test_convert_cli_refuses_a_source_file_inside_dst(source: Path) -> None:
     argv = ["convert", str(source / MODEL_FILE), str(source), "--stage", "1", "--force"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bagelverify", *argv],
-        capture_output=True,
-        text=True,
-        env=CHILD_ENV,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    done = run_cli(*argv)
     assert done.returncode == 2
     assert f"{source} is the same folder as the input {source}" in done.stderr
 
