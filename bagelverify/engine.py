@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from .errors import BagelError, CorruptCheckpointError, ReadError
+from .errors import AllocationError, BagelError, CorruptCheckpointError, ReadError
 
 if TYPE_CHECKING:
     import torch
@@ -39,15 +39,23 @@ logger = logging.getLogger(__name__)
 
 MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = 64 * MiB
-"""Default largest single read (64 MiB: the best chunk size measured on an H200 host)."""
+"""Default largest single read into CPU memory (64 MiB: the best chunk size measured on an H200
+host)."""
+DEFAULT_CUDA_CHUNK_BYTES = 32 * MiB
+"""Default largest single read when CUDA destinations are read (through staging): see
+:data:`MAX_DEFAULT_CUDA_THREADS` for the measurements behind it."""
 MAX_DEFAULT_THREADS = 8
-"""Default thread count for staged (CUDA, cast) loads: the CPU count capped at this (on a
-16-core H200 host 8 threads beat 4 and 16)."""
+"""Default thread count for loads staged on the CPU (casts, transforms into CPU tensors): the CPU
+count capped at this (on a 16-core H200 host 8 threads beat 4 and 16)."""
 MAX_DEFAULT_DIRECT_THREADS = 16
 """Default thread count when every read lands straight in CPU destinations: the CPU count capped
 at this (there 16 threads read 1.5x faster than 8)."""
+MAX_DEFAULT_CUDA_THREADS = 16
+"""Default thread count when CUDA destinations are read: the CPU count capped at this."""
 DEFAULT_STAGING_BYTES = 1024 * MiB
 """Default cap on staging memory (pinned when CUDA destinations are read)."""
+
+_CAST_SLICE_BYTES = 16 * MiB  # stored bytes cast at once on a CUDA device (per reader thread)
 
 _IOV_MAX = 1024  # the fewest buffers one preadv takes on Linux (and the POSIX minimum is 16)
 if hasattr(os, "sysconf"):
@@ -63,22 +71,26 @@ class EngineOptions:
     """Knobs of the read engine (the defaults suit a local NVMe disk or the page cache).
 
     ``threads``: reader threads (``None``: the CPU count, capped at
-    :data:`MAX_DEFAULT_THREADS` when reads are staged, :data:`MAX_DEFAULT_DIRECT_THREADS` when
-    every read goes straight into CPU destinations). ``chunk_bytes``: the largest single read;
-    a tensor larger than it is read in chunks. ``staging_bytes``: the most memory held in
-    staging buffers at once (at least one chunk; the chunk shrinks to the budget if larger).
-    ``prefetch``: ask the kernel (``POSIX_FADV_WILLNEED``) to start reading ranges a few reads
-    ahead.
+    :data:`MAX_DEFAULT_DIRECT_THREADS` when every read goes straight into CPU destinations,
+    :data:`MAX_DEFAULT_CUDA_THREADS` when CUDA destinations are read, :data:`MAX_DEFAULT_THREADS`
+    otherwise). ``chunk_bytes``: the largest single read (``None``:
+    :data:`DEFAULT_CUDA_CHUNK_BYTES` when CUDA destinations are read, else
+    :data:`DEFAULT_CHUNK_BYTES`); a tensor larger than it is read in chunks. ``staging_bytes``:
+    the most memory held in staging buffers at once (at least one chunk; the chunk shrinks to
+    the budget if larger). ``prefetch``: ask the kernel (``POSIX_FADV_WILLNEED``) to start
+    reading ranges a few reads ahead.
     """
 
     threads: int | None = None
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    chunk_bytes: int | None = None
     staging_bytes: int = DEFAULT_STAGING_BYTES
     prefetch: bool = True
 
     def __post_init__(self) -> None:
         for name in ("chunk_bytes", "staging_bytes"):
             value = getattr(self, name)
+            if value is None and name == "chunk_bytes":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 4096:
                 raise ValueError(f"EngineOptions.{name} must be an int >= 4096, got {value!r}")
         if self.threads is not None and (
@@ -86,16 +98,21 @@ class EngineOptions:
         ):
             raise ValueError(f"EngineOptions.threads must be an int >= 1, got {self.threads!r}")
 
-    def thread_count(self, *, staged: bool = True) -> int:
-        """The number of reader threads a run uses (``staged``: some reads go through staging)."""
-        cap = MAX_DEFAULT_THREADS if staged else MAX_DEFAULT_DIRECT_THREADS
+    def thread_count(self, *, staged: bool = True, cuda: bool = False) -> int:
+        """The number of reader threads a run uses (``staged``: some reads go through staging;
+        ``cuda``: some destinations are CUDA tensors)."""
+        if cuda:
+            cap = MAX_DEFAULT_CUDA_THREADS
+        else:
+            cap = MAX_DEFAULT_THREADS if staged else MAX_DEFAULT_DIRECT_THREADS
         return self.threads or max(1, min(cap, os.cpu_count() or 1))
 
-    @property
-    def chunk(self) -> int:
-        """The read size actually used: ``chunk_bytes`` limited by the staging budget, a
-        multiple of 64 bytes (so that chunks of a tensor start on element boundaries)."""
-        return max(64, min(self.chunk_bytes, self.staging_bytes) // 64 * 64)
+    def read_size(self, *, cuda: bool = False) -> int:
+        """The read size a run uses: ``chunk_bytes`` (or its default for the destinations)
+        limited by the staging budget, a multiple of 64 bytes (so that chunks of a tensor start
+        on element boundaries)."""
+        wanted = self.chunk_bytes or (DEFAULT_CUDA_CHUNK_BYTES if cuda else DEFAULT_CHUNK_BYTES)
+        return max(64, min(wanted, self.staging_bytes) // 64 * 64)
 
 
 @dataclass(frozen=True)
@@ -193,18 +210,44 @@ def plan_reads(spans: Sequence[tuple[Path, int, int]], chunk: int) -> list[Read]
 
 
 class _Staging:
-    """A bounded pool of staging buffers, each with the event of the last copy out of it."""
+    """A bounded pool of staging buffers, each with the event of the last copy out of it.
+
+    Buffers are allocated on first use, by the reader thread that needs one, so that pinning
+    them overlaps with the other threads' reads. Pinned buffers come from PyTorch's caching
+    host allocator (a later run in the process reuses them) or, with ``_PINNING = "register"``,
+    are plain memory page-locked by ``cudaHostRegister`` and released by :meth:`close`.
+    """
 
     def __init__(self, count: int, size: int, pinned: bool) -> None:
         self._free: list[tuple[torch.Tensor | None, object]] = [(None, None)] * count
         self._size, self._pinned = size, pinned
         self._ready = threading.Condition()
+        self._registered: list[torch.Tensor] = []
         self.allocated = 0
+
+    def _allocate(self) -> torch.Tensor:
+        import torch
+
+        if not self._pinned or _PINNING == "allocator":
+            buffer = torch.empty(self._size, dtype=torch.uint8, pin_memory=self._pinned)
+        else:
+            buffer = torch.empty(self._size, dtype=torch.uint8)
+            code = torch.cuda.cudart().cudaHostRegister(  # type: ignore[no-untyped-call]
+                buffer.data_ptr(), self._size, 0
+            )
+            if code != 0:
+                raise AllocationError(
+                    f"cannot page-lock a {self._size}-byte staging buffer (CUDA error {code}); "
+                    "lower EngineOptions.staging_bytes or free host memory"
+                )
+            with self._ready:
+                self._registered.append(buffer)
+        with self._ready:
+            self.allocated += self._size
+        return buffer
 
     @contextmanager
     def buffer(self, stop: threading.Event) -> Iterator[tuple[torch.Tensor, list[object]]]:
-        import torch
-
         with self._ready:
             while not self._free:
                 if stop.is_set():
@@ -216,14 +259,25 @@ class _Staging:
             if event is not None:
                 event.synchronize()  # type: ignore[attr-defined]
             if buffer is None:
-                buffer = torch.empty(self._size, dtype=torch.uint8, pin_memory=self._pinned)
-                with self._ready:
-                    self.allocated += self._size
+                buffer = self._allocate()
             yield buffer, events
         finally:
             with self._ready:
                 self._free.append((buffer, events[-1] if events else None))
                 self._ready.notify()
+
+    def close(self) -> None:
+        """Unlock registered buffers (call once every copy out of them is done)."""
+        import torch
+
+        for buffer in self._registered:
+            torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())  # type: ignore[no-untyped-call]
+        self._registered.clear()
+
+
+_PINNING = "allocator"
+"""How pinned staging buffers are made: ``"allocator"`` (``pin_memory=True``) or ``"register"``
+(plain memory, ``cudaHostRegister``); a switch for the GPU benchmark."""
 
 
 class _Stopped(Exception):
@@ -304,11 +358,11 @@ def run(
         return EngineStats(0, 0, 0, 0)
     targets = [_target(t) for t in transfers]
     direct = [_is_direct(t, target) for t, target in zip(transfers, targets, strict=True)]
-    chunk = options.chunk
+    uses_cuda = any(target.device.type == "cuda" for target in targets)
+    chunk = options.read_size(cuda=uses_cuda)
     reads = plan_reads([(t.path, t.offset, t.nbytes) for t in transfers], chunk)
     staged = any(not all(direct[p.transfer] for p in r.pieces) for r in reads)
-    threads = max(1, min(options.thread_count(staged=staged), len(reads)))
-    uses_cuda = any(target.device.type == "cuda" for target in targets)
+    threads = max(1, min(options.thread_count(staged=staged, cuda=uses_cuda), len(reads)))
     buffers = max(1, min(options.staging_bytes // chunk, 2 * threads)) if staged else 0
     state = _Run(
         transfers,
@@ -336,6 +390,7 @@ def run(
             stack.callback(os.close, fd)
             opened[path] = fd
         state.fds = opened
+        stack.callback(state.staging.close)
         _run_workers(state)
         if uses_cuda:
             torch.cuda.synchronize()
@@ -355,23 +410,36 @@ def _run_workers(state: _Run) -> None:
     """Start :attr:`_Run.threads` readers and wait for them. An interrupt (Ctrl-C, or SIGTERM
     turned into one) arriving meanwhile stops them after their current read and still waits for
     them before it propagates: the files stay open while they read, and no read runs on after
-    :func:`run` returns."""
+    :func:`run` returns.
+
+    The wait is on each reader's own exit event, not on ``Thread.join``: before Python 3.13 an
+    interrupt landing inside ``join`` can leave the thread marked as stopped while it still runs
+    (so a join-based wait returned with a reader still reading). A reader that has no ident yet
+    when ``stop`` is set has not asked for a read, and never will.
+    """
+    exits = [threading.Event() for _ in range(state.threads)]
     workers = [
-        threading.Thread(target=_worker, args=(state,), name=f"bagelverify-read-{n}")
-        for n in range(state.threads)
+        threading.Thread(target=_worker, args=(state, exited), name=f"bagelverify-read-{n}")
+        for n, exited in enumerate(exits)
     ]
     try:
         for worker in workers:
             worker.start()
-        for worker in workers:
-            worker.join()
+        for exited in exits:
+            exited.wait()
     except BaseException:
         state.stop.set()
-        for worker in workers:
-            while worker.is_alive():  # a second interrupt must not strand them either
+        for worker, exited in zip(workers, exits, strict=True):
+            if worker.ident is None:
+                continue
+            while not exited.is_set():  # a second interrupt must not strand them either
                 with suppress(BaseException):
-                    worker.join()
+                    exited.wait()
+            with suppress(BaseException):
+                worker.join()
         raise
+    for worker in workers:
+        worker.join()
 
 
 def _describe(state: _Run) -> BaseException:
@@ -402,7 +470,7 @@ def _next(state: _Run) -> Read | None:
     return read
 
 
-def _worker(state: _Run) -> None:
+def _worker(state: _Run, exited: threading.Event) -> None:
     import torch
 
     streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -424,8 +492,11 @@ def _worker(state: _Run) -> None:
                 state.error, state.failed_read = error, read
         state.stop.set()
     finally:
-        for stream in streams.values():
-            stream.synchronize()
+        try:
+            for stream in streams.values():
+                stream.synchronize()
+        finally:
+            exited.set()
 
 
 def _stream(
@@ -489,21 +560,34 @@ def _copy_piece(
 
     transfer, target = state.transfers[piece.transfer], state.targets[piece.transfer]
     source = buffer[piece.buffer_offset : piece.buffer_offset + piece.length]
-    if target.dtype == transfer.dtype:
-        destination = _byte_target(target)[piece.start : piece.start + piece.length]
-    else:  # a cast: element ranges (chunks of a tensor start on element boundaries)
+    cast = target.dtype != transfer.dtype
+    if cast:  # element ranges (chunks of a tensor start on element boundaries)
         size = transfer.dtype.itemsize
-        if piece.buffer_offset % size:
-            source = source.clone()
-        source = source.view(transfer.dtype)
         elements = slice(piece.start // size, (piece.start + piece.length) // size)
         destination = target.detach().reshape(-1)[elements]
+    else:
+        destination = _byte_target(target)[piece.start : piece.start + piece.length]
     if target.device.type != "cuda":
+        if cast:
+            if piece.buffer_offset % transfer.dtype.itemsize:
+                source = source.clone()
+            source = source.view(transfer.dtype)
         destination.copy_(source)
         return
     stream = _stream(streams, target.device)
     with torch.cuda.stream(stream):
-        destination.copy_(source, non_blocking=True)
+        if cast:  # the stored bytes go over the bus, the cast runs on the GPU, in slices
+            step = _CAST_SLICE_BYTES // transfer.dtype.itemsize
+            for first in range(0, destination.numel(), step):
+                part = destination[first : first + step]
+                size = part.numel() * transfer.dtype.itemsize
+                at = first * transfer.dtype.itemsize
+                # freed at once, reused by the next slice: the stream orders them
+                stored = torch.empty(size, dtype=torch.uint8, device=target.device)
+                stored.copy_(source[at : at + size], non_blocking=True)
+                part.copy_(stored.view(transfer.dtype))
+        else:
+            destination.copy_(source, non_blocking=True)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record(stream)
     events.append(event)
@@ -535,7 +619,9 @@ def _finish(transfer: Transfer, target: torch.Tensor) -> None:
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_CUDA_CHUNK_BYTES",
     "DEFAULT_STAGING_BYTES",
+    "MAX_DEFAULT_CUDA_THREADS",
     "MAX_DEFAULT_DIRECT_THREADS",
     "MAX_DEFAULT_THREADS",
     "CorruptCheckpointError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -287,15 +288,41 @@ def test_options_are_checked() -> None:
     assert EngineOptions().thread_count() == max(1, min(8, cpus))
     assert EngineOptions().thread_count(staged=False) == max(1, min(16, cpus))
     assert EngineOptions(threads=3).thread_count(staged=False) == 3
-    assert EngineOptions(chunk_bytes=1 << 26, staging_bytes=1 << 20).chunk == 1 << 20
+    assert EngineOptions(chunk_bytes=1 << 26, staging_bytes=1 << 20).read_size() == 1 << 20
+
+
+def test_cuda_loads_have_their_own_thread_and_chunk_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert EngineOptions().thread_count(cuda=True) == engine.MAX_DEFAULT_CUDA_THREADS == 16
+    assert EngineOptions().thread_count(staged=True) == engine.MAX_DEFAULT_THREADS == 8
+    assert EngineOptions(threads=3).thread_count(cuda=True) == 3
+    assert EngineOptions().read_size() == engine.DEFAULT_CHUNK_BYTES == 64 << 20
+    assert EngineOptions().read_size(cuda=True) == engine.DEFAULT_CUDA_CHUNK_BYTES == 32 << 20
+    assert EngineOptions(chunk_bytes=1 << 20).read_size(cuda=True) == 1 << 20
+    assert EngineOptions(staging_bytes=(8 << 20) + 100).read_size(cuda=True) == (8 << 20) + 64
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @cuda
-@pytest.mark.parametrize("threads", [1, 4])
-def test_cuda_destinations_equal_a_cpu_read(tmp_path: Path, threads: int) -> None:
+@pytest.mark.parametrize(
+    ("threads", "pinning", "cast_slice"), [(1, "allocator", None), (4, "register", 64)]
+)
+def test_cuda_destinations_equal_a_cpu_read(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    threads: int,
+    pinning: str,
+    cast_slice: int | None,
+) -> None:
+    """Every CUDA destination (same dtype, cast on the GPU in one or many slices, converted
+    whole) equals the CPU read, with staging pinned either way."""
+    monkeypatch.setattr(engine, "_PINNING", pinning)
+    if cast_slice:
+        monkeypatch.setattr(engine, "_CAST_SLICE_BYTES", cast_slice)
     path, data, layout = _layout(tmp_path)
     transfers, expected = [], []
     for n, (offset, dtype, shape) in enumerate(layout):
@@ -334,8 +361,11 @@ def test_an_interrupt_while_waiting_stops_the_readers_and_waits_for_them(
 ) -> None:
     """Ctrl-C arriving while :func:`run` waits for its readers propagates only once no reader
     runs any more (before: the files were closed under reads still in flight, and a reader
-    could outlive the interpreter's shutdown, which aborted the process)."""
+    could outlive the interpreter's shutdown, which aborted the process; then, waiting by
+    ``Thread.join``, an interrupt landing inside the join marked a reader still reading as
+    stopped on Python < 3.13, and ``run`` returned without it)."""
     import signal
+    import time
 
     path, _data = _file(tmp_path, 16 * 4096)
     destinations = [torch.empty(4096, dtype=torch.uint8) for _ in range(16)]
@@ -346,10 +376,14 @@ def test_an_interrupt_while_waiting_stops_the_readers_and_waits_for_them(
     released = threading.Event()
     main = threading.get_ident()
     original = engine._do_read
+    both_reading = threading.Barrier(2)
     signalled = threading.Lock()
 
     def interrupting(state: object, read: object, streams: object) -> None:
-        if signalled.acquire(blocking=False):  # the first read interrupts the waiting caller
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_reading.wait(timeout=5.0)  # both readers started: the caller is waiting
+        if signalled.acquire(blocking=False):  # one reader interrupts the waiting caller
+            time.sleep(0.05)
             signal.pthread_kill(main, signal.SIGINT)
             released.wait(timeout=2.0)
         original(state, read, streams)  # type: ignore[arg-type]
