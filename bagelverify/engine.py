@@ -41,7 +41,7 @@ MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = 64 * MiB
 """Default largest single read into CPU memory (64 MiB: the best chunk size measured on an H200
 host)."""
-DEFAULT_CUDA_CHUNK_BYTES = 32 * MiB
+DEFAULT_CUDA_CHUNK_BYTES = 16 * MiB
 """Default largest single read when CUDA destinations are read (through staging): see
 :data:`MAX_DEFAULT_CUDA_THREADS` for the measurements behind it."""
 MAX_DEFAULT_THREADS = 8
@@ -253,7 +253,7 @@ class _Staging:
                 if stop.is_set():
                     raise _Stopped
                 self._ready.wait(0.05)
-            buffer, event = self._free.pop()
+            buffer, event = self._free.pop(self._pick())
         events: list[object] = []
         try:
             if event is not None:
@@ -265,6 +265,18 @@ class _Staging:
             with self._ready:
                 self._free.append((buffer, events[-1] if events else None))
                 self._ready.notify()
+
+    def _pick(self) -> int:
+        """The free slot to take: a buffer whose copy is done, else a slot not yet allocated
+        (the pool grows only while every buffer is busy), else the longest-free buffer."""
+        allocated = [n for n, (buffer, _) in enumerate(self._free) if buffer is not None]
+        for n in allocated:
+            event = self._free[n][1]
+            if event is None or event.query():  # type: ignore[attr-defined]
+                return n
+        if len(allocated) < len(self._free):
+            return next(n for n, (buffer, _) in enumerate(self._free) if buffer is None)
+        return 0
 
     def close(self) -> None:
         """Unlock registered buffers (call once every copy out of them is done)."""

@@ -299,7 +299,7 @@ def test_cuda_loads_have_their_own_thread_and_chunk_defaults(
     assert EngineOptions().thread_count(staged=True) == engine.MAX_DEFAULT_THREADS == 8
     assert EngineOptions(threads=3).thread_count(cuda=True) == 3
     assert EngineOptions().read_size() == engine.DEFAULT_CHUNK_BYTES == 64 << 20
-    assert EngineOptions().read_size(cuda=True) == engine.DEFAULT_CUDA_CHUNK_BYTES == 32 << 20
+    assert EngineOptions().read_size(cuda=True) == engine.DEFAULT_CUDA_CHUNK_BYTES == 16 << 20
     assert EngineOptions(chunk_bytes=1 << 20).read_size(cuda=True) == 1 << 20
     assert EngineOptions(staging_bytes=(8 << 20) + 100).read_size(cuda=True) == (8 << 20) + 64
 
