@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from ..buckets import Bucket
-from ..config import BagelConfig
+from ..config import ConfigLike
 from ..engine import EngineOptions, EngineStats, Progress, Transfer
 from ..engine import run as run_engine
 from ..errors import (
@@ -39,7 +39,8 @@ from ..partition import classify
 from ..patch_embedding import conv_patch_weight_to_linear
 from ..plan import describe_prefix, shared_prefix
 from ..safetensors_io import TensorInfo, lossless_cast, open_regular, read_header
-from .files import open_checkpoint, require_directory
+from ..stage import StageLike
+from .files import Weights, open_checkpoint, require_directory
 from .report import CheckpointReport, header_buckets, report_files, swapped
 
 logger = logging.getLogger(__name__)
@@ -74,11 +75,11 @@ ReadJobs = Mapping[str, ReadJob]
 def read_jobs(
     checkpoint_dir: str | os.PathLike[str],
     *,
-    stage: object,
+    stage: StageLike | None,
     strict: bool,
-    config: BagelConfig | None,
+    config: ConfigLike | None,
     convert_conv: bool,
-    weights: object = None,
+    weights: Weights | None = None,
     strip_prefix: str | None = None,
 ) -> Iterator[tuple[CheckpointReport, dict[str, ReadJob]]]:
     """Validate a folder from its headers (raising its first problem) and yield its report and
@@ -353,14 +354,14 @@ def load_into(
     native_state_dict: Mapping[str, torch.Tensor],
     checkpoint_dir: str | os.PathLike[str],
     *,
-    stage: object = "stage1",
+    stage: StageLike = "stage1",
     strict: bool = True,
-    config: BagelConfig | None = None,
+    config: ConfigLike | None = None,
     cast: Cast = "lossless",
     convert_conv_patch_embedding: bool = False,
     read_options: EngineOptions | None = None,
     progress: Progress | None = None,
-    weights: object = None,
+    weights: Weights | None = None,
     strip_prefix: str | None = None,
 ) -> IncompatibleKeys:
     """Fill existing tensors (e.g. ``model.state_dict()``) in place from a checkpoint folder.
@@ -405,15 +406,15 @@ def load_into(
 def load_bagel_checkpoint_state_dict(
     checkpoint_dir: str | os.PathLike[str],
     *,
-    stage: object = "stage1",
+    stage: StageLike = "stage1",
     strict: bool = True,
-    config: BagelConfig | None = None,
+    config: ConfigLike | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     convert_conv_patch_embedding: bool = False,
     read_options: EngineOptions | None = None,
     progress: Progress | None = None,
-    weights: object = None,
+    weights: Weights | None = None,
     strip_prefix: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load the tensors a stage keeps as a native (``model.``-rooted) state dict.
