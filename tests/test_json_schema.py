@@ -153,3 +153,16 @@ def test_the_docs_name_every_field_of_the_envelope_once() -> None:
     envelope = text[text.index("| field |") : text.index("\n\n", text.index("| field |"))]
     assert re.findall(r"^\| `(\w+)` \|", envelope, re.M) == [*ENVELOPE_FIELDS, "error"]
     assert set(SCHEMA["properties"]) == {*ENVELOPE_FIELDS, "error"}
+
+
+def test_the_docs_example_is_what_the_command_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    text = (DOCS / "json.md").read_text()
+    command = re.search(r"`bagelverify (inspect /no/such/folder --json)` prints", text)
+    example = re.search(r"```json\n(.*?)```", text, re.S)
+    assert command is not None and example is not None
+    shown = json.loads(example.group(1))
+    jsonschema.validate(shown, SCHEMA)
+    code = cli.main(command.group(1).split())
+    printed = json.loads(capsys.readouterr().out)
+    assert code == shown["exit_code"]
+    assert {**printed, "seconds": None} == {**shown, "seconds": None}
