@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import edited_copy
 from test_cli import (
     ANSI,
     INSPECT_SCHEMA,
@@ -329,15 +330,12 @@ def twinless_and_unknown(
     synthetic_checkpoint: SyntheticCheckpoint, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """The synthetic folder with one unknown key and one GEN key whose UND twin is gone."""
-    from safetensors.torch import load_file
-
-    folder = tmp_path_factory.mktemp("twinless")
-    for config in synthetic_checkpoint.path.glob("*config.json"):
-        shutil.copy(config, folder)
-    tensors = load_file(synthetic_checkpoint.path / MODEL_FILE)
-    del tensors["language_model.model.layers.3.self_attn.q_proj.weight"]
-    tensors["vit_model.vision_model.encoder.layers.0.mlp.fc3.weight"] = torch.zeros(2).bfloat16()
-    save_tensors(folder / MODEL_FILE, tensors)
+    folder = edited_copy(
+        synthetic_checkpoint,
+        tmp_path_factory.mktemp("twinless"),
+        drop=["language_model.model.layers.3.self_attn.q_proj.weight"],
+        add={"vit_model.vision_model.encoder.layers.0.mlp.fc3.weight": torch.zeros(2).bfloat16()},
+    )
     return folder
 
 

@@ -3,16 +3,16 @@ families only, progress that counts the bytes written and never runs ahead of th
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
+from conftest import edited_copy
 
 from bagelverify import cli
 from bagelverify.checkpoint import convert_checkpoint
 from bagelverify.manifest import MODEL_FILE
 from bagelverify.rewrite import rewrite_checkpoint
-from bagelverify.safetensors_io import read_header, save_tensors
+from bagelverify.safetensors_io import read_header
 from bagelverify.synthetic import SyntheticCheckpoint
 
 LOST = "vit_model.vision_model.encoder.layers.0.mlp.fc1.weight"
@@ -35,15 +35,7 @@ def test_convert_to_dcp_summarises_its_files(
 def lacking(
     synthetic_checkpoint: SyntheticCheckpoint, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    from safetensors.torch import load_file
-
-    folder = tmp_path_factory.mktemp("lacking")
-    for config in synthetic_checkpoint.path.glob("*config.json"):
-        shutil.copy(config, folder)
-    tensors = load_file(synthetic_checkpoint.path / MODEL_FILE)
-    del tensors[LOST]
-    save_tensors(folder / MODEL_FILE, tensors)
-    return folder
+    return edited_copy(synthetic_checkpoint, tmp_path_factory.mktemp("lacking"), drop=[LOST])
 
 
 def test_repair_lists_only_the_families_it_filled(
