@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .errors import ArgumentError
+import torch
+
+from .errors import ArgumentError, ArgumentTypeError
 from .quantized import FP8_DTYPES
 from .safetensors_io import DTYPES
 
@@ -43,3 +45,16 @@ def parse_dtype(name: str) -> str:
     ):
         raise ArgumentError(f"dtype must be bf16, f16 or f32 (or f64, any case), got {name!r}")
     return upper
+
+
+def torch_dtype(dtype: CastLike | torch.dtype) -> torch.dtype:
+    """The torch dtype of any spelling :func:`parse_dtype` takes, or of a floating
+    ``torch.dtype`` itself: how a ``dtype=`` argument reads the same everywhere (the loaders,
+    rewrites, synthetic checkpoints and ``--dtype``)."""
+    if isinstance(dtype, torch.dtype):
+        return DTYPES[parse_dtype(str(dtype).removeprefix("torch."))].torch_dtype
+    if not isinstance(dtype, str):
+        raise ArgumentTypeError(
+            f"dtype must be a str such as 'bf16' or a torch.dtype, got {type(dtype).__name__}"
+        )
+    return DTYPES[parse_dtype(dtype)].torch_dtype

@@ -35,7 +35,7 @@ from .checkpoint import (
 from .checkpoint.files import Weights
 from .checkpoint.save import WrittenTensors
 from .config import BagelConfig, ConfigLike
-from .dtypes import parse_dtype
+from .dtypes import CastLike, parse_dtype
 from .errors import ConfigError, LossyCastError, counted, format_examples
 from .keys import strip_root
 from .patch_embedding import conv_patch_weight_to_linear
@@ -180,7 +180,7 @@ def rewrite_checkpoint(
     *,
     stage: StageLike | None = None,
     keys: KeyLayout = "hf",
-    dtype: str | torch.dtype | None = None,
+    dtype: CastLike | torch.dtype | None = None,
     allow_lossy: bool = False,
     max_latent_size: int | None = None,
     vit_max_num_patch_per_side: int | None = None,

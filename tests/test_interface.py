@@ -108,9 +108,7 @@ def test_stage_flag_accepts_what_normalize_stage_accepts(
 def test_stage_flag_refuses_what_normalize_stage_refuses(
     stage1_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as raised:
-        cli.main(["inspect", str(stage1_folder), "--stage", "stage3"])
-    assert raised.value.code == cli.EXIT_USAGE
+    assert cli.main(["inspect", str(stage1_folder), "--stage", "stage3"]) == cli.EXIT_USAGE
     assert "unknown stage 'stage3'; expected 1, 2" in capsys.readouterr().err
 
 
@@ -158,3 +156,19 @@ def test_a_moved_name_still_resolves_with_a_deprecation_warning() -> None:
         assert bv.write_bagel_checkpoint is write_bagel_checkpoint
     with pytest.raises(AttributeError):
         bv.no_such_name  # noqa: B018
+
+
+def test_dtype_is_spelled_alike_everywhere(synthetic_checkpoint: SyntheticCheckpoint) -> None:
+    """Before: the loaders took only a torch.dtype, make_synthetic_checkpoint only "F32" and the
+    CLI only "f32"."""
+    folder = synthetic_checkpoint.path
+    by_name = bv.load_bagel_checkpoint_state_dict(folder, dtype="f32")
+    by_torch = bv.load_bagel_checkpoint_state_dict(folder, dtype=torch.float32)
+    assert {t.dtype for t in by_name.values()} == {torch.float32}
+    assert by_name.keys() == by_torch.keys()
+    vae = bv.load_bagel_vae_state_dict(folder, dtype="BF16")
+    assert {t.dtype for t in vae.values()} == {torch.bfloat16}
+    with pytest.raises(bv.ArgumentError, match="dtype must be bf16, f16 or f32"):
+        bv.load_bagel_checkpoint_state_dict(folder, dtype="int8")  # type: ignore[arg-type]
+    parser = cli.build_parser("convert")
+    assert parser.parse_args(["convert", "a", "b", "--dtype", "F32"]).dtype == "f32"

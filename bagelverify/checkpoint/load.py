@@ -21,6 +21,7 @@ import torch
 
 from ..buckets import Bucket
 from ..config import ConfigLike
+from ..dtypes import CastLike, torch_dtype
 from ..engine import EngineOptions, EngineStats, Progress, Transfer
 from ..engine import run as run_engine
 from ..errors import (
@@ -410,7 +411,7 @@ def load_bagel_checkpoint_state_dict(
     strict: bool = True,
     config: ConfigLike | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: CastLike | torch.dtype | None = None,
     convert_conv_patch_embedding: bool = False,
     read_options: EngineOptions | None = None,
     progress: Progress | None = None,
@@ -438,7 +439,7 @@ def load_bagel_checkpoint_state_dict(
         weights=weights,
         strip_prefix=strip_prefix,
     ) as (_, jobs):
-        out = allocate(jobs, device=device, dtype=dtype)
+        out = allocate(jobs, device=device, dtype=None if dtype is None else torch_dtype(dtype))
         fill(jobs, out, read_options=read_options, progress=progress)
     return out
 
@@ -447,7 +448,7 @@ def load_bagel_vae_state_dict(
     checkpoint_dir: str | os.PathLike[str],
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: CastLike | torch.dtype | None = None,
     strict: bool = True,
     read_options: EngineOptions | None = None,
     progress: Progress | None = None,
@@ -466,7 +467,8 @@ def load_bagel_vae_state_dict(
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: VAE file not found") from None
     try:
-        return _load_vae(path, fd, device, dtype, strict, read_options, progress)
+        cast = None if dtype is None else torch_dtype(dtype)
+        return _load_vae(path, fd, device, cast, strict, read_options, progress)
     finally:
         os.close(fd)
 

@@ -302,6 +302,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dtype",
+        type=str.lower,
         choices=("bf16", "f16", "f32"),
         help="cast every floating tensor; a cast that loses precision or range needs "
         "--allow-lossy (the output reports the size before and after)",
