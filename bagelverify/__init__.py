@@ -1,4 +1,11 @@
-"""bagelverify: verified HF <-> native conversion of BAGEL-7B-MoT checkpoints."""
+"""bagelverify: verified HF <-> native conversion of BAGEL-7B-MoT checkpoints.
+
+The top level holds what a user needs, grouped as in ``__all__``: load, save, inspect, convert,
+the checkpoint doctor (diff, repair), LoRA, keys and stages, the config and argument types, and
+the errors. Everything else lives in its submodule (``bagelverify.checkpoint``,
+``bagelverify.families``, ``bagelverify.matcher``, ``bagelverify.plan``, ...); a name that used
+to be here still resolves, with a ``DeprecationWarning`` naming its module.
+"""
 
 from __future__ import annotations
 
@@ -177,6 +184,7 @@ __all__ = [
     "dcp_to_hf",
     "rewrite_checkpoint",
     "RewriteReport",
+    # (export_checkpoint and compose_checkpoint join this group when they land)
     # Doctor: compare and repair
     "diff_checkpoints",
     "CheckpointDiff",
