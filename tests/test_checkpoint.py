@@ -595,7 +595,7 @@ def test_save_validates_against_config(
     native = bv.load_bagel_checkpoint_state_dict(synthetic_checkpoint.path)
     config = synthetic_checkpoint.config
     with pytest.raises(MissingKeysError, match=r"none of the 821 tensors .* Pass stage=1"):
-        bv.save_bagel_checkpoint(native, tmp_path / "a", config=config)
+        bv.save_bagel_checkpoint(native, tmp_path / "a", stage=2, config=config)
     written = bv.save_bagel_checkpoint(native, tmp_path / "b", stage=1, config=config)
     assert {p.name for p in written} == {"ema.safetensors", *CONFIG_FILES}
     assert bv.BagelConfig.from_pretrained(tmp_path / "b") == config
