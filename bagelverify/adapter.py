@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from .buckets import Bucket
 from .config import BagelConfig
 from .errors import (
+    ArgumentError,
     MissingKeysError,
     ShapeMismatchError,
     UnknownKeysError,
@@ -25,7 +26,7 @@ from .keys import ROOT, check_key, strip_root, to_native_key
 from .lora_keys import factor_mismatches, lora_key, native_factor_key
 from .partition import classify
 from .plan import Plan, plan, require_mapping, unroot
-from .stage import STAGE_BUCKETS, Stage, normalize_stage
+from .stage import STAGE_BUCKETS, Stage, StageLike, normalize_stage
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class BagelStateDictAdapter:
     _EXTRA_STATE_EXCLUDE = r".*_extra_state.*"
     """What Automodel excludes when it lists HF keys (module metadata, never weights)."""
 
-    def __init__(self, config: Any = None, *, stage: object = "stage1") -> None:
+    def __init__(self, config: Any = None, *, stage: StageLike = "stage1") -> None:
         self.config = config
         self.stage: Stage = normalize_stage(stage)
 
@@ -91,7 +92,7 @@ class BagelStateDictAdapter:
 
     # -- conversion ----------------------------------------------------------------------------
 
-    def plan(self, keys: Iterable[str], *, stage: object = None) -> Plan:
+    def plan(self, keys: Iterable[str], *, stage: StageLike | None = None) -> Plan:
         """What :meth:`from_hf` would keep and drop for ``keys``, without converting anything."""
         return plan(keys, stage=self.stage if stage is None else stage)
 
@@ -100,7 +101,7 @@ class BagelStateDictAdapter:
         hf_state_dict: Mapping[str, V],
         device_mesh: Any = None,
         *,
-        stage: object = None,
+        stage: StageLike | None = None,
         strict: bool = True,
     ) -> dict[str, V]:
         """Convert an HF-layout state dict to native layout, keeping the stage's buckets.
@@ -196,7 +197,7 @@ class BagelStateDictAdapter:
         other keyword is a ``TypeError``.
         """
         if quantization:
-            raise ValueError(
+            raise ArgumentError(
                 "to_hf(quantization=True): BAGEL-7B-MoT checkpoints hold no quantized tensors "
                 "(no FP8 scales) to load or dequantize; remove quantization_config from the "
                 "model's config"

@@ -20,20 +20,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .errors import (
     AliasError,
     AllocationError,
+    ArgumentError,
     BagelError,
     IntegrationError,
     LossyCastError,
@@ -42,7 +45,7 @@ from .errors import (
     StageError,
     UnsupportedPlatformError,
 )
-from .stage import Stage
+from .stage import Stage, normalize_stage
 
 #: Command name -> (module implementing it, one line for the command list), in list order.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -72,7 +75,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench": (
         "bagelverify.commands.bench",
-        "benchmark the compiled key matcher against naive regex matching",
+        "benchmark the compiled key matcher against naive regex matching (a minute or more;"
+        " --quick: seconds)",
     ),
     "demo": (
         "bagelverify.commands.demo",
@@ -102,8 +106,77 @@ class UsageError(Exception):
     """A bad invocation: reported as one line on stderr with exit code 2."""
 
 
+SCHEMA_VERSION = 1
+"""Version of every ``--json`` document (``"schema_version"``); bumped on incompatible change."""
+
+ENVELOPE_FIELDS = ("schema_version", "command", "ok", "exit_code", "seconds")
+"""The fields every ``--json`` document starts with, in this order; the command's own fields
+follow, or ``error`` when it failed (docs/json.md, docs/schema/bagelverify.schema.json)."""
+
+
+class JsonEnvelope:
+    """The one ``--json`` document of a run: the dispatcher (:func:`main`) writes the envelope
+    (:data:`ENVELOPE_FIELDS`) around the payload a command hands to :meth:`hold`, or around an
+    ``error`` object when the command raised; so every command, present or future, prints the
+    same envelope without doing anything for it."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.payload: dict[str, Any] | None = None
+        self.ascii_only = False
+        self.started = time.perf_counter()
+
+    def hold(self, document: dict[str, Any], *, ascii_only: bool = False) -> None:
+        """Keep a command's fields for the envelope; its ``command`` may name a subcommand
+        (``"lora check"``), it may not set another envelope field."""
+        clash = set(document) & set(ENVELOPE_FIELDS) - {"command"}
+        if clash:
+            raise ValueError(f"a --json payload sets envelope fields {sorted(clash)}")
+        self.command = str(document.get("command", self.command))
+        self.payload = {key: value for key, value in document.items() if key != "command"}
+        self.ascii_only = ascii_only
+
+    def write(self, exit_code: int, error: BaseException | None = None) -> None:
+        """Print the document on stdout: the envelope, then the payload or the error."""
+        from .strict_json import dumps_json
+
+        document: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "command": self.command,
+            "ok": exit_code == EXIT_OK,
+            "exit_code": exit_code,
+            "seconds": round(time.perf_counter() - self.started, 3),
+        }
+        if error is not None:
+            document["error"] = {"type": type(error).__name__, "message": one_line(error)}
+        elif self.payload is not None:
+            document.update(self.payload)
+        encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+        print(dumps_json(document, encoding=encoding, ascii_only=self.ascii_only))
+
+
+_ENVELOPE: list[JsonEnvelope] = []
+"""The envelope of the run in progress (``--json``), if any."""
+
+
+def json_envelope() -> JsonEnvelope | None:
+    """The envelope of the ``--json`` run in progress, or ``None`` (no ``--json``, or a command
+    called outside :func:`main`)."""
+    return _ENVELOPE[-1] if _ENVELOPE else None
+
+
+class ArgvError(UsageError):
+    """A command line argparse cannot parse, worded as argparse words it (``message``) for the
+    parser (``prog``) that refused it."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{message} (see {prog} --help)")
+        self.prog = prog
+
+
 _USAGE_ERRORS: tuple[type[BaseException], ...] = (
     UsageError,
+    ArgumentError,
     StageError,
     ShardSizeError,
     PatternError,
@@ -147,41 +220,31 @@ def exit_code_for(error: BaseException) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line on stderr, exit code 2."""
+    """An argument parser whose usage errors are raised as :class:`ArgvError` (one line on
+    stderr, exit code 2, and the error envelope under ``--json``)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-STAGE_SPELLINGS: dict[str, Stage] = {
-    "1": "stage1",
-    "2": "stage2",
-    "stage1": "stage1",
-    "stage2": "stage2",
-}
-"""What ``--stage`` accepts, exactly as written (``--help`` names each)."""
+        raise ArgvError(self.prog, message)
 
 
 def _stage(text: str) -> Stage:
-    found = STAGE_SPELLINGS.get(text)
-    if found is None:
-        raise argparse.ArgumentTypeError(
-            f"invalid stage {text!r}: use 1 (understanding) or 2 (understanding + generation)"
-            " (stage1 and stage2 are accepted too)"
-        )
-    return found
+    try:
+        return normalize_stage(text)
+    except StageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def add_stage_argument(parser: argparse.ArgumentParser, *, default: Stage | None = None) -> None:
-    """``--stage 1|2`` (or exactly ``stage1``/``stage2``), parsed to ``"stage1"``/``"stage2"``."""
+def add_stage_argument(parser: argparse.ArgumentParser) -> None:
+    """``--stage``: any spelling :func:`~bagelverify.normalize_stage` accepts (``1``, ``2``,
+    ``stage1``, ``Stage2``, ...), parsed to ``"stage1"``/``"stage2"``; left out, ``None``: the
+    stage the input checkpoint holds, as the library's writers and checkers default to."""
     parser.add_argument(
         "--stage",
         type=_stage,
-        default=default,
-        required=default is None,
+        default=None,
         metavar="{1,2}",
-        help="1: understanding keys (UND); 2: UND + generation keys (GEN); stage1 and stage2 "
-        "are accepted too" + ("" if default is None else f" (default {default[-1]})"),
+        help="1: understanding keys (UND); 2: UND + generation keys (GEN); stage1/stage2 in any "
+        "case too (default: the stage the input holds, 2 when it has any GEN key)",
     )
 
 
@@ -280,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Everything after the ``bagelverify.cli`` import -- the command's own imports (torch) and
     argument parsing included -- runs under the interrupt path: Ctrl-C or SIGTERM at any moment
-    prints one line and returns 130.
+    prints one line and returns 130. Under ``--json`` the one JSON document is written here,
+    for a success and for an error alike (:class:`JsonEnvelope`).
     """
     words = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -290,21 +354,73 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not interrupted(error):
             raise
         print(INTERRUPTED, file=sys.stderr)
+        envelope = json_envelope()
+        if envelope is not None:
+            envelope.write(EXIT_INTERRUPTED, error)
         return EXIT_INTERRUPTED
+    finally:
+        _ENVELOPE.clear()
+
+
+def _command_of(words: list[str]) -> str | None:
+    return next((word for word in words if not word.startswith("-")), None)
+
+
+def _unrecognized(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]
+) -> ArgvError:
+    """The error for arguments no parser took, from the parser of the (sub)command they were
+    given to, suggesting its closest option for a mistyped flag (``--stgae``: ``--stage``)."""
+    target = parser
+    descended = True
+    while descended:
+        descended = False
+        for action in target._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = getattr(args, action.dest, None)
+                if chosen in action.choices:
+                    target, descended = action.choices[chosen], True
+                    break
+    options = [option for action in target._actions for option in action.option_strings]
+    flag = extra[0].split("=", 1)[0]
+    close = difflib.get_close_matches(flag, options, n=1) if flag.startswith("-") else []
+    hint = f"; did you mean {close[0]}?" if close else ""
+    noun = "argument" if len(extra) == 1 else "arguments"
+    return ArgvError(target.prog, f"unrecognized {noun}: {' '.join(extra)}{hint}")
+
+
+def _parse(words: list[str]) -> argparse.Namespace:
+    first = _command_of(words)
+    parser = build_parser(first if first in COMMANDS else "")  # "": list the commands only
+    args, extra = parser.parse_known_args(words)
+    if extra:
+        raise _unrecognized(parser, args, extra)
+    return args
 
 
 def _run(words: list[str]) -> int:
-    first = next((word for word in words if not word.startswith("-")), None)
-    parser = build_parser(first if first in COMMANDS else "")  # "": list the commands only
-    args = parser.parse_args(words)
+    if "--json" in words:  # the envelope exists before parsing, for argument errors too
+        first = _command_of(words)
+        _ENVELOPE.append(JsonEnvelope(first if first in COMMANDS else "bagelverify"))
+    try:
+        args = _parse(words)
+    except ArgvError as error:
+        print(f"{error.prog}: error: {error}", file=sys.stderr)
+        envelope = json_envelope()
+        if envelope is not None:
+            envelope.write(EXIT_USAGE, error)
+        return EXIT_USAGE
+    if not args.json:
+        _ENVELOPE.clear()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_OnceFilter())
     quiet = getattr(args, "quiet", False)
     level = logging.DEBUG if args.debug else logging.ERROR if quiet else logging.WARNING
     logging.basicConfig(level=level, handlers=[handler])
+    envelope = json_envelope()
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
     except BrokenPipeError:  # e.g. `bagelverify inspect X | head`: the reader left
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- keeps the exit flush quiet
         return EXIT_OK
@@ -316,7 +432,13 @@ def _run(words: list[str]) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"bagelverify {args.command}: error: {one_line(error)}", file=sys.stderr)
-        return exit_code_for(error)
+        code = exit_code_for(error)
+        if envelope is not None:
+            envelope.write(code, error)
+        return code
+    if envelope is not None:
+        envelope.write(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -300,3 +300,8 @@ class BagelConfig:
     def patch_latent_dim(self) -> int:
         """Width of one VAE latent patch: ``latent_patch_size**2 * z_channels``."""
         return self.latent_patch_size**2 * self.vae_z_channels
+
+
+ConfigLike = BagelConfig | str | os.PathLike[str]
+"""What a ``config=`` argument takes: a :class:`BagelConfig`, or the folder holding the three
+config files (read with :meth:`BagelConfig.from_pretrained`)."""

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointFiles, open_weights
+from .checkpoint.files import Weights
 from .families import family_of
 from .keys import strip_root
 from .quantized import find_quantization
@@ -306,8 +307,8 @@ def diff_checkpoints(
     b: str | os.PathLike[str],
     *,
     keys_only: bool = False,
-    weights_a: object = None,
-    weights_b: object = None,
+    weights_a: Weights | None = None,
+    weights_b: Weights | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
 ) -> CheckpointDiff:
     """Compare checkpoint ``a`` with ``b`` (folders or ``.safetensors`` files).

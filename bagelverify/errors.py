@@ -116,6 +116,16 @@ class UnsupportedTensorError(BagelError, TypeError, ValueError):
     lacks, or a name the format reserves or cannot encode. Nothing is written."""
 
 
+class ArgumentError(BagelError, ValueError):
+    """A function argument outside what it accepts (``weights=``, ``dtype=``, ``scale=``, ...);
+    the message names the argument, what it got and what it accepts."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """A function argument of a type it does not take (a single key where keys are expected, a
+    config that is neither a :class:`~bagelverify.BagelConfig` nor a folder, ...)."""
+
+
 class ShardSizeError(BagelError, ValueError):
     """A ``max_shard_size`` that is not a positive byte count or a size such as ``"5GB"``."""
 

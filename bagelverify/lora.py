@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .buckets import Bucket
-from .checkpoint import convert_checkpoint, find_config, open_weights
+from .checkpoint import convert_checkpoint, find_config, open_weights, require_directory
+from .checkpoint.files import Weights
 from .config import BagelConfig
 from .errors import (
     BagelError,
@@ -37,8 +37,9 @@ from .errors import (
 from .families import FAMILIES, Family
 from .lora_keys import PEFT_ROOT, factor_mismatches, lora_families, lora_key
 from .partition import classify
+from .plan import held_stage
 from .safetensors_io import TensorInfo, open_regular, read_header, read_into
-from .stage import STAGE_BUCKETS, normalize_stage
+from .stage import STAGE_BUCKETS, StageLike, normalize_stage
 from .strict_json import read_json_file
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ def read_adapter(adapter_dir: str | os.PathLike[str]) -> Adapter:
     with ``r``, and for factor keys under several roots.
     """
     directory = Path(adapter_dir)
+    require_directory(directory, ADAPTER_CONFIG, "adapter folder")
     settings = read_settings(directory)
     header = read_header(directory / ADAPTER_WEIGHTS)
     found = {key: lora_key(key) for key in header.tensors}
@@ -318,7 +320,7 @@ def check_adapter(
     adapter_dir: str | os.PathLike[str],
     base: str | os.PathLike[str] | None = None,
     *,
-    weights: object = None,
+    weights: Weights | None = None,
 ) -> AdapterReport:
     """Check a PEFT adapter folder against BAGEL's layout (and a base checkpoint if given).
 
@@ -332,7 +334,9 @@ def check_adapter(
     return _check(read_adapter(adapter_dir), base, weights)
 
 
-def _check(adapter: Adapter, base: str | os.PathLike[str] | None, weights: object) -> AdapterReport:
+def _check(
+    adapter: Adapter, base: str | os.PathLike[str] | None, weights: Weights | None
+) -> AdapterReport:
     settings = adapter.settings
     shape_config = find_config(base) if base is not None else None
     config = shape_config or BagelConfig()
@@ -411,7 +415,7 @@ def _twin_warnings(report: AdapterReport, bound: Mapping[str, Family], root: str
 
 
 def _against_base(
-    report: AdapterReport, adapter: Adapter, base: str | os.PathLike[str], weights: object
+    report: AdapterReport, adapter: Adapter, base: str | os.PathLike[str], weights: Weights | None
 ) -> None:
     """Errors for adapted weights the base lacks or whose shape the factors do not fit."""
     with open_weights(base, weights) as files:
@@ -481,8 +485,8 @@ def merge_adapter(
     out: str | os.PathLike[str],
     *,
     dry_run: bool = False,
-    stage: object = None,
-    weights: object = None,
+    stage: StageLike | None = None,
+    weights: Weights | None = None,
     overwrite: bool = False,
 ) -> MergePlan:
     """Merge a LoRA adapter into a base checkpoint: ``W + s * B @ A`` for every adapted weight.
@@ -503,8 +507,7 @@ def merge_adapter(
         logger.warning("%s: %s", adapter, warning)
     if stage is None:
         with open_weights(base, weights) as files:
-            has_gen = any(classify(key) is Bucket.GEN for key in files.tensors)
-        stage = "stage2" if has_gen else "stage1"
+            stage = held_stage(files.tensors)
     keep = STAGE_BUCKETS[normalize_stage(stage)]
     dropped = [weight for weight in checked.pairs if classify(weight) not in keep]
     if dropped:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar, overload
+from typing import TypeVar, overload
 
 from .buckets import Bucket
+from .errors import ArgumentTypeError
 from .keys import check_key
 from .matcher import Matcher, compile_matcher
 
@@ -34,19 +35,23 @@ def classify(key: str) -> Bucket:
 def partition(keys: Mapping[str, V]) -> dict[Bucket, dict[str, V]]: ...  # type: ignore[overload-overlap]
 @overload
 def partition(keys: Iterable[str]) -> dict[Bucket, list[str]]: ...
-def partition(keys: Mapping[str, Any] | Iterable[str]) -> dict[Bucket, Any]:
+def partition(
+    keys: Mapping[str, V] | Iterable[str],
+) -> dict[Bucket, dict[str, V]] | dict[Bucket, list[str]]:
     """Split keys into all five buckets, keeping input order.
 
     A mapping (a state dict) gives one sub-dict per bucket holding the same value objects;
     any other iterable of keys gives one list per bucket. Every bucket is present, possibly empty.
     """
     if isinstance(keys, Mapping):
-        parts: dict[Bucket, dict[str, Any]] = {bucket: {} for bucket in Bucket}
+        parts: dict[Bucket, dict[str, V]] = {bucket: {} for bucket in Bucket}
         for key, value in keys.items():
             parts[classify(key)][key] = value
         return parts
     if isinstance(keys, (str, bytes)):
-        raise TypeError("partition() takes an iterable of keys or a mapping, not a single key")
+        raise ArgumentTypeError(
+            "partition() takes an iterable of keys or a mapping, not a single key"
+        )
     lists: dict[Bucket, list[str]] = {bucket: [] for bucket in Bucket}
     for key in keys:
         lists[classify(key)].append(key)

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 from .buckets import Bucket
 from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
     KeyCollisionError,
     MissingKeysError,
     PatternError,
@@ -28,7 +30,7 @@ from .families import und_twin
 from .keys import ROOT, check_key, strip_root, to_native_key
 from .lora_keys import PEFT_ROOT, lora_key
 from .partition import classify
-from .stage import STAGE_BUCKETS, Stage, normalize_stage
+from .stage import STAGE_BUCKETS, Stage, StageLike, normalize_stage
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def without_prefix(mapping: Mapping[str, V], prefix: str | None) -> dict[str, V]
     if prefix is None:
         return dict(mapping)
     if not isinstance(prefix, str) or not prefix.endswith(".") or prefix == ".":
-        raise ValueError(
+        raise ArgumentError(
             f"strip_prefix must be a module path prefix ending with '.', such as 'module.' or "
             f"'_orig_mod.', got {prefix!r}"
         )
@@ -123,7 +125,7 @@ def without_prefix(mapping: Mapping[str, V], prefix: str | None) -> dict[str, V]
 
 def require_mapping(state_dict: object, what: str) -> Mapping[Any, Any]:
     if not isinstance(state_dict, Mapping):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{what} must be a mapping of str keys to tensors, got {type(state_dict).__name__}"
         )
     return state_dict
@@ -133,7 +135,7 @@ def _compile_exclude(pattern: object) -> re.Pattern[str] | None:
     if pattern is None:
         return None
     if not isinstance(pattern, str):
-        raise TypeError(f"exclude_key_regex must be a str, got {type(pattern).__name__}")
+        raise ArgumentTypeError(f"exclude_key_regex must be a str, got {type(pattern).__name__}")
     try:
         return re.compile(pattern)
     except re.error as error:
@@ -265,8 +267,18 @@ class Plan:
             logger.info("%s: dropping %d GEN keys", self.stage, len(dropped[Bucket.GEN]))
 
 
-def plan(keys: Iterable[str], *, stage: object = "stage1") -> Plan:
-    """Classify input keys (unrooted or ``model.``-rooted) and decide what ``stage`` keeps."""
+def held_stage(keys: Iterable[str]) -> Stage:
+    """The stage a set of keys (unrooted or ``model.``-rooted) holds: ``"stage2"`` when any is a
+    generation (GEN) key, else ``"stage1"``. What writers and checkers use for ``stage=None``."""
+    return "stage2" if any(classify(strip_root(key)) is Bucket.GEN for key in keys) else "stage1"
+
+
+def plan(keys: Iterable[str], *, stage: StageLike | None = "stage1") -> Plan:
+    """Classify input keys (unrooted or ``model.``-rooted) and decide what ``stage`` keeps
+    (``None``: the stage the keys hold, :func:`held_stage`)."""
+    if stage is None:
+        keys = list(keys)
+        stage = held_stage(keys)
     result = Plan(normalize_stage(stage))
     keep = STAGE_BUCKETS[result.stage]
     first_seen: dict[str, str] = {}

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .checkpoint import find_config, open_weights
-from .config import BagelConfig
+from .checkpoint.files import Weights
+from .config import BagelConfig, ConfigLike
 from .keys import strip_root
 from .pos_embed import POSITION_TABLE_KEYS, TableCheck, check_without_reading, compare_table
 from .safetensors_io import TensorInfo
@@ -41,8 +42,8 @@ def check_tables(
 def check_position_tables(
     path: str | os.PathLike[str],
     *,
-    config: BagelConfig | str | os.PathLike[str] | None = None,
-    weights: object = None,
+    config: ConfigLike | None = None,
+    weights: Weights | None = None,
 ) -> list[TableCheck]:
     """Compare each position table the checkpoint holds with the regenerated one.
 

@@ -31,7 +31,9 @@ from .checkpoint import (
     open_weights,
     write_bagel_checkpoint,
 )
-from .config import BagelConfig
+from .checkpoint.files import Weights
+from .checkpoint.save import WrittenTensors
+from .config import BagelConfig, ConfigLike
 from .diff import family_name
 from .errors import (
     LossyCastError,
@@ -44,11 +46,12 @@ from .errors import (
 from .families import expected_shapes
 from .keys import ROOT, strip_root
 from .manifest import VAE_FILE
+from .plan import held_stage
 from .publish import Guard, publishing, refuse_aliasing, visible_entries
 from .quantized import find_quantization
 from .rewrite import CastTransform
 from .safetensors_io import DTYPES, TensorInfo, TensorSpec
-from .stage import normalize_stage
+from .stage import Stage, StageLike, normalize_stage
 from .tensor_reader import TensorReader
 
 logger = logging.getLogger(__name__)
@@ -67,7 +70,8 @@ class RepairReport:
     from_base: dict[str, list[str]] = field(default_factory=dict)
     """Family -> HF keys filled from the base."""
     vae_from: str | None = None
-    """Where ``ae.safetensors`` came from: ``"source"``, ``"base"`` or ``None`` (neither)."""
+    """The ``ae.safetensors`` copied (the source's, else the base's), or ``None`` (neither has
+    one): a path, as in ``convert``'s JSON."""
     dry_run: bool = False
     files: list[str] = field(default_factory=list)
     bytes_from_source: int = 0
@@ -205,17 +209,18 @@ def repair_checkpoint(
     *,
     base: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    stage: object = "stage2",
-    config: BagelConfig | str | os.PathLike[str] | None = None,
-    weights: object = None,
-    base_weights: object = None,
+    stage: StageLike | None = None,
+    config: ConfigLike | None = None,
+    weights: Weights | None = None,
+    base_weights: Weights | None = None,
     max_shard_size: int | str | None = None,
     dry_run: bool = False,
     allow_lossy: bool = False,
     on_tensor: Callable[[str, int], None] | None = None,
 ) -> RepairReport:
     """Write ``out``: every UND/GEN tensor of ``src`` unchanged, plus every key ``stage``
-    expects that ``src`` lacks, taken from ``base``.
+    expects that ``src`` lacks, taken from ``base``. ``stage=None`` (the default) is the stage
+    the two checkpoints hold: ``"stage2"`` when either has a GEN key.
 
     ``config`` (a :class:`BagelConfig` or folder) defaults to ``src``'s config files, else
     ``base``'s; it decides the expected keys and shapes and is written to ``out``. ``src`` must
@@ -236,12 +241,16 @@ def repair_checkpoint(
     raises :class:`~bagelverify.errors.AliasError`. ``dry_run`` checks and plans but writes
     nothing.
     """
-    stage_name = normalize_stage(stage)
     target = Path(out)
     with (  # the data is read through the descriptors the headers were read through
         open_weights(src, weights, keep_open=True) as source,
         open_weights(base, base_weights, keep_open=True) as donor,
     ):
+        stage_name = (
+            held_stage([*source.tensors, *donor.tensors])
+            if stage is None
+            else normalize_stage(stage)
+        )
         plan = _plan(source, donor, stage_name, config, target, dry_run, allow_lossy)
         if dry_run:
             return plan.report
@@ -280,7 +289,7 @@ class _Plan:
 def _plan(
     source: CheckpointFiles,
     donor: CheckpointFiles,
-    stage: str,
+    stage: Stage,
     config: object,
     target: Path,
     dry_run: bool,
@@ -313,7 +322,7 @@ def _plan(
     folders = (source.directory, donor.directory)
     vae = next((d / VAE_FILE for d in folders if (d / VAE_FILE).is_file()), None)
     if vae is not None:
-        report.vae_from = "source" if vae.parent == source.directory else "base"
+        report.vae_from = str(vae)
     native_layout = bool(kept) and all(key.startswith(ROOT) for key in kept)
     return _Plan(report, jobs, found, config_folder, reads, native_layout, vae, cast)
 
@@ -349,15 +358,14 @@ def _write(
     with publishing(
         target, replaces=_everything, guard=_empty(target), reads=plan.reads, last=(INDEX_FILE,)
     ) as staging:
+        progress = WrittenTensors(on_tensor)
         with TensorReader(fds) as reader:
 
             def fetch(hf_key: str) -> torch.Tensor:
                 tensor = reader.read(plan.jobs[hf_key])
-                if on_tensor is not None:
-                    on_tensor(hf_key, plan.jobs[hf_key].nbytes)
-                return (
-                    cast.apply(hf_key, tensor) if cast is not None and hf_key in casts else tensor
-                )
+                if cast is not None and hf_key in casts:
+                    tensor = cast.apply(hf_key, tensor)
+                return progress.fetched(hf_key, tensor)
 
             # not strict: the stage's keys are all there; GEN keys of a stage-1 repair stay
             written = write_bagel_checkpoint(
@@ -373,4 +381,5 @@ def _write(
         if plan.vae is not None:
             shutil.copyfile(plan.vae, staging / VAE_FILE)
             written.append(staging / VAE_FILE)
+    progress.done()  # published
     return [str(target / path.name) for path in written]

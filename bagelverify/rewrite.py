@@ -25,34 +25,26 @@ from typing import Any, Protocol
 
 import torch
 
-from .checkpoint import KeyLayout, build_report, find_config, open_weights, write_bagel_checkpoint
-from .config import BagelConfig
+from .checkpoint import (
+    KeyLayout,
+    build_report,
+    find_config,
+    open_weights,
+    write_bagel_checkpoint,
+)
+from .checkpoint.files import Weights
+from .checkpoint.save import WrittenTensors
+from .config import BagelConfig, ConfigLike
+from .dtypes import CastLike, parse_dtype
 from .errors import ConfigError, LossyCastError, counted, format_examples
 from .keys import strip_root
 from .patch_embedding import conv_patch_weight_to_linear
 from .pos_embed import POSITION_TABLE_KEYS, compare_table, grid_side, position_table
-from .quantized import FP8_DTYPES
 from .safetensors_io import DTYPES, TensorInfo, TensorSpec, lossless_cast
+from .stage import StageLike
 from .tensor_reader import TensorReader
 
 logger = logging.getLogger(__name__)
-
-DTYPE_ALIASES: dict[str, str] = {"bf16": "BF16", "f16": "F16", "fp16": "F16", "f32": "F32"}
-"""CLI spellings of the floating dtypes a checkpoint can be cast to."""
-
-
-def parse_dtype(name: str) -> str:
-    """``"bf16"`` / ``"BF16"`` / ``"bfloat16"`` -> the safetensors name ``"BF16"``."""
-    upper = DTYPE_ALIASES.get(name.lower(), name.upper())
-    by_torch = {str(d.torch_dtype).removeprefix("torch."): n for n, d in DTYPES.items()}
-    upper = by_torch.get(name.lower(), upper)
-    if (
-        upper not in DTYPES
-        or upper in FP8_DTYPES
-        or not DTYPES[upper].torch_dtype.is_floating_point
-    ):
-        raise ValueError(f"dtype must be bf16, f16 or f32 (or F64), got {name!r}")
-    return upper
 
 
 class TensorTransform(Protocol):
@@ -186,16 +178,16 @@ def rewrite_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     *,
-    stage: object = "stage2",
+    stage: StageLike | None = None,
     keys: KeyLayout = "hf",
-    dtype: str | torch.dtype | None = None,
+    dtype: CastLike | torch.dtype | None = None,
     allow_lossy: bool = False,
     max_latent_size: int | None = None,
     vit_max_num_patch_per_side: int | None = None,
     max_shard_size: int | str | None = None,
     strict: bool = True,
-    config: BagelConfig | str | os.PathLike[str] | None = None,
-    weights: object = None,
+    config: ConfigLike | None = None,
+    weights: Weights | None = None,
     convert_conv_patch_embedding: bool = False,
     on_tensor: Callable[[str, int], None] | None = None,
     overwrite: bool = False,
@@ -277,18 +269,17 @@ def rewrite_checkpoint(
         result.bytes_before = sum(info.nbytes for info, _ in jobs.values())
         result.bytes_after = sum(spec.nbytes for spec in specs.values())
 
+        written = WrittenTensors(on_tensor)
         with TensorReader(selected.fds) as reader:
 
             def fetch(hf_key: str) -> torch.Tensor:
                 info, conv = jobs[hf_key]
                 tensor = reader.read(info)
-                if on_tensor is not None:
-                    on_tensor(hf_key, info.nbytes)
                 if conv:
                     tensor = conv_patch_weight_to_linear(tensor)
                 for transform in transforms:
                     tensor = transform.apply(hf_key, tensor)
-                return tensor
+                return written.fetched(hf_key, tensor)
 
             result.files = write_bagel_checkpoint(
                 specs,
@@ -302,6 +293,7 @@ def rewrite_checkpoint(
                 overwrite=overwrite,
                 inputs=(src, config if isinstance(config, (str, os.PathLike)) else None),
             )
+        written.done()
     logger.info(
         "%s: %d tensors, %d -> %d bytes",
         dst,

@@ -9,6 +9,11 @@ from .buckets import Bucket
 from .errors import StageError, StageTypeError
 
 Stage = Literal["stage1", "stage2"]
+"""A stage, normalised: what :func:`normalize_stage` returns."""
+
+StageLike = Literal[1, 2, "1", "2", "stage1", "stage2"]
+"""The stage spellings a type checker accepts where a function takes a stage. At run time
+:func:`normalize_stage` also takes other cases (``"Stage1"``) and surrounding spaces."""
 
 STAGE_BUCKETS: dict[str, frozenset[Bucket]] = {
     "stage1": frozenset({Bucket.UND}),
@@ -20,7 +25,7 @@ _ACCEPTED = "1, 2, '1', '2', 'stage1' or 'stage2' (strings in any case, surround
 _BY_TEXT: dict[str, Stage] = {"1": "stage1", "2": "stage2", "stage1": "stage1", "stage2": "stage2"}
 
 
-def normalize_stage(stage: object) -> Stage:
+def normalize_stage(stage: StageLike | str | int) -> Stage:
     """Return ``"stage1"`` or ``"stage2"`` for any accepted spelling of a stage.
 
     Raises :class:`~bagelverify.errors.StageError` (a ``ValueError``) for an unaccepted value and

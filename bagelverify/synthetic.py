@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from .config import CONFIG_FILES, BagelConfig
+from .dtypes import CastLike, parse_dtype
+from .errors import ArgumentError
 from .families import expected_shapes
 from .manifest import MODEL_FILE, VAE_FILE, load_manifest
 from .pos_embed import POSITION_TABLE_KEYS, position_table
@@ -31,6 +33,11 @@ class SyntheticCheckpoint:
     model_bytes: int
 
 
+DEFAULT_SCALE = 32
+"""The default width divisor of a synthetic checkpoint (``make_synthetic_checkpoint``, ``bagelverify
+demo``): the real key set in about 29 MB."""
+
+
 def scaled_config(scale: float) -> BagelConfig:
     """BAGEL-7B-MoT's config with every width divided by ``scale`` (at least 1).
 
@@ -41,7 +48,7 @@ def scaled_config(scale: float) -> BagelConfig:
     stays ``(image_size / patch_size)**2`` rows.
     """
     if not scale >= 1:
-        raise ValueError(f"scale must be >= 1, got {scale!r}")
+        raise ArgumentError(f"scale must be a number >= 1 (1: the full model), got {scale!r}")
 
     def shrink(size: int) -> int:
         return max(1, int(size // scale))
@@ -71,12 +78,14 @@ def scaled_config(scale: float) -> BagelConfig:
 
 
 def synthetic_specs(
-    scale: float, *, dtype: str | None = None
+    scale: float, *, dtype: CastLike | None = None
 ) -> tuple[BagelConfig, list[TensorSpec], list[TensorSpec]]:
     """The scaled config and the ``ema.safetensors`` / ``ae.safetensors`` tensor lists.
 
     Model shapes come from ``expected_shapes(config)``; VAE shapes are the manifest's with each
-    dimension divided by ``scale`` (at least 1). ``dtype`` overrides the model file's dtype.
+    dimension divided by ``scale`` (at least 1). ``dtype`` (any spelling
+    :func:`~bagelverify.dtypes.parse_dtype` accepts: ``"bf16"``, ``"F32"``, ...) overrides the
+    model file's dtype.
     """
     manifest = load_manifest()
     config = scaled_config(scale)
@@ -88,10 +97,9 @@ def synthetic_specs(
             f"family shape (e.g. {unknown[:3]}), table {len(shapes)} keys vs manifest "
             f"{len(manifest[MODEL_FILE])}"
         )
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"unknown safetensors dtype {dtype!r}; known: {sorted(DTYPES)}")
+    name = None if dtype is None else parse_dtype(dtype)
     model = [
-        TensorSpec(key, dtype or spec.dtype, shapes[key])
+        TensorSpec(key, name or spec.dtype, shapes[key])
         for key, spec in manifest[MODEL_FILE].items()
     ]
     vae = [
@@ -104,9 +112,9 @@ def synthetic_specs(
 def make_synthetic_checkpoint(
     out_dir: str | os.PathLike[str],
     *,
-    scale: float = 64,
+    scale: float = DEFAULT_SCALE,
     seed: int = 0,
-    dtype: str | None = None,
+    dtype: CastLike | None = None,
     with_vae: bool = True,
 ) -> SyntheticCheckpoint:
     """Write a BAGEL-7B-MoT-shaped folder: ``ema.safetensors``, ``ae.safetensors`` and the three
@@ -115,7 +123,8 @@ def make_synthetic_checkpoint(
     Values are standard-normal draws (scaled by 0.02) from a generator seeded with ``seed``, so
     the same arguments give the same bytes; the two position tables are the real sine-cosine
     tables for the config (:func:`bagelverify.pos_embed.position_table`). ``scale=1`` is the
-    full 29 GB model; ``scale=64`` writes about 4 MB in well under a second. Tensors are
+    full 29 GB model; ``scale=32`` (the default, as in ``bagelverify demo``) writes about 29 MB
+    of model weights, ``scale=64`` about 7 MB. Tensors are
     generated one at a time. The folder is published like every checkpoint write
     (:mod:`bagelverify.publish`): a synthetic checkpoint already there is replaced as a whole.
     """

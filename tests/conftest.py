@@ -4,10 +4,16 @@ mutation (mutmut runs)."""
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
+from bagelverify.manifest import MODEL_FILE
+from bagelverify.safetensors_io import save_tensors
 from bagelverify.synthetic import SyntheticCheckpoint, make_synthetic_checkpoint
 
 # No deadlines anywhere: this is a shared 2-core machine and timing is the benchmarks' job.
@@ -43,3 +49,24 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or default_profile)
 def synthetic_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> SyntheticCheckpoint:
     """A small BAGEL-shaped folder (scale 64, seed 0), written once per run; do not modify it."""
     return make_synthetic_checkpoint(tmp_path_factory.mktemp("synthetic"), scale=64, seed=0)
+
+
+def edited_copy(
+    source: SyntheticCheckpoint,
+    folder: Path,
+    *,
+    drop: Iterable[str] = (),
+    add: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """``folder`` made a copy of ``source``'s config files and model file, without the keys
+    ``drop`` and with the tensors ``add``."""
+    from safetensors.torch import load_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for config in source.path.glob("*config.json"):
+        shutil.copy(config, folder)
+    tensors = load_file(source.path / MODEL_FILE)
+    for key in drop:
+        del tensors[key]
+    save_tensors(folder / MODEL_FILE, {**tensors, **(add or {})})
+    return folder

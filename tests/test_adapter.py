@@ -360,7 +360,7 @@ def test_to_hf_with_a_config_checks_shapes_and_load_destinations_completeness() 
     config = scaled_config(64)
     native = {
         "model." + key: torch.empty(shape, device="meta")
-        for key, shape in bv.expected_shapes(config).items()
+        for key, shape in expected_shapes(config).items()
         if bv.classify(key) is Bucket.UND
     }
     adapter = bv.BagelStateDictAdapter(config)

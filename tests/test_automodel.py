@@ -21,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 
 import bagelverify as bv
 from bagelverify.errors import IntegrationError
+from bagelverify.families import expected_shapes
 from bagelverify.integrations import automodel
 from bagelverify.partition import classify
 from bagelverify.safetensors_io import save_tensors
@@ -135,7 +136,7 @@ def test_automodel_state_dict_is_exactly_our_expected_keys_and_shapes(
     keep = STAGE_BUCKETS[normalize_stage(stage)]
     expected = {
         "model." + key: shape
-        for key, shape in bv.expected_shapes(config).items()
+        for key, shape in expected_shapes(config).items()
         if classify(key) in keep
     }
     assert found == expected

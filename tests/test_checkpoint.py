@@ -33,9 +33,10 @@ from bagelverify.errors import (
     ShapeMismatchError,
     UnknownKeysError,
 )
+from bagelverify.families import FAMILIES
 from bagelverify.manifest import load_manifest
 from bagelverify.partition import classify
-from bagelverify.patch_embedding import PATCH_EMBEDDING_WEIGHT
+from bagelverify.patch_embedding import PATCH_EMBEDDING_WEIGHT, linear_patch_weight_to_conv
 from bagelverify.safetensors_io import DTYPES, read_header, save_tensors
 from bagelverify.synthetic import SyntheticCheckpoint
 
@@ -210,7 +211,7 @@ def test_missing_vision_keys_listed_by_family(
     assert sorted(info.value.keys) == sorted(VIT)
     report = bv.inspect_checkpoint(folder)
     # every vision family but the rope buffers, which a rope-free config does not have
-    vision = {f.name for f in bv.FAMILIES if f.name.startswith("vit.")}
+    vision = {f.name for f in FAMILIES if f.name.startswith("vit.")}
     assert set(report.missing) == vision - {"vit.rope"}
     # not strict: the rest loads
     loaded = bv.load_bagel_checkpoint_state_dict(folder, strict=False)
@@ -315,7 +316,7 @@ def conv_folder(synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path) -> Pa
 
     def to_conv(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         linear = sd[PATCH_EMBEDDING_WEIGHT]
-        conv = bv.linear_patch_weight_to_conv(
+        conv = linear_patch_weight_to_conv(
             linear, patch_size=config.vit_patch_size, channels=config.vit_num_channels
         )
         return {**sd, PATCH_EMBEDDING_WEIGHT: conv}
@@ -594,7 +595,7 @@ def test_save_validates_against_config(
     native = bv.load_bagel_checkpoint_state_dict(synthetic_checkpoint.path)
     config = synthetic_checkpoint.config
     with pytest.raises(MissingKeysError, match=r"none of the 821 tensors .* Pass stage=1"):
-        bv.save_bagel_checkpoint(native, tmp_path / "a", config=config)
+        bv.save_bagel_checkpoint(native, tmp_path / "a", stage=2, config=config)
     written = bv.save_bagel_checkpoint(native, tmp_path / "b", stage=1, config=config)
     assert {p.name for p in written} == {"ema.safetensors", *CONFIG_FILES}
     assert bv.BagelConfig.from_pretrained(tmp_path / "b") == config

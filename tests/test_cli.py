@@ -322,11 +322,11 @@ def test_shown_keys_cannot_hide_control_codes_or_lookalike_digits() -> None:
     ("args", "needle", "code"),
     [
         (["inspect", "{tmp}/missing"], "{tmp}/missing does not exist", 2),
-        (["inspect", "{tmp}", "--stage", "3"], "invalid stage '3'", 2),
+        (["inspect", "{tmp}", "--stage", "3"], "unknown stage '3'", 2),
         (["inspect", "{tmp}/corrupt/ema.safetensors"], "header length", 1),
-        (["convert", "{tmp}", "{tmp}/out"], "the following arguments are required: --stage", 2),
+        (["convert", "{tmp}", "{tmp}/out", "--stage", "stage3"], "unknown stage 'stage3'", 2),
     ],
-    ids=["missing-path", "bad-stage", "corrupt-file", "convert-without-stage"],
+    ids=["missing-path", "bad-stage", "corrupt-file", "convert-bad-stage"],
 )
 def test_errors_are_one_line_with_their_exit_code(
     tmp_path: Path, args: list[str], needle: str, code: int
@@ -575,11 +575,13 @@ def test_demo_interrupted_removes_its_folder(tmp_path: Path, signum: int) -> Non
     assert list(scratch.iterdir()) == []
 
 
-# -- the documented JSON schema (README, "Command line") -----------------------------------------
+# -- the documented JSON schema (docs/json.md) -----------------------------------------------
 
 INSPECT_SCHEMA: dict[str, Any] = {
     "schema_version": int,
     "command": str,
+    "ok": bool,
+    "seconds": (int, float),
     "format": str,  # "safetensors" or "dcp" (issue 15, item 10)
     "stage": str,
     "clean": bool,

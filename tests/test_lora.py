@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import bagelverify as bv
 from bagelverify.cli import main
 from bagelverify.diff import diff_checkpoints
+from bagelverify.families import expected_shapes
 from bagelverify.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter, merge_adapter
 from bagelverify.lora_keys import PEFT_ROOT, lora_families
 from bagelverify.synthetic import SyntheticCheckpoint
@@ -54,7 +55,7 @@ def write_adapter(
     """A PEFT adapter folder (Hugging Face ``peft``'s layout) for the modules ``targets`` bind,
     with random F32 factors; ``settings`` overrides fields of its adapter_config.json."""
     generator = torch.Generator().manual_seed(seed)
-    shapes = bv.expected_shapes(config)
+    shapes = expected_shapes(config)
     tensors = {}
     for module in module_names(config):
         if not any(binds(t, module) for t in targets):

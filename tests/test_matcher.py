@@ -13,12 +13,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bagelverify import Bucket, Matcher, classify, compile_matcher
+from bagelverify import Bucket, classify
 from bagelverify import strategies as bst
 from bagelverify.buckets import MATCH_ORDER
 from bagelverify.errors import PatternError
 from bagelverify.manifest import load_manifest
-from bagelverify.matcher import PLACEHOLDER, NaiveMatcher, literal_prefix, shipped_patterns
+from bagelverify.matcher import (
+    PLACEHOLDER,
+    Matcher,
+    NaiveMatcher,
+    compile_matcher,
+    literal_prefix,
+    shipped_patterns,
+)
 
 NAIVE = NaiveMatcher()
 SHARED = compile_matcher()  # shared across examples, so later examples meet a warm memo

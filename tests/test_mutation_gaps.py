@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 import bagelverify as bv
-from bagelverify import Bucket, compile_matcher
+from bagelverify import Bucket
 from bagelverify import matcher as matcher_module
 from bagelverify.errors import PatternError, format_examples
 from bagelverify.families import FAMILIES, FAMILY_BY_NAME, Family, family_of
-from bagelverify.matcher import Matcher, NaiveMatcher, literal_prefix
+from bagelverify.matcher import Matcher, NaiveMatcher, compile_matcher, literal_prefix
 from bagelverify.plan import plan, unroot
 
 # ``bagelverify.partition`` is also the name of a function the package exports

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bagelverify import conv_patch_weight_to_linear, linear_patch_weight_to_conv
+from bagelverify.patch_embedding import conv_patch_weight_to_linear, linear_patch_weight_to_conv
 
 
 def channel_last_patches(image: torch.Tensor, patch: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The README's examples, run, so that they cannot drift from the code.
+"""The examples of the README and of every docs page (``docs/*.md``), run, so that they cannot
+drift from the code.
 
 * Every ``python`` block runs (where the optional package of :data:`NEEDS` it needs is
   installed), except the few listed in :data:`NOT_RUN` with the reason; the
@@ -31,7 +32,10 @@ from bagelverify.manifest import MODEL_FILE
 from bagelverify.safetensors_io import save_tensors
 from bagelverify.synthetic import SyntheticCheckpoint
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+"""The README and the docs site's pages: every example in them is checked here."""
 
 NEEDS = {"from bagelverify.integrations import automodel": "nemo_automodel"}
 """First line of a python block -> the optional package it needs (the test is skipped without)."""
@@ -44,13 +48,17 @@ NOT_RUN = {
 """First line of a python block that is not run here -> why."""
 
 
-def blocks(language: str) -> list[tuple[int, str]]:
-    """(line number, text) of every fenced block in ``language``."""
-    text = README.read_text()
-    return [
-        (text[: m.start()].count("\n") + 1, m.group(1))
-        for m in re.finditer(rf"^```{language}\n(.*?)^```", text, re.S | re.M)
-    ]
+def blocks(language: str) -> list[tuple[str, str]]:
+    """(``page:line``, text) of every fenced block in ``language``, in the README and the docs."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        name = page.relative_to(ROOT)
+        found += [
+            (f"{name}:{text[: m.start()].count(chr(10)) + 1}", m.group(1))
+            for m in re.finditer(rf"^```{language}\n(.*?)^```", text, re.S | re.M)
+        ]
+    return found
 
 
 SIZE = re.compile(r"[0-9]+(?:\.[0-9])? (?:B|kB|MB|GB)")
@@ -149,13 +157,13 @@ PYTHON = blocks("python")
 RUN = [(line, code) for line, code in PYTHON if code.splitlines()[0] not in NOT_RUN]
 
 
-@pytest.mark.parametrize(("line", "code"), RUN, ids=[f"line-{line}" for line, _ in RUN])
+@pytest.mark.parametrize(("line", "code"), RUN, ids=[line for line, _ in RUN])
 def test_python_example_runs_and_shows_what_it_gives(
-    line: int, code: str, stand_ins: dict[str, Path]
+    line: str, code: str, stand_ins: dict[str, Path]
 ) -> None:
     needed = NEEDS.get(code.splitlines()[0])
     if needed is not None:
-        pytest.importorskip(needed, reason=f"README line {line} needs {needed}, not installed")
+        pytest.importorskip(needed, reason=f"{line} needs {needed}, not installed")
     folder = stand_ins["/ckpt/BAGEL-7B-MoT"]
     config = bv.BagelConfig.from_pretrained(folder)
     stage1 = bv.load_bagel_checkpoint_state_dict(folder, stage=1)
@@ -181,7 +189,7 @@ def test_python_example_runs_and_shows_what_it_gives(
 
 def test_every_python_example_is_run_or_says_why_not() -> None:
     """Each block left out is named in NOT_RUN with its reason, and each NOT_RUN entry is a
-    block of the README (so the list cannot outlive its blocks)."""
+    block of the README or a docs page (so the list cannot outlive its blocks)."""
     firsts = [code.splitlines()[0] for _, code in PYTHON]
     assert set(NOT_RUN) <= set(firsts)
     assert len(RUN) == len(PYTHON) - len(NOT_RUN) >= 4
@@ -190,9 +198,9 @@ def test_every_python_example_is_run_or_says_why_not() -> None:
 CONSOLE = blocks("console")
 
 
-@pytest.mark.parametrize(("line", "text"), CONSOLE, ids=[f"line-{line}" for line, _ in CONSOLE])
+@pytest.mark.parametrize(("line", "text"), CONSOLE, ids=[line for line, _ in CONSOLE])
 def test_console_example_prints_what_it_shows(
-    line: int, text: str, stand_ins: dict[str, Path], tmp_path: Path
+    line: str, text: str, stand_ins: dict[str, Path], tmp_path: Path
 ) -> None:
     command, *shown = text.splitlines()
     assert command.startswith("$ bagelverify ")

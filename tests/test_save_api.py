@@ -41,13 +41,14 @@ def test_a_sharded_save_refuses_an_existing_index_unless_overwrite(
         bv.save_bagel_checkpoint(stage1_state, folder, stage=1, max_shard_size="1MB")  # type: ignore[arg-type]
 
 
-def test_saving_und_weights_under_the_default_stage_says_pass_stage_1(
+def test_saving_und_weights_for_stage_2_says_pass_stage_1(
     synthetic_checkpoint: SyntheticCheckpoint, stage1_state: dict[str, object], tmp_path: Path
 ) -> None:
-    """The default stage 2 expects GEN keys; the message is about saving, not loading."""
+    """Stage 2 expects GEN keys; the message is about saving, not loading. (Before issue 32 this
+    was the default stage; now a save writes the stage its state dict holds.)"""
     config = bv.BagelConfig.from_pretrained(synthetic_checkpoint.path)
     with pytest.raises(bv.MissingKeysError) as info:
-        bv.save_bagel_checkpoint(stage1_state, tmp_path / "out", config=config)  # type: ignore[arg-type]
+        bv.save_bagel_checkpoint(stage1_state, tmp_path / "out", stage=2, config=config)  # type: ignore[arg-type]
     message = str(info.value)
     assert "Pass stage=1 (--stage 1) to save its UND weights" in message
     assert "to load" not in message and "Load it" not in message

@@ -8,7 +8,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from bagelverify import BagelConfig, expected_shapes, make_synthetic_checkpoint
+from bagelverify import BagelConfig, make_synthetic_checkpoint
+from bagelverify.errors import ArgumentError
+from bagelverify.families import expected_shapes
 from bagelverify.manifest import load_manifest
 from bagelverify.safetensors_io import read_header
 from bagelverify.synthetic import SyntheticCheckpoint, scaled_config
@@ -63,10 +65,41 @@ def test_same_seed_same_bytes_other_seed_other_values(tmp_path: Path) -> None:
     assert not (a.path / "ae.safetensors").exists()
 
 
-def test_dtype_override(tmp_path: Path) -> None:
-    made = make_synthetic_checkpoint(tmp_path, scale=128, dtype="F32", with_vae=False)
+@pytest.mark.parametrize("spelling", ["F32", "f32", "float32"])
+def test_dtype_override_takes_the_cli_spellings_too(tmp_path: Path, spelling: str) -> None:
+    made = make_synthetic_checkpoint(tmp_path, scale=128, dtype=spelling, with_vae=False)
     assert {i.dtype for i in read_header(made.path / "ema.safetensors").tensors.values()} == {"F32"}
-    with pytest.raises(ValueError, match="unknown safetensors dtype 'X'"):
+
+
+def test_bad_dtype_and_scale_raise_bagel_errors(tmp_path: Path) -> None:
+    with pytest.raises(ArgumentError, match=r"dtype must be bf16, f16 or f32.*got 'X'"):
         make_synthetic_checkpoint(tmp_path, scale=128, dtype="X")
-    with pytest.raises(ValueError, match="scale must be >= 1"):
+    with pytest.raises(ArgumentError, match="scale must be a number >= 1"):
         scaled_config(0.5)
+
+
+def test_default_scale_is_the_demos_and_the_readmes_and_its_docstring_size_is_true(
+    tmp_path: Path,
+) -> None:
+    """The README's and the demo's scale is the function's default, and the docstring's "about
+    N MB" for the default and for 64 is the size written (within 10%)."""
+    import inspect as inspect_module
+    import re
+
+    from bagelverify.commands.demo import configure
+    from bagelverify.synthetic import DEFAULT_SCALE
+
+    default = inspect_module.signature(make_synthetic_checkpoint).parameters["scale"].default
+    parser = __import__("argparse").ArgumentParser()
+    configure(parser)
+    assert default == DEFAULT_SCALE == parser.parse_args([]).scale
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert set(re.findall(r"make_synthetic_checkpoint\([^)]*scale=(\d+)", readme)) <= {
+        str(DEFAULT_SCALE)
+    }
+    doc = make_synthetic_checkpoint.__doc__ or ""
+    claims = re.findall(r"``scale=(\d+)``(?:(?!``scale=).)*?about (\d+) MB", " ".join(doc.split()))
+    assert {int(scale) for scale, _ in claims} == {DEFAULT_SCALE, 64}
+    for scale, megabytes in claims:
+        made = make_synthetic_checkpoint(tmp_path / scale, scale=int(scale), with_vae=False)
+        assert abs(made.model_bytes / 1e6 - int(megabytes)) <= 0.1 * int(megabytes)

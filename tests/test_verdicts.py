@@ -93,9 +93,7 @@ def test_ctrl_c_while_the_command_is_still_importing_is_one_line_and_130(
 def test_usage_errors_exit_2_and_the_help_lists_every_code(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    with pytest.raises(SystemExit) as exited:
-        cli.main(["inspect", "x", "--stage", "3"])
-    assert exited.value.code == 2
+    assert cli.main(["inspect", "x", "--stage", "3"]) == 2  # returned, no SystemExit (issue 32)
     epilog = cli.build_parser("").epilog or ""
     for words in ("0 clean", "1 problems found in a checkpoint", "2 usage", "130 interrupted"):
         assert words in epilog
@@ -166,10 +164,10 @@ def test_the_cli_names_the_prefix_refuses_an_empty_no_strict_convert_and_strips_
     folder = _folder(
         synthetic_checkpoint, tmp_path / "ddp", {"module." + k: v for k, v in tensors.items()}
     )
-    assert cli.main(["inspect", str(folder), "--headers-only"]) == 1
+    assert cli.main(["inspect", str(folder), "--headers-only", "--stage", "2"]) == 1
     out = capsys.readouterr().out
     assert "NOT clean for stage2" in out and "--strip-prefix module." in out
-    assert cli.main(["inspect", str(folder), "--json", "--headers-only"]) == 1
+    assert cli.main(["inspect", str(folder), "--json", "--headers-only", "--stage", "2"]) == 1
     document = json.loads(capsys.readouterr().out)
     assert document["clean"] is False and document["exit_code"] == 1
     assert "--strip-prefix module." in document["problems"][0]["message"]
@@ -193,8 +191,8 @@ def test_an_empty_save_is_refused_and_an_empty_file_is_never_clean(
     (tmp_path / "empty").mkdir()
     save_tensors(tmp_path / "empty" / MODEL_FILE, {})
     assert cli.main(["inspect", str(tmp_path / "empty")]) == 1
-    out = capsys.readouterr().out
-    assert "NOT clean for stage2" in out and "holds no tensor at all" in out
+    out = capsys.readouterr().out  # issue 32: no GEN key, so the stage it holds is 1
+    assert "NOT clean for stage1" in out and "holds no tensor at all" in out
     with pytest.raises(bv.MissingKeysError, match="load of nothing is refused"):
         bv.load_bagel_checkpoint_state_dict(tmp_path / "empty", stage=2, strict=False)
 
@@ -205,13 +203,16 @@ def test_a_stage1_state_dict_saved_as_stage2_without_config_is_refused(
     stage1 = bv.load_bagel_checkpoint_state_dict(synthetic_checkpoint.path, stage=1)
     for strict in (True, False):
         with pytest.raises(bv.MissingKeysError) as info:
-            bv.save_bagel_checkpoint(stage1, tmp_path / "out", strict=strict)
+            bv.save_bagel_checkpoint(stage1, tmp_path / "out", stage=2, strict=strict)
         message = str(info.value)
         assert "none of the 821 tensors of the state dict is one" in message
         assert "a stage-1 state dict" in message and "Pass stage=1 (--stage 1)" in message
     assert not (tmp_path / "out" / MODEL_FILE).exists()
     written = bv.save_bagel_checkpoint(stage1, tmp_path / "out", stage=1)
     assert [path.name for path in written] == [MODEL_FILE]
+    # issue 32: by default a writer writes the stage its input holds
+    written = bv.save_bagel_checkpoint(stage1, tmp_path / "default", strict=False)
+    assert len(read_header(tmp_path / "default" / MODEL_FILE).tensors) == len(stage1)
 
 
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "not-strict"])

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import CONFIG_FILES, BagelConfig
-from ..errors import CorruptCheckpointError, ReadError, agree, counted, format_examples
+from ..errors import (
+    ArgumentError,
+    CorruptCheckpointError,
+    ReadError,
+    agree,
+    counted,
+    format_examples,
+)
 from ..manifest import MODEL_FILE
 from ..publish import recover
 from ..safetensors_io import TensorInfo, open_regular, read_header
@@ -80,12 +87,21 @@ def _close_all(fds: dict[Path, int]) -> None:
         os.close(fds.popitem()[1])
 
 
-def require_directory(directory: Path, expected: str) -> None:
-    """Raise ``FileNotFoundError`` naming ``directory / expected`` unless the folder exists."""
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"checkpoint folder {directory} does not exist (expected {directory / expected})"
+def require_directory(directory: Path, expected: str, what: str = "checkpoint folder") -> None:
+    """The one wording of a folder that is not there: ``NotADirectoryError`` for a file given
+    where ``what`` (a folder holding ``expected``) is needed, saying which folder to pass, and
+    ``FileNotFoundError`` naming ``directory / expected`` for a path that does not exist."""
+    if directory.is_dir():
+        return
+    if directory.exists():
+        folder = directory.parent
+        hint = f"pass its folder {folder}" if (folder / expected).is_file() else "pass a folder"
+        article = "an" if what[0] in "aeiou" else "a"
+        raise NotADirectoryError(
+            f"{directory} is a file, not {article} {what}: {article} {what} holds {expected}; "
+            f"{hint}"
         )
+    raise FileNotFoundError(f"{what} {directory} does not exist (expected {directory / expected})")
 
 
 def _shard_path(directory: Path, index_path: Path, key: str, shard: object) -> Path:
@@ -205,16 +221,17 @@ opened (another process saving into it) before it gives up."""
 
 
 def check_weights(weights: object) -> Weights | None:
-    """``weights`` as given when it is ``"ema"``, ``"model"`` or ``None``; else ``ValueError``."""
+    """``weights`` as given when it is ``"ema"``, ``"model"`` or ``None``; else
+    :class:`~bagelverify.errors.ArgumentError` (a ``ValueError``)."""
     if weights is None or weights in WEIGHTS_CHOICES:
         return weights
-    raise ValueError(
+    raise ArgumentError(
         f"weights must be 'ema' (ema.safetensors), 'model' (model.safetensors or its shard "
         f"index) or None (ema.safetensors when present), got {weights!r}"
     )
 
 
-def choose_weights(directory: Path, weights: object = None) -> tuple[Path, str]:
+def choose_weights(directory: Path, weights: Weights | None = None) -> tuple[Path, str]:
     """The weights file of a folder, from file names alone, and why it was chosen.
 
     ``weights=None``: ``ema.safetensors`` when present, else ``model.safetensors``, else the
@@ -260,7 +277,7 @@ def open_checkpoint(
     checkpoint_dir: str | os.PathLike[str],
     *,
     keep_open: bool = False,
-    weights: object = None,
+    weights: Weights | None = None,
 ) -> CheckpointFiles:
     """List a checkpoint folder's tensors from its header(s), reading no tensor data.
 
@@ -309,7 +326,7 @@ def open_checkpoint(
 
 
 def open_weights(
-    path: str | os.PathLike[str], weights: object = None, *, keep_open: bool = False
+    path: str | os.PathLike[str], weights: Weights | None = None, *, keep_open: bool = False
 ) -> CheckpointFiles:
     """:func:`open_checkpoint` of a folder, or the header of one ``.safetensors`` file given
     directly (``weights`` must then be ``None``: it only selects within a folder)."""
@@ -317,7 +334,7 @@ def open_weights(
     if not path.is_file():
         return open_checkpoint(path, keep_open=keep_open, weights=weights)
     if check_weights(weights) is not None:
-        raise ValueError(f"{path} is a file; weights={weights!r} only selects within a folder")
+        raise ArgumentError(f"{path} is a file; weights={weights!r} only selects within a folder")
     fds: dict[Path, int] = {}
     try:
         header = read_header(path, fd=_open(path, fds))
@@ -332,7 +349,7 @@ def open_weights(
     return files
 
 
-def _open_folder(directory: Path, weights: object, fds: dict[Path, int]) -> CheckpointFiles:
+def _open_folder(directory: Path, weights: Weights | None, fds: dict[Path, int]) -> CheckpointFiles:
     path, why = choose_weights(directory, weights)
     others = [
         name

@@ -20,7 +20,8 @@ from typing import Literal, NamedTuple
 import torch
 
 from ..buckets import Bucket
-from ..config import BagelConfig
+from ..config import ConfigLike
+from ..dtypes import CastLike, torch_dtype
 from ..engine import EngineOptions, EngineStats, Progress, Transfer
 from ..engine import run as run_engine
 from ..errors import (
@@ -39,7 +40,8 @@ from ..partition import classify
 from ..patch_embedding import conv_patch_weight_to_linear
 from ..plan import describe_prefix, shared_prefix
 from ..safetensors_io import TensorInfo, lossless_cast, open_regular, read_header
-from .files import open_checkpoint, require_directory
+from ..stage import StageLike
+from .files import Weights, open_checkpoint, require_directory
 from .report import CheckpointReport, header_buckets, report_files, swapped
 
 logger = logging.getLogger(__name__)
@@ -74,11 +76,11 @@ ReadJobs = Mapping[str, ReadJob]
 def read_jobs(
     checkpoint_dir: str | os.PathLike[str],
     *,
-    stage: object,
+    stage: StageLike | None,
     strict: bool,
-    config: BagelConfig | None,
+    config: ConfigLike | None,
     convert_conv: bool,
-    weights: object = None,
+    weights: Weights | None = None,
     strip_prefix: str | None = None,
 ) -> Iterator[tuple[CheckpointReport, dict[str, ReadJob]]]:
     """Validate a folder from its headers (raising its first problem) and yield its report and
@@ -353,14 +355,14 @@ def load_into(
     native_state_dict: Mapping[str, torch.Tensor],
     checkpoint_dir: str | os.PathLike[str],
     *,
-    stage: object = "stage1",
+    stage: StageLike = "stage1",
     strict: bool = True,
-    config: BagelConfig | None = None,
+    config: ConfigLike | None = None,
     cast: Cast = "lossless",
     convert_conv_patch_embedding: bool = False,
     read_options: EngineOptions | None = None,
     progress: Progress | None = None,
-    weights: object = None,
+    weights: Weights | None = None,
     strip_prefix: str | None = None,
 ) -> IncompatibleKeys:
     """Fill existing tensors (e.g. ``model.state_dict()``) in place from a checkpoint folder.
@@ -405,15 +407,15 @@ def load_into(
 def load_bagel_checkpoint_state_dict(
     checkpoint_dir: str | os.PathLike[str],
     *,
-    stage: object = "stage1",
+    stage: StageLike = "stage1",
     strict: bool = True,
-    config: BagelConfig | None = None,
+    config: ConfigLike | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: CastLike | torch.dtype | None = None,
     convert_conv_patch_embedding: bool = False,
     read_options: EngineOptions | None = None,
     progress: Progress | None = None,
-    weights: object = None,
+    weights: Weights | None = None,
     strip_prefix: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load the tensors a stage keeps as a native (``model.``-rooted) state dict.
@@ -437,7 +439,7 @@ def load_bagel_checkpoint_state_dict(
         weights=weights,
         strip_prefix=strip_prefix,
     ) as (_, jobs):
-        out = allocate(jobs, device=device, dtype=dtype)
+        out = allocate(jobs, device=device, dtype=None if dtype is None else torch_dtype(dtype))
         fill(jobs, out, read_options=read_options, progress=progress)
     return out
 
@@ -446,7 +448,7 @@ def load_bagel_vae_state_dict(
     checkpoint_dir: str | os.PathLike[str],
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: CastLike | torch.dtype | None = None,
     strict: bool = True,
     read_options: EngineOptions | None = None,
     progress: Progress | None = None,
@@ -465,7 +467,8 @@ def load_bagel_vae_state_dict(
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: VAE file not found") from None
     try:
-        return _load_vae(path, fd, device, dtype, strict, read_options, progress)
+        cast = None if dtype is None else torch_dtype(dtype)
+        return _load_vae(path, fd, device, cast, strict, read_options, progress)
     finally:
         os.close(fd)
 

@@ -20,7 +20,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from ..buckets import Bucket
-from ..config import CONFIG_FILES, DERIVED_FROM, BagelConfig, field_source
+from ..config import CONFIG_FILES, DERIVED_FROM, BagelConfig, ConfigLike, field_source
 from ..errors import (
     BagelError,
     ConfigError,
@@ -39,8 +39,8 @@ from ..patch_embedding import PATCH_EMBEDDING_WEIGHT
 from ..plan import Plan, describe_prefix, plan, shared_prefix, strip_prefix_advice, without_prefix
 from ..quantized import Quantization, find_quantization
 from ..safetensors_io import TensorInfo, TensorSpec, dtype_name, read_header
-from ..stage import STAGE_BUCKETS, Stage
-from .files import CheckpointFiles, find_config, open_checkpoint
+from ..stage import STAGE_BUCKETS, Stage, StageLike
+from .files import CheckpointFiles, Weights, find_config, open_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -576,7 +576,7 @@ def _is_conv_patch_weight(
 def build_report(
     tensors: Mapping[str, TensorLike],
     *,
-    stage: object = "stage1",
+    stage: StageLike | None = None,
     config: BagelConfig | None = None,
     source: str = "<state dict>",
     manifest_fallback: bool = False,
@@ -654,7 +654,7 @@ def build_report(
 
 
 def state_dict_report(
-    state_dict: Mapping[str, object], *, stage: object, config: BagelConfig
+    state_dict: Mapping[str, object], *, stage: StageLike | None, config: BagelConfig
 ) -> CheckpointReport:
     """:func:`build_report` for an in-memory HF state dict, reading shapes and dtypes from its
     values (the global shape of a DTensor). A value that is not a tensor counts as an empty one:
@@ -671,9 +671,9 @@ def state_dict_report(
 def inspect_checkpoint(
     checkpoint_dir: str | os.PathLike[str],
     *,
-    stage: object = "stage1",
-    config: BagelConfig | None = None,
-    weights: object = None,
+    stage: StageLike | None = None,
+    config: ConfigLike | None = None,
+    weights: Weights | None = None,
     strip_prefix: str | None = None,
 ) -> CheckpointReport:
     """Validate a checkpoint folder from its headers alone, reading no tensor data.
@@ -694,8 +694,8 @@ def inspect_checkpoint(
 def report_files(
     files: CheckpointFiles,
     *,
-    stage: object,
-    config: BagelConfig | None,
+    stage: StageLike | None,
+    config: ConfigLike | None,
     strip_prefix: str | None = None,
 ) -> CheckpointReport:
     """:func:`inspect_checkpoint` for a folder already opened by

@@ -16,8 +16,8 @@ from typing import Literal
 import torch
 
 from ..atomic import atomic_open
-from ..config import CONFIG_FILES, BagelConfig
-from ..errors import CorruptCheckpointError, ShardSizeError
+from ..config import CONFIG_FILES, BagelConfig, ConfigLike
+from ..errors import ArgumentTypeError, CorruptCheckpointError, ShardSizeError
 from ..keys import strip_root, to_native_key
 from ..manifest import MODEL_FILE
 from ..plan import require_mapping, unroot, without_prefix
@@ -29,8 +29,9 @@ from ..safetensors_io import (
     spec_of,
     write_safetensors,
 )
+from ..stage import StageLike
 from ..strict_json import MAX_INDEX_BYTES, read_json_file
-from .files import INDEX_FILE, MODEL_WEIGHTS_FILE, SAVE_ID
+from .files import INDEX_FILE, MODEL_WEIGHTS_FILE, SAVE_ID, Weights
 from .load import read_jobs, read_tensor
 from .report import build_report
 
@@ -86,10 +87,10 @@ def save_bagel_checkpoint(
     native_state_dict: Mapping[str, torch.Tensor],
     out_dir: str | os.PathLike[str],
     *,
-    stage: object = "stage2",
+    stage: StageLike | None = None,
     max_shard_size: int | str | None = None,
     strict: bool = True,
-    config: BagelConfig | None = None,
+    config: ConfigLike | None = None,
     overwrite: bool = False,
     strip_prefix: str | None = None,
 ) -> list[Path]:
@@ -99,8 +100,9 @@ def save_bagel_checkpoint(
     with ``FileExistsError`` unless ``overwrite`` is true.
 
     Keys must be under the ``model.`` root (``._extra_state`` entries are dropped); ``stage``
-    chooses what is written (``"stage2"``, the default, writes every UND and GEN tensor;
-    ``"stage1"`` only UND). Unknown keys raise under ``strict`` and are dropped with a warning
+    chooses what is written (``"stage1"``: UND only; ``"stage2"``: UND and GEN; ``None``, the
+    default: the stage the state dict holds, so every UND and GEN tensor given is written).
+    Unknown keys raise under ``strict`` and are dropped with a warning
     otherwise, as on loading. With a
     ``config`` the tensors are validated like a load (shapes, missing keys under ``strict``) and
     the three config files are written too. Without ``max_shard_size`` one ``ema.safetensors``
@@ -147,10 +149,10 @@ def write_bagel_checkpoint(
     fetch: Callable[[str], torch.Tensor],
     out_dir: str | os.PathLike[str],
     *,
-    stage: object = "stage2",
+    stage: StageLike | None = None,
     max_shard_size: int | str | None = None,
     strict: bool = True,
-    config: BagelConfig | None = None,
+    config: ConfigLike | None = None,
     keys: KeyLayout = "hf",
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike[str] | None] = (),
@@ -167,10 +169,12 @@ def write_bagel_checkpoint(
     hard links count), raises :class:`~bagelverify.errors.AliasError` before anything is
     written.
     """
+    if isinstance(config, (str, os.PathLike)):
+        config = BagelConfig.from_pretrained(config)
     if config is not None and not isinstance(config, BagelConfig):
-        raise TypeError(
-            f"config must be a bagelverify.BagelConfig (written as the checkpoint's config "
-            f"files), got {type(config).__name__}; use BagelConfig.from_pretrained(folder)"
+        raise ArgumentTypeError(
+            f"config must be a bagelverify.BagelConfig or the folder of its config files "
+            f"(written as the checkpoint's config files), got {type(config).__name__}"
         )
     directory = Path(out_dir)
     report = build_report(specs, stage=stage, config=config, source=str(public_path(directory)))
@@ -310,19 +314,43 @@ def _write_shards(
     return written
 
 
+class WrittenTensors:
+    """Progress that counts what is written: :meth:`fetched` (called from a ``fetch`` of
+    :func:`write_bagel_checkpoint`) reports the previous tensor, which the writer has written
+    by the time it fetches the next one, and :meth:`done` the last, once the files are
+    published; so ``on_tensor(hf_key, nbytes)`` never runs ahead of the disk, fsync included,
+    and ``nbytes`` are the bytes written (after a cast), not those read."""
+
+    def __init__(self, on_tensor: Callable[[str, int], None] | None) -> None:
+        self.on_tensor = on_tensor
+        self._pending: tuple[str, int] | None = None
+
+    def fetched(self, hf_key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Report the tensor fetched before this one; return ``tensor``."""
+        self.done()
+        self._pending = (hf_key, tensor.numel() * tensor.element_size())
+        return tensor
+
+    def done(self) -> None:
+        """Report the last tensor fetched (the write it was fetched for has finished)."""
+        if self._pending is not None and self.on_tensor is not None:
+            self.on_tensor(*self._pending)
+        self._pending = None
+
+
 def convert_checkpoint(
     src_dir: str | os.PathLike[str],
     dst_dir: str | os.PathLike[str],
     *,
-    stage: object = "stage2",
+    stage: StageLike | None = None,
     keys: KeyLayout = "hf",
     max_shard_size: int | str | None = None,
     strict: bool = True,
-    config: BagelConfig | None = None,
+    config: ConfigLike | None = None,
     convert_conv_patch_embedding: bool = False,
     on_tensor: Callable[[str, int], None] | None = None,
     overwrite: bool = False,
-    weights: object = None,
+    weights: Weights | None = None,
     strip_prefix: str | None = None,
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[Path]:
@@ -332,7 +360,8 @@ def convert_checkpoint(
     a load; each kept tensor is then read into a fresh buffer, written and released, so peak
     memory is about the largest tensor, never the checkpoint. The config (``config`` if given,
     else the source's config files) is written with the tensors. ``on_tensor(hf_key, nbytes)``
-    is called after each tensor is read (for progress); ``overwrite`` as for
+    is called after each tensor is written, with the bytes written (for progress:
+    :class:`WrittenTensors`); ``overwrite`` as for
     :func:`save_bagel_checkpoint`; ``weights`` picks the source's ``ema`` or ``model`` weights;
     ``strip_prefix`` removes a wrapper's prefix (``module.``) from the source's keys. A
     ``dst_dir`` that is the source (the same folder through a symlink or a bind mount, or a
@@ -355,16 +384,15 @@ def convert_checkpoint(
             for native, job in jobs.items()
         }
 
+        written = WrittenTensors(on_tensor)
+
         def fetch(hf_key: str) -> torch.Tensor:
-            job = jobs[to_native_key(hf_key)]
-            out = read_tensor(job)
+            out = read_tensor(jobs[to_native_key(hf_key)])
             if transform is not None:
                 out = transform(hf_key, out)
-            if on_tensor is not None:
-                on_tensor(hf_key, job.info.nbytes)
-            return out
+            return written.fetched(hf_key, out)
 
-        return write_bagel_checkpoint(
+        files = write_bagel_checkpoint(
             specs,
             fetch,
             dst_dir,
@@ -376,3 +404,5 @@ def convert_checkpoint(
             overwrite=overwrite,
             inputs=(src_dir, config if isinstance(config, (str, os.PathLike)) else None),
         )
+        written.done()
+        return files

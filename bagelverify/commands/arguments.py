@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..checkpoint import INDEX_FILE, MODEL_WEIGHTS_FILE, WEIGHTS_CHOICES, parse_size
@@ -118,3 +121,23 @@ def not_writable(folder: Path, error: OSError, elsewhere: str) -> PermissionErro
         error.errno,
         f"cannot write in {folder} ({error.strerror or error}); nothing was written. {fix}",
     )
+
+
+@contextlib.contextmanager
+def naming_unwritable(target: Path, elsewhere: str) -> Iterator[None]:
+    """Turn a write refused at, above or inside ``target`` (permissions, a read-only file
+    system) into :func:`not_writable` naming the nearest existing folder of the refused path:
+    a folder the user knows, never a staging name. Other errors pass unchanged."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in NOT_WRITABLE or (
+            isinstance(error, PermissionError) and (str(error).startswith("cannot write in"))
+        ):
+            raise
+        where = Path(os.fsdecode(error.filename)) if error.filename else target
+        while not where.is_dir() and where != where.parent:
+            where = where.parent
+        if not (where == target or where in target.parents or target in where.parents):
+            raise  # not the output: a source that cannot be read
+        raise not_writable(where, error, elsewhere) from error

@@ -33,7 +33,7 @@ from ..config import BagelConfig
 from ..families import EXTRA_STATE, FAMILIES, FAMILY_BY_NAME, MOE_SUFFIX, Family
 from ..manifest import load_manifest
 from ..matcher import Matcher, NaiveMatcher, PatternSets, shipped_patterns
-from .render import print_json, step_progress
+from .render import Column, Printer, print_json, step_progress
 
 EXAMPLE = "bagelverify bench --sizes 100000 1000000 --plot matcher.png"
 
@@ -367,19 +367,43 @@ def targets(results: Sequence[SetResult]) -> list[Target]:
 # -- output -------------------------------------------------------------------------------------
 
 
+TABLE_COLUMNS = (
+    Column("key set"),
+    Column("keys", True),
+    Column("method"),
+    Column("build ms", True),
+    Column("first ns/key", True),
+    Column("median ns/key", True),
+    Column("x naive", True),
+    Column("x floor", True),
+)
+"""The columns of the results table, in the terminal and in Markdown."""
+
+
+def table_rows(results: Sequence[SetResult]) -> list[list[str]]:
+    """One row per key set and method, formatted."""
+    return [
+        [
+            result.name,
+            f"{result.keys:,}",
+            name,
+            f"{m.build_ms:,.1f}",
+            f"{m.first_ns:,.0f}",
+            f"{m.median_ns:,.0f}",
+            f"{m.vs_naive:.1f}",
+            f"{m.vs_floor:.2f}",
+        ]
+        for result in results
+        for name, m in result.methods.items()
+    ]
+
+
 def format_table(results: Sequence[SetResult]) -> str:
     """The results as one plain-text table (also valid Markdown)."""
-    lines = [
-        "| key set | keys | method | build ms | first ns/key | median ns/key | x naive | x floor |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for result in results:
-        for name, m in result.methods.items():
-            lines.append(
-                f"| {result.name} | {result.keys:,} | {name} | {m.build_ms:,.1f} | "
-                f"{m.first_ns:,.0f} | {m.median_ns:,.0f} | {m.vs_naive:.1f} | {m.vs_floor:.2f} |"
-            )
-    return "\n".join(lines)
+    header = "| " + " | ".join(column.header for column in TABLE_COLUMNS) + " |"
+    rule = "| " + " | ".join("---:" if c.numeric else "---" for c in TABLE_COLUMNS) + " |"
+    rows = ["| " + " | ".join(row) + " |" for row in table_rows(results)]
+    return "\n".join([header, rule, *rows])
 
 
 def plot(results: Sequence[SetResult], path: str) -> None:
@@ -438,7 +462,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"experts per MLP in the scaled sets (default {DEFAULT_EXPERTS})",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="a smoke run: small sets, 2 short passes"
+        "--quick", action="store_true", help="a smoke run: small sets, 2 short passes (seconds)"
     )
     parser.add_argument("--plot", metavar="FILE.png", help="save the scaling chart (matplotlib)")
     parser.add_argument(
@@ -454,13 +478,19 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--repeat, --sizes and --experts must be positive")
     results: list[SetResult] = []
     passes = (1 + len(sizes)) * len(METHOD_NAMES) * (1 + repeat)  # the manifest, then each size
+    min_pass = QUICK_MIN_PASS if args.quick else MIN_PASS_KEYS
+    left: str = ""
+    started = time.perf_counter()
     with step_progress(passes, "building key sets", quiet=args.quiet) as advance:
-        for key_set in key_sets(sizes, args.experts):
-            what = f"timing {key_set.name} ({len(key_set.keys):,} keys)"
+        for index, key_set in enumerate(key_sets(sizes, args.experts)):
+            what = f"timing {key_set.name} ({len(key_set.keys):,} keys){left}"
             advance(what, 0)
             on_pass = functools.partial(advance, what, 1)
-            min_pass = QUICK_MIN_PASS if args.quick else MIN_PASS_KEYS
             results.append(run_set(key_set, repeat, min_pass, on_pass=on_pass))
+            if index == 0:  # the manifest's time per key, scaled to the sets still to come
+                rate = (time.perf_counter() - started) / max(len(key_set.keys), min_pass)
+                estimate = rate * sum(max(size, min_pass) for size in sizes)
+                left = f", about {estimate:,.0f} s left"
     checked = targets(results)
     if args.plot:
         plot(results, args.plot)
@@ -475,7 +505,11 @@ def run(args: argparse.Namespace) -> int:
         }
         print_json(document)
     elif not args.quiet:
-        print(format_table(results))
+        printer = Printer()
+        if printer.rich:
+            printer.table("Key classification", TABLE_COLUMNS, table_rows(results))
+        else:
+            print(format_table(results))
         for target in checked:
             mark = "met" if target.met else "MISSED"
             print(f"target {target.name}: {target.value:.2f}x ({target.goal}) {mark}")

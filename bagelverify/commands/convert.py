@@ -17,19 +17,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import INDEX_FILE, choose_weights, convert_checkpoint, inspect_checkpoint
+from ..checkpoint import (
+    INDEX_FILE,
+    choose_weights,
+    convert_checkpoint,
+    inspect_checkpoint,
+    open_weights,
+    require_directory,
+)
 from ..cli import UsageError, add_stage_argument, one_line
 from ..config import CONFIG_FILES, BagelConfig
+from ..dtypes import parse_dtype
 from ..errors import BagelError, counted
 from ..manifest import MODEL_FILE, VAE_FILE
+from ..plan import held_stage, without_prefix
 from ..publish import publishing, refuse_aliasing, visible_entries
-from ..safetensors_io import read_header
+from ..safetensors_io import DTYPES, TensorInfo, read_header
+from ..stage import Stage
 from .arguments import (
     DCP_METADATA,
     NOT_WRITABLE,
@@ -72,8 +83,7 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path, list[Path]]:
     elif weights is not None and args.weights not in (None, weights):
         raise UsageError(f"SRC {args.src} is the {weights} weights, but --weights {args.weights}")
     target = Path(args.dst)
-    if not source.exists():
-        raise FileNotFoundError(f"{source}: no such checkpoint folder")
+    require_directory(source, DCP_METADATA if args.from_format == "dcp" else MODEL_FILE)
     if args.from_format != "dcp" and (source / DCP_METADATA).is_file():
         raise UsageError(f"{source} is a DCP checkpoint (it has {DCP_METADATA}); add --from dcp")
     if target.exists() and not target.is_dir():
@@ -133,7 +143,14 @@ def _rewrite(
 
     selected = open_weights(source, args.weights)
     kept = build_report(selected.tensors, stage=args.stage).plan.native
-    total = sum(selected.tensors[key].nbytes for key in kept)
+    cast = None if args.dtype is None else DTYPES[parse_dtype(args.dtype)]
+
+    def written(info: TensorInfo) -> int:  # the progress counts the bytes written
+        if cast is None or not DTYPES[info.dtype].torch_dtype.is_floating_point:
+            return info.nbytes
+        return math.prod(info.shape) * cast.itemsize
+
+    total = sum(written(selected.tensors[key]) for key in kept)
     with byte_progress(total, f"{args.stage} -> {args.to}", quiet=args.quiet) as advance:
         report = rewrite_checkpoint(
             source,
@@ -285,6 +302,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dtype",
+        type=str.lower,
         choices=("bf16", "f16", "f32"),
         help="cast every floating tensor; a cast that loses precision or range needs "
         "--allow-lossy (the output reports the size before and after)",
@@ -305,6 +323,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="regenerate vit_pos_embed for N x N patches and write vit_max_num_patch_per_side N",
     )
     add_weights_argument(parser)
+
+
+def _held_stage(source: Path, args: argparse.Namespace) -> Stage:
+    """The stage ``SRC`` holds (no ``--stage``), from its headers or DCP metadata alone."""
+    if args.from_format == "dcp":
+        from ..safe_pickle import load_dcp_metadata
+
+        return held_stage(load_dcp_metadata(source / DCP_METADATA).state_dict_metadata)
+    with open_weights(source, args.weights) as files:
+        return held_stage(without_prefix(files.tensors, args.strip_prefix))
 
 
 def _make_parent(target: Path) -> None:
@@ -332,18 +360,24 @@ def _carry_vae(source: Path, staging: Path) -> Path | None:
 
 
 def _file_list(files: list[Path]) -> str:
-    """The written files for the text output, shards summarised: ``N shards first .. last``."""
-    shards = [p for p in files if p.name.startswith("model-") and p.suffix == ".safetensors"]
-    others = [f"{p.name} ({human_bytes(p.stat().st_size)})" for p in files if p not in shards]
-    if len(shards) > 3:
-        total = sum(p.stat().st_size for p in shards)
-        others.append(
-            f"{counted(len(shards), 'shard')} {shards[0].name} .. {shards[-1].name} "
-            f"({human_bytes(total)} in all)"
-        )
-    else:
-        others += [f"{p.name} ({human_bytes(p.stat().st_size)})" for p in shards]
-    return ", ".join(others)
+    """The written files for the text output, many alike summarised: more than three shards
+    (``N shards first .. last``) or DCP data files (``N .distcp files``, one per tensor)."""
+    groups = {
+        "shard": [p for p in files if p.name.startswith("model-") and p.suffix == ".safetensors"],
+        ".distcp file": [p for p in files if p.suffix == ".distcp"],
+    }
+    grouped = {p for paths in groups.values() for p in paths}
+    out = [f"{p.name} ({human_bytes(p.stat().st_size)})" for p in files if p not in grouped]
+    for noun, paths in groups.items():
+        if len(paths) > 3:
+            total = sum(p.stat().st_size for p in paths)
+            out.append(
+                f"{counted(len(paths), noun)} {paths[0].name} .. {paths[-1].name} "
+                f"({human_bytes(total)} in all)"
+            )
+        else:
+            out += [f"{p.name} ({human_bytes(p.stat().st_size)})" for p in paths]
+    return ", ".join(out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -353,6 +387,8 @@ def run(args: argparse.Namespace) -> int:
     config_dir = config_folder(args.config)
     config = BagelConfig.from_pretrained(config_dir) if config_dir is not None else None
     weights = None if args.from_format == "dcp" else choose_weights(source, args.weights)[1]
+    if args.stage is None:
+        args.stage = _held_stage(source, args)
     _make_parent(target)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -388,7 +424,6 @@ def run(args: argparse.Namespace) -> int:
         "bytes": nbytes if nbytes >= 0 else None,
         "replaced": [p.name for p in replaced],
         "files": [{"path": str(p), "bytes": p.stat().st_size} for p in files if p.is_file()],
-        "seconds": round(seconds, 3),
         "vae_from": None if vae is None else str(vae),
         **extra,
     }

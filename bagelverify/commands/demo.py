@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import tempfile
 import time
@@ -23,18 +24,16 @@ import torch
 
 from ..buckets import Bucket
 from ..checkpoint import convert_checkpoint, load_bagel_checkpoint_state_dict, save_bagel_checkpoint
-from ..cli import EXIT_OK, EXIT_PROBLEMS, one_line, terminate_as_interrupt
+from ..cli import EXIT_OK, EXIT_PROBLEMS, UsageError, one_line, terminate_as_interrupt
 from ..manifest import MODEL_FILE, VAE_FILE
 from ..publish import visible_entries
 from ..stage import STAGE_BUCKETS, Stage
-from ..synthetic import make_synthetic_checkpoint
+from ..synthetic import DEFAULT_SCALE, make_synthetic_checkpoint
+from .arguments import naming_unwritable
 from .inspect import Inspection, inspect_path, render
 from .render import Column, Printer, human_bytes, print_json
 
 EXAMPLE = "bagelverify demo            # about 15 s; --keep DIR leaves the checkpoint in DIR"
-
-DEFAULT_SCALE = 32
-"""Widths divided by 32: the real key set in about 30 MB."""
 
 
 @dataclass
@@ -204,6 +203,7 @@ def _work_folder(keep: str | None) -> Path:
     if folder.exists() and visible_entries(folder):  # a killed demo's own leftovers do not count
         raise FileExistsError(f"--keep {folder}: the folder is not empty; name a new one")
     folder.mkdir(parents=True, exist_ok=True)
+    os.rmdir(tempfile.mkdtemp(dir=folder))  # fails now, not in the first step, if read-only
     return folder
 
 
@@ -226,11 +226,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run every step; exit 0 when every claim held, 1 otherwise."""
     if not args.scale >= 1:
-        raise ValueError(f"--scale must be at least 1, got {args.scale}")
+        raise UsageError(f"--scale must be at least 1 (1: the full model), got {args.scale:g}")
     printer = Printer(quiet=args.quiet or args.json)
     started = time.perf_counter()
     with _terminate_as_interrupt():
-        work = _work_folder(args.keep)
+        keep = Path(args.keep) if args.keep is not None else None
+        with naming_unwritable(keep or Path.cwd(), "choose another --keep DIR"):
+            work = _work_folder(args.keep)
         try:
             demo = Demo(work, args.scale, printer, debug=args.debug)
             printer.line("bagelverify demo: a synthetic BAGEL-7B-MoT checkpoint, end to end")
@@ -254,9 +256,7 @@ def run(args: argparse.Namespace) -> int:
         print_json(
             {
                 "command": "demo",
-                "ok": ok,
                 "scale": args.scale,
-                "seconds": round(seconds, 3),
                 "kept": None if args.keep is None else str(work),
                 "steps": [step.as_dict() for step in demo.steps],
                 "inspect": None if demo.inspection is None else demo.inspection.as_dict(),

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         )
     code = EXIT_OK if diff.empty else EXIT_PROBLEMS
     if args.json:
-        print_json({"command": "diff", "exit_code": code, **diff.as_dict()})
+        print_json({"command": "diff", **diff.as_dict()})
     else:
         render(Printer(quiet=args.quiet), diff, args.limit)
     return code

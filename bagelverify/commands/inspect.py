@@ -27,6 +27,7 @@ from ..checkpoint import (
     find_config,
     open_weights,
 )
+from ..checkpoint.files import Weights
 from ..cli import EXIT_OK, EXIT_PROBLEMS, UsageError, add_stage_argument
 from ..config import BagelConfig
 from ..errors import CorruptCheckpointError, counted, format_examples
@@ -35,7 +36,7 @@ from ..plan import without_prefix
 from ..pos_embed import TableCheck
 from ..position_check import check_tables
 from ..safetensors_io import TensorSpec, dtype_name, read_header
-from ..stage import STAGE_BUCKETS
+from ..stage import STAGE_BUCKETS, StageLike
 from .arguments import (
     DCP_METADATA,
     WEIGHT_FILES,
@@ -95,14 +96,13 @@ class Inspection:
         return EXIT_OK if not self.problems else EXIT_PROBLEMS
 
     def as_dict(self) -> dict[str, Any]:
-        """The ``inspect --json`` document (without ``schema_version``; see the README)."""
+        """The ``inspect --json`` document (the fields after the envelope; docs/json.md)."""
         problems = self.problems
         return {
             "command": "inspect",
             "format": self.format,
             "stage": self.report.stage,
             "clean": not problems,
-            "exit_code": self.exit_code,
             "problems": [{"error": type(p).__name__, "message": str(p)} for p in problems],
             "config_source": self.config_source,
             "files": [f.as_dict() for f in self.files],
@@ -123,9 +123,9 @@ def _summary(path: Path) -> FileSummary:
 def inspect_path(
     path: str | Path,
     *,
-    stage: object = "stage2",
+    stage: StageLike | None = None,
     config_dir: str | Path | None = None,
-    weights: object = None,
+    weights: Weights | None = None,
     headers_only: bool = False,
     strip_prefix: str | None = None,
 ) -> Inspection:
@@ -181,7 +181,10 @@ def _vae_file(folder: Path, model_files: tuple[Path, ...] = ()) -> FileSummary |
 
 
 def _report(
-    tensors: Mapping[str, TensorLike], stage: object, config: BagelConfig | None, source: str
+    tensors: Mapping[str, TensorLike],
+    stage: StageLike | None,
+    config: BagelConfig | None,
+    source: str,
 ) -> CheckpointReport:
     return build_report(tensors, stage=stage, config=config, source=source, manifest_fallback=True)
 
@@ -382,7 +385,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="checkpoint folder (ema.safetensors or a sharded index), or one .safetensors file",
     )
-    add_stage_argument(parser, default="stage2")
+    add_stage_argument(parser)
     parser.add_argument(
         "--config",
         metavar="DIR",

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         report = check_adapter(args.adapter, args.base, weights=args.weights)
         code = EXIT_OK if report.ok else EXIT_PROBLEMS
         if as_json:
-            print_json({"command": "lora check", "exit_code": code, **report.as_dict()})
+            print_json({"command": "lora check", **report.as_dict()})
         else:
             render_check(Printer(quiet=quiet), report)
         return code
@@ -101,8 +101,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     if as_json:
-        document = {"command": "lora merge", "exit_code": EXIT_OK, "dry_run": args.dry_run}
-        print_json({**document, **plan.as_dict()})
+        print_json({"command": "lora merge", "dry_run": args.dry_run, **plan.as_dict()})
     else:
         printer = Printer(quiet=quiet)
         verb = "would merge" if args.dry_run else "merged"

@@ -14,10 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from ..cli import SCHEMA_VERSION, json_envelope
 from ..strict_json import dumps_json
-
-SCHEMA_VERSION = 1
-"""Version of every ``--json`` document (``"schema_version"``); bumped on incompatible change."""
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -38,13 +36,20 @@ def human_bytes(count: int) -> str:
 def print_json(
     document: dict[str, Any], stream: TextIO | None = None, *, ascii_only: bool = False
 ) -> None:
-    """One JSON document with the ``schema_version`` field first, then ``command`` (every
-    command's document has both), written by :func:`bagelverify.strict_json.dumps_json`: valid
-    JSON in the stream's encoding whatever it holds (a non-finite number as ``"nan"``/``"inf"``/
-    ``"-inf"``, a path's undecodable byte as its ``\\udcXX`` escape). ``ascii_only`` escapes
-    every non-ASCII character."""
+    """A command's ``--json`` fields: under :func:`bagelverify.cli.main` they are handed to the
+    run's :class:`~bagelverify.cli.JsonEnvelope`, which prints them after the envelope
+    (``schema_version``, ``command``, ``ok``, ``exit_code``, ``seconds``) once the command
+    returns; a command called directly prints them after ``schema_version`` and ``command``.
+    Written by :func:`bagelverify.strict_json.dumps_json`: valid JSON in the stream's encoding
+    whatever it holds (a non-finite number as ``"nan"``/``"inf"``/``"-inf"``, a path's
+    undecodable byte as its ``\\udcXX`` escape); ``ascii_only`` escapes every non-ASCII
+    character."""
     if "command" not in document:
         raise ValueError("a --json document names its command")
+    envelope = json_envelope()
+    if envelope is not None and stream is None:
+        envelope.hold(document, ascii_only=ascii_only)
+        return
     stream = stream or sys.stdout
     encoding = getattr(stream, "encoding", None) or "utf-8"
     out = {"schema_version": SCHEMA_VERSION, **document}
@@ -207,7 +212,10 @@ def step_progress(
         task = progress.add_task(description, total=total)
 
         def advance(text: str | None = None, steps: int = 1) -> None:
-            progress.update(task, advance=steps, description=text)
+            # a new description is drawn at once, not at the next 10 Hz refresh: a phase shorter
+            # than a refresh would otherwise never be shown
+            changed = text is not None and text != progress.tasks[0].description
+            progress.update(task, advance=steps, description=text, refresh=changed)
 
         yield advance
 

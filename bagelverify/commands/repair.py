@@ -14,7 +14,13 @@ from ..checkpoint import WEIGHTS_CHOICES
 from ..cli import add_stage_argument
 from ..errors import counted
 from ..repair import RepairReport, repair_checkpoint
-from .arguments import add_weights_argument, checkpoint_path, config_folder, shard_size
+from .arguments import (
+    add_weights_argument,
+    checkpoint_path,
+    config_folder,
+    naming_unwritable,
+    shard_size,
+)
 from .render import Column, Printer, byte_progress, human_bytes, print_json
 
 EXAMPLE = "bagelverify repair /ckpt/my-finetune --base /ckpt/BAGEL-7B-MoT -o /ckpt/repaired"
@@ -25,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="checkpoint folder with missing keys")
     parser.add_argument("--base", required=True, metavar="BASE", help="complete checkpoint")
     parser.add_argument("-o", "--out", required=True, metavar="OUT", help="new folder to write")
-    add_stage_argument(parser, default="stage2")
+    add_stage_argument(parser)
     parser.add_argument(
         "--config", metavar="DIR", help="config folder (default: SRC's, else BASE's)"
     )
@@ -45,14 +51,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def render(printer: Printer, report: RepairReport) -> None:
-    """Which families came from where."""
-    families = list(dict.fromkeys([*report.from_source, *report.from_base]))
+    """The families filled from BASE (the others came whole from SRC), then the totals."""
     rows = [
-        [name, str(report.from_source.get(name, 0)), str(len(report.from_base.get(name, [])))]
-        for name in families
+        [name, str(report.from_source.get(name, 0)), str(len(keys))]
+        for name, keys in report.from_base.items()
+        if keys
     ]
     columns = [Column("family"), Column("from SRC", True), Column("from BASE", True)]
-    printer.table("Tensors by family", columns, rows)
+    if rows:
+        printer.table("Families filled from BASE", columns, rows)
+    else:
+        printer.line(f"nothing to fill: SRC holds every key {report.stage} expects")
     printer.line()
     verb = "would write" if report.dry_run else "wrote"
     printer.line(
@@ -87,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
     plan = repair(dry_run=True)
     if not args.dry_run:
         total = plan.bytes_from_source + plan.bytes_from_base
-        with byte_progress(total, "repair", quiet=args.quiet or args.json) as advance:
+        with (
+            naming_unwritable(Path(args.out), "choose another -o OUT"),
+            byte_progress(total, "repair", quiet=args.quiet or args.json) as advance,
+        ):
             report = repair(on_tensor=lambda _, nbytes: advance(nbytes))
     else:
         report = plan

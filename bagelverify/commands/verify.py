@@ -58,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         # ASCII escapes: a witness may hold a lone surrogate, which no terminal encoding prints
-        print_json({"command": "verify", **report.to_json()}, ascii_only=True)
+        certificate = report.to_json()  # its ok and seconds are the envelope's
+        del certificate["ok"], certificate["seconds"]
+        print_json({"command": "verify", **certificate}, ascii_only=True)
     elif not args.quiet:
         print(report.format())
     elif not report.ok:

@@ -28,13 +28,15 @@ from ..checkpoint import (
     read_tensor,
     write_bagel_checkpoint,
 )
-from ..config import CONFIG_FILES, BagelConfig
+from ..checkpoint.files import Weights
+from ..config import CONFIG_FILES, BagelConfig, ConfigLike
 from ..errors import BagelError, CorruptCheckpointError, agree, counted, format_examples
 from ..keys import strip_root, to_native_key
 from ..manifest import MODEL_FILE
 from ..publish import Guard, publishing, recover
 from ..safe_pickle import load_dcp_metadata
 from ..safetensors_io import DTYPES, TensorSpec, dtype_name
+from ..stage import StageLike
 from .agreement import quietly
 
 logger = logging.getLogger(__name__)
@@ -108,23 +110,23 @@ def hf_to_dcp(
     src_dir: str | os.PathLike[str],
     dst_dir: str | os.PathLike[str],
     *,
-    stage: object = "stage2",
+    stage: StageLike | None = None,
     strict: bool = True,
-    config: Any = None,
+    config: ConfigLike | None = None,
     convert_conv_patch_embedding: bool = False,
-    weights: object = None,
+    weights: Weights | None = None,
     overwrite: bool = False,
 ) -> int:
     """Convert an HF-layout BAGEL folder to a DCP checkpoint in native layout; return the count
     of tensors written.
 
     The source is validated exactly as :func:`bagelverify.load_bagel_checkpoint_state_dict`
-    validates it (``stage`` chooses what is kept; the default keeps UND and GEN), before anything
-    is written. The kept tensors are then written unchanged (same dtype, same bytes) by
-    :class:`~torch.distributed.checkpoint.FileSystemWriter` from this process alone, each read
-    from the source as the writer reaches it, into one DCP file per tensor: the process holds
-    about one tensor at a time. The config
-    files (``config`` if given, else the source folder's) are written next to DCP's files so
+    validates it (``stage`` chooses what is kept; the default, ``None``, keeps the stage the
+    source holds), before anything is written. The kept tensors are then written unchanged
+    (same dtype, same bytes) by :class:`~torch.distributed.checkpoint.FileSystemWriter` from
+    this process alone, each read from the source as the writer reaches it, into one DCP file
+    per tensor: the process holds about one tensor at a time. The config files (``config`` if
+    given, else the source folder's) are written next to DCP's files so
     that :func:`dcp_to_hf` validates shapes on the way back. ``weights`` picks the source's
     ``ema`` or ``model`` weights.
 
@@ -289,9 +291,9 @@ def dcp_to_hf(
     src_dir: str | os.PathLike[str],
     dst_dir: str | os.PathLike[str],
     *,
-    stage: object = "stage2",
+    stage: StageLike | None = None,
     strict: bool = True,
-    config: Any = None,
+    config: ConfigLike | None = None,
     max_shard_size: int | str | None = None,
     overwrite: bool = False,
 ) -> int:

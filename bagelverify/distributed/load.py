@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,8 +26,10 @@ from ..checkpoint import (
     read_jobs,
     read_tensor,
 )
-from ..config import BagelConfig
+from ..checkpoint.files import Weights
+from ..config import BagelConfig, ConfigLike
 from ..safetensors_io import header_digest
+from ..stage import StageLike
 from .agreement import agree, quietly, world
 from .reader import BagelHFStorageReader
 
@@ -110,14 +112,14 @@ def validated_load(
     destinations: Mapping[str, torch.Tensor],
     checkpoint_dir: str | os.PathLike[str],
     *,
-    stage: object,
+    stage: StageLike,
     strict: bool,
-    config: Any,
+    config: ConfigLike | None,
     cast: Cast,
     convert_conv_patch_embedding: bool = False,
     process_group: dist.ProcessGroup | None = None,
     thread_count: int = 1,
-    weights: object = None,
+    weights: Weights | None = None,
 ) -> Iterator[ValidatedLoad]:
     """Check a folder and native destinations (possibly sharded ``DTensor`` s) on every rank,
     then yield the DCP reader for the load; the files stay open for the ``with`` block.
@@ -183,14 +185,14 @@ def load_bagel_checkpoint_distributed(
     model_state_dict: Mapping[str, torch.Tensor],
     checkpoint_dir: str | os.PathLike[str],
     *,
-    stage: object = "stage1",
+    stage: StageLike = "stage1",
     strict: bool = True,
-    config: Any = None,
+    config: ConfigLike | None = None,
     cast: Cast = "lossless",
     convert_conv_patch_embedding: bool = False,
     process_group: dist.ProcessGroup | None = None,
     thread_count: int = 1,
-    weights: object = None,
+    weights: Weights | None = None,
 ) -> DistributedLoadResult:
     """Fill a native state dict whose values may be sharded ``DTensor`` s, in place, through DCP.
 

@@ -35,6 +35,7 @@ from ..errors import (
     format_examples,
 )
 from ..manifest import VAE_FILE
+from ..stage import StageLike
 from .checkpointer import route_checkpointer
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class AutomodelBagelStateDictAdapter(BagelStateDictAdapter):
     translated (:func:`bagel_config_from_automodel`) so every conversion checks shapes; the
     original is kept as :attr:`automodel_config`."""
 
-    def __init__(self, config: Any = None, *, stage: object = "stage1") -> None:
+    def __init__(self, config: Any = None, *, stage: StageLike = "stage1") -> None:
         checked = config
         if config is not None and not isinstance(config, BagelConfig):
             checked = bagel_config_from_automodel(config)
@@ -260,7 +261,7 @@ def load_bagel_autoencoder(local_path: str | os.PathLike[str] | None) -> tuple[A
     return load_autoencoder_into(module, local_path), params
 
 
-def automodel_config(config: BagelConfig, *, stage: object = "stage1") -> Any:
+def automodel_config(config: BagelConfig, *, stage: StageLike = "stage1") -> Any:
     """An Automodel ``BagelConfig`` that builds a model with ``config``'s shapes for ``stage``.
 
     The inverse of :func:`bagel_config_from_automodel` (for tests, benchmarks and synthetic
