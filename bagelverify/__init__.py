@@ -34,6 +34,7 @@ from .errors import (
     UnsupportedPattern,
     UnsupportedPlatformError,
     UnsupportedTensorError,
+    WeightsMismatchError,
 )
 from .families import FAMILIES, Family, expected_shapes, patterns_of, und_twin
 from .matcher import Matcher, compile_matcher
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
         hf_to_dcp,
         load_bagel_checkpoint_distributed,
     )
+    from .export import ExportReport, export_checkpoint
     from .lora import check_adapter, merge_adapter
     from .patch_embedding import conv_patch_weight_to_linear, linear_patch_weight_to_conv
     from .synthetic import make_synthetic_checkpoint
@@ -91,6 +93,8 @@ _LAZY: dict[str, str] = {
         ),
         "distributed",
     ),
+    "ExportReport": "export",
+    "export_checkpoint": "export",
     "check_adapter": "lora",
     "merge_adapter": "lora",
     "conv_patch_weight_to_linear": "patch_embedding",
@@ -141,6 +145,7 @@ __all__ = [
     "DestinationError",
     "DistributedLoadResult",
     "DistributedMismatchError",
+    "ExportReport",
     "IntegrationError",
     "LoraError",
     "Family",
@@ -163,6 +168,7 @@ __all__ = [
     "UnsupportedPattern",
     "UnsupportedPlatformError",
     "UnsupportedTensorError",
+    "WeightsMismatchError",
     "check_adapter",
     "classify",
     "check_patterns",
@@ -171,6 +177,7 @@ __all__ = [
     "convert_checkpoint",
     "dcp_to_hf",
     "expected_shapes",
+    "export_checkpoint",
     "hf_to_dcp",
     "inspect_checkpoint",
     "linear_patch_weight_to_conv",
