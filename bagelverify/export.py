@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import math
@@ -47,7 +48,7 @@ from .checkpoint import (
     write_bagel_checkpoint,
 )
 from .checkpoint.report import header_buckets
-from .checkpoint.save import parse_size, replaced_by_save, save_guard
+from .checkpoint.save import parse_size, replaced_by_save
 from .config import CONFIG_FILE, CONFIG_FILES, BagelConfig
 from .distributed.convert import DCP_METADATA, check_data_files, dcp_tensor_specs
 from .engine import EngineOptions, Transfer
@@ -72,7 +73,7 @@ from .plan import WRAPPER_PREFIXES
 from .publish import publishing
 from .rewrite import CastTransform, is_lossless
 from .safe_pickle import load_dcp_metadata
-from .safetensors_io import DTYPES, TensorSpec, read_header, write_safetensors
+from .safetensors_io import DTYPES, TensorSpec, layout_order, read_header, write_safetensors
 from .strict_json import MAX_CONFIG_BYTES, read_json_file
 
 logger = logging.getLogger(__name__)
@@ -154,12 +155,32 @@ class StoredWeights:
         return f"{self.folder.name}/ ({kind}, {counted(self.files, 'file')})"
 
 
-class _Window(io.RawIOBase):
-    """The byte range ``[start, start + size)`` of an open file, as a seekable file."""
+_END_BYTES = 4096
+"""Bytes read at each end of a ``torch.save`` blob: its zip records are there."""
+_EOCD = struct.Struct("<4s4H2LH")
+_CENTRAL = struct.Struct("<4s6H3L5HLL")
+_LOCAL_SIZE = 30
+
+
+class _Blob(io.RawIOBase):
+    """The byte range ``[start, start + size)`` of an open file (a ``torch.save`` blob inside a
+    DCP file) as a seekable file, its two ends read once."""
 
     def __init__(self, fd: int, start: int, size: int) -> None:
         super().__init__()
         self.fd, self.begin, self.size, self.at = fd, start, size, 0
+        self.head = os.pread(fd, min(size, _END_BYTES), start)
+        self.tail_start = size - min(size, _END_BYTES)
+        self.tail = os.pread(fd, size - self.tail_start, start + self.tail_start)
+
+    def bytes_at(self, offset: int, count: int) -> bytes:
+        """``count`` bytes at ``offset`` of the blob (fewer at its end)."""
+        count = max(0, min(count, self.size - offset))
+        if offset + count <= len(self.head):
+            return self.head[offset : offset + count]
+        if offset >= self.tail_start:
+            return self.tail[offset - self.tail_start : offset - self.tail_start + count]
+        return os.pread(self.fd, count, self.begin + offset)
 
     def readable(self) -> bool:
         return True
@@ -177,11 +198,60 @@ class _Window(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        count = max(0, min(len(view), self.size - self.at))
-        data = os.pread(self.fd, count, self.begin + self.at) if count else b""
+        data = self.bytes_at(self.at, len(view))
         view[: len(data)] = data
         self.at += len(data)
         return len(data)
+
+    def entries(self) -> dict[str, tuple[int, int, int, int]]:
+        """Member name -> (compression method, stored size, size, local header offset), from
+        the central directory (parsed here; by :mod:`zipfile` when it uses zip64 fields)."""
+        at = self.tail.rfind(b"PK\x05\x06")
+        if at >= 0 and at + _EOCD.size <= len(self.tail):
+            _, _, _, _, count, size, offset, _ = _EOCD.unpack_from(self.tail, at)
+            if count != 0xFFFF and 0xFFFFFFFF not in (size, offset):
+                directory, found, position = self.bytes_at(offset, size), {}, 0
+                for _ in range(count):
+                    if position + _CENTRAL.size > len(directory):
+                        break
+                    fields = _CENTRAL.unpack_from(directory, position)
+                    if fields[0] != b"PK\x01\x02":
+                        break
+                    method, stored, full, name_length, extra, comment = (
+                        fields[4],
+                        *fields[8:10],
+                        *fields[10:13],
+                    )
+                    local = fields[16]
+                    name = directory[position + 46 : position + 46 + name_length]
+                    found[name.decode("utf-8", "replace")] = (method, stored, full, local)
+                    position += 46 + name_length + extra + comment
+                if len(found) == count and 0xFFFFFFFF not in {
+                    v for entry in found.values() for v in entry
+                }:
+                    return found
+        try:
+            with zipfile.ZipFile(self) as archive:
+                return {
+                    i.filename: (i.compress_type, i.compress_size, i.file_size, i.header_offset)
+                    for i in archive.infolist()
+                }
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+            raise _NotPlain(str(error)) from None
+
+    def member(self, entry: tuple[int, int, int, int]) -> tuple[int, int]:
+        """Blob offset and size of a stored (uncompressed) member's bytes."""
+        method, stored, full, local = entry
+        header = self.bytes_at(local, _LOCAL_SIZE)
+        if method != zipfile.ZIP_STORED or stored != full or len(header) != _LOCAL_SIZE:
+            raise _NotPlain("compressed member")
+        if header[:4] != b"PK\x03\x04":
+            raise _NotPlain("local header")
+        name_length, extra_length = struct.unpack_from("<HH", header, 26)
+        begin = local + _LOCAL_SIZE + name_length + extra_length
+        if begin + full > self.size:
+            raise _NotPlain("member beyond the blob")
+        return begin, full
 
 
 class _NotPlain(Exception):
@@ -240,72 +310,68 @@ def _plain_range(
     """File offset and byte count of the raw data of a ``torch.save`` blob that holds one
     contiguous ``dtype`` tensor of shape ``lengths`` (storage of exactly its size, offset 0,
     stored uncompressed, little-endian); :class:`_NotPlain` otherwise."""
-    try:
-        archive = zipfile.ZipFile(_Window(fd, start, length))
-    except (zipfile.BadZipFile, OSError, ValueError) as error:
-        raise _NotPlain(str(error)) from None
-    with archive:
-        names = {info.filename: info for info in archive.infolist()}
-        pickled = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
-        if len(pickled) != 1:
-            raise _NotPlain("no data.pkl")
-        prefix = pickled[0][: -len("data.pkl")]
-        order = names.get(prefix + "byteorder")
-        if order is not None and archive.read(order) != b"little":
+    blob = _Blob(fd, start, length)
+    names = blob.entries()
+    pickled = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+    if len(pickled) != 1:
+        raise _NotPlain("no data.pkl")
+    prefix = pickled[0][: -len("data.pkl")]
+    if prefix + "byteorder" in names:
+        begin, size = blob.member(names[prefix + "byteorder"])
+        if blob.bytes_at(begin, size) != b"little":
             raise _NotPlain("byte order")
-        try:
-            record = _BlobUnpickler(io.BytesIO(archive.read(pickled[0]))).load()
-        except _NotPlain:
-            raise
-        except Exception as error:  # a malformed pickle: the decoder reports it
-            raise _NotPlain(type(error).__name__) from None
-        if not (isinstance(record, tuple) and len(record) == 5 and record[0] == "tensor"):
-            raise _NotPlain("not one tensor")
-        _, (storage_dtype, key, numel), offset, size, stride = record
-        nbytes = math.prod(lengths) * dtype.itemsize
-        data = names.get(f"{prefix}data/{key}")
-        if (
-            storage_dtype != dtype
-            or offset != 0
-            or size != lengths
-            or (stride != _contiguous_strides(lengths) and math.prod(lengths) > 1)
-            or numel != math.prod(lengths)
-            or data is None
-            or data.compress_type != zipfile.ZIP_STORED
-            or data.file_size != nbytes
-        ):
-            raise _NotPlain("layout")
-    local = os.pread(fd, 30, start + data.header_offset)
-    if len(local) != 30 or local[:4] != b"PK\x03\x04":
-        raise _NotPlain("local header")
-    name_length, extra_length = struct.unpack("<HH", local[26:30])
-    begin = data.header_offset + 30 + name_length + extra_length
-    if begin + nbytes > length:
-        raise _NotPlain("data beyond the blob")
-    return start + begin, nbytes
+    begin, size = blob.member(names[pickled[0]])
+    try:
+        record = _BlobUnpickler(io.BytesIO(blob.bytes_at(begin, size))).load()
+    except _NotPlain:
+        raise
+    except Exception as error:  # a malformed pickle: the decoder reports it
+        raise _NotPlain(type(error).__name__) from None
+    if not (isinstance(record, tuple) and len(record) == 5 and record[0] == "tensor"):
+        raise _NotPlain("not one tensor")
+    _, (storage_dtype, key, numel), offset, shape, stride = record
+    count = math.prod(lengths)
+    data = names.get(f"{prefix}data/{key}")
+    if (
+        storage_dtype != dtype
+        or offset != 0
+        or shape != lengths
+        or (stride != _contiguous_strides(lengths) and count > 1)
+        or numel != count
+        or data is None
+    ):
+        raise _NotPlain("layout")
+    begin, size = blob.member(data)
+    if size != count * dtype.itemsize:
+        raise _NotPlain("data size")
+    return start + begin, size
 
 
 def _check_tiling(name: str, folder: Path, shape: tuple[int, ...], pieces: list[Piece]) -> None:
-    """Raise :class:`CorruptCheckpointError` unless the pieces tile ``shape`` exactly."""
+    """Raise :class:`CorruptCheckpointError` unless the pieces tile ``shape`` exactly: inside
+    it, not overlapping, and holding all of its elements."""
     fault = None
     for piece in pieces:
         if len(piece.offsets) != len(shape) or any(
             o < 0 or o + n > s for o, n, s in zip(piece.offsets, piece.lengths, shape, strict=True)
         ):
             fault = f"a block at {list(piece.offsets)} of {list(piece.lengths)} lies outside it"
-    for i, a in enumerate(pieces):
-        for b in pieces[i + 1 :]:
-            if (
-                a.numel
-                and b.numel
-                and all(
+    full = [p for p in pieces if p.numel]
+    if fault is None and all(p.lengths[1:] == shape[1:] for p in full):  # row blocks (FSDP2)
+        full.sort(key=lambda p: p.offsets[0])
+        for a, b in itertools.pairwise(full):
+            if b.offsets[0] < a.offsets[0] + a.lengths[0]:
+                fault = f"blocks at {list(a.offsets)} and {list(b.offsets)} overlap"
+    elif fault is None:
+        for i, a in enumerate(full):
+            for b in full[i + 1 :]:
+                if all(
                     oa < ob + nb and ob < oa + na
                     for oa, na, ob, nb in zip(
                         a.offsets, a.lengths, b.offsets, b.lengths, strict=True
                     )
-                )
-            ):
-                fault = f"blocks at {list(a.offsets)} and {list(b.offsets)} overlap"
+                ):
+                    fault = f"blocks at {list(a.offsets)} and {list(b.offsets)} overlap"
     if fault is None and sum(p.numel for p in pieces) != math.prod(shape):
         fault = f"its blocks hold {sum(p.numel for p in pieces):,} of its elements"
     if fault is not None:
@@ -474,30 +540,68 @@ def read_weights(folder: str | os.PathLike[str], fds: dict[Path, int]) -> Stored
     return StoredWeights(folder, layout, files, tensors, dropped)
 
 
-def assemble(tensor: StoredTensor, fds: dict[Path, int]) -> torch.Tensor:
-    """The whole tensor, in its stored dtype, from its blocks: row blocks with plain bytes read
-    in place by the read engine, any other block decoded and copied into its place."""
-    dtype = DTYPES[tensor.dtype].torch_dtype
-    out = torch.empty(tensor.shape, dtype=dtype)
-    transfers = []
-    for piece in tensor.pieces:
-        rows = piece.lengths[1:] == tensor.shape[1:]
-        if piece.plain and rows:
-            target = out.narrow(0, piece.offsets[0], piece.lengths[0]) if out.dim() else out
-            transfers.append(
-                Transfer(
-                    tensor.name, piece.path, piece.start, piece.nbytes, dtype, piece.lengths, target
+def assemble(tensors: Sequence[StoredTensor], fds: dict[Path, int]) -> list[torch.Tensor]:
+    """The whole tensors, in their stored dtypes, from their blocks: every row block with plain
+    bytes read in place by one run of the read engine, any other block decoded and copied into
+    its place."""
+    outs, transfers = [], []
+    for tensor in tensors:
+        dtype = DTYPES[tensor.dtype].torch_dtype
+        out = torch.empty(tensor.shape, dtype=dtype)
+        outs.append(out)
+        for piece in tensor.pieces:
+            if piece.plain and piece.lengths[1:] == tensor.shape[1:]:
+                target = out.narrow(0, piece.offsets[0], piece.lengths[0]) if out.dim() else out
+                transfers.append(
+                    Transfer(
+                        tensor.name,
+                        piece.path,
+                        piece.start,
+                        piece.nbytes,
+                        dtype,
+                        piece.lengths,
+                        target,
+                    )
                 )
+                continue
+            place = tuple(
+                slice(o, o + n) for o, n in zip(piece.offsets, piece.lengths, strict=True)
             )
-            continue
-        block = _decode(tensor, piece, fds)
-        out[tuple(slice(o, o + n) for o, n in zip(piece.offsets, piece.lengths, strict=True))] = (
-            block
-        )
+            out[place] = _decode(tensor, piece, fds)
     for path in {t.path for t in transfers}:
         _open(path, fds)
     run_engine(transfers, options=_ENGINE, fds=fds)
-    return out
+    return outs
+
+
+class _Prefetch:
+    """Tensors assembled ahead in the order the writer asks for them, several per engine run
+    while their stored bytes stay within ``budget`` (one tensor alone may exceed it): few
+    thread start-ups for many small tensors, memory still about the largest tensor."""
+
+    def __init__(
+        self, order: Sequence[str], chosen: Mapping[str, StoredTensor], fds: dict[Path, int]
+    ) -> None:
+        self.order = list(order)
+        self.position = {key: i for i, key in enumerate(self.order)}
+        self.chosen, self.fds = chosen, fds
+        self.budget = max((t.nbytes for t in chosen.values()), default=0)
+        self.ready: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        """``key``'s tensor, assembled now (with the next ones) unless it already was."""
+        if key not in self.ready:
+            batch: list[str] = []
+            total = 0
+            for next_key in self.order[self.position[key] :]:
+                size = self.chosen[next_key].nbytes
+                if batch and total + size > self.budget:
+                    break
+                batch.append(next_key)
+                total += size
+            tensors = assemble([self.chosen[k] for k in batch], self.fds)
+            self.ready.update(zip(batch, tensors, strict=True))
+        return self.ready.pop(key)
 
 
 def _decode(tensor: StoredTensor, piece: Piece, fds: dict[Path, int]) -> torch.Tensor:
@@ -831,9 +935,14 @@ def export_checkpoint(
         if dry_run:
             return report
 
-        def fetch_from(chosen: Mapping[str, StoredTensor]) -> Callable[[str], torch.Tensor]:
+        def fetch_from(
+            chosen: Mapping[str, StoredTensor], specs: Mapping[str, TensorSpec]
+        ) -> Callable[[str], torch.Tensor]:
+            # the order the writers ask for tensors: layout order, shard after shard
+            prefetch = _Prefetch([s.name for s in layout_order(specs.values())], chosen, fds)
+
             def fetch(key: str) -> torch.Tensor:
-                tensor = assemble(chosen[key], fds)
+                tensor = prefetch.get(key)
                 return cast.apply(key, tensor) if cast is not None else tensor
 
             return fetch
@@ -841,19 +950,21 @@ def export_checkpoint(
         written: list[Path] = []
         with publishing(
             destination,
-            replaces=_replaced(destination),
-            guard=_guard(destination, sharded=limit is not None, overwrite=overwrite),
+            replaces=_replaced(destination, vae=report.vae is not None),
+            guard=_guard(destination, vae=report.vae is not None, overwrite=overwrite),
             reads=[step, vae, config if isinstance(config, (str, os.PathLike)) else None],
             last=(INDEX_FILE,),
         ) as staging:
             for name, chosen, specs in plans:
                 if name == MODEL_WEIGHTS_FILE:
-                    write_safetensors(staging / name, list(specs.values()), fetch_from(chosen))
+                    write_safetensors(
+                        staging / name, list(specs.values()), fetch_from(chosen, specs)
+                    )
                     written.append(destination / name)
                     continue
                 files = write_bagel_checkpoint(
                     specs,
-                    fetch_from(chosen),
+                    fetch_from(chosen, specs),
                     staging,
                     stage=stage,
                     max_shard_size=limit,
@@ -889,27 +1000,30 @@ def _check_vae(path: Path) -> None:
         )
 
 
-_RELEASE_FILES = frozenset({MODEL_FILE, MODEL_WEIGHTS_FILE, VAE_FILE, *CONFIG_FILES})
-
-
-def _replaced(directory: Path) -> Callable[[str], bool]:
-    """An export replaces every file of the released layout (weights, shards and index, VAE,
-    configs), so no file of an earlier export is left beside the new one."""
+def _replaced(directory: Path, *, vae: bool) -> Callable[[str], bool]:
+    """The files an export replaces: every weights file of the released layout (single files,
+    shards and index), so none of an earlier export is left beside the new one; the config
+    files; the VAE when one is written."""
     shards = replaced_by_save(directory, sharded=True, config=True)
-    return lambda name: name in _RELEASE_FILES or shards(name)
+    weights = {MODEL_FILE, MODEL_WEIGHTS_FILE} | ({VAE_FILE} if vae else set())
+    return lambda name: name in weights or shards(name)
 
 
-def _guard(directory: Path, *, sharded: bool, overwrite: bool) -> Callable[[list[str]], None]:
-    saving = save_guard(directory, sharded=sharded, overwrite=overwrite)
+def _guard(directory: Path, *, vae: bool, overwrite: bool) -> Callable[[list[str]], None]:
+    """Refuse a folder that holds weights (or the VAE an export would replace) unless
+    ``overwrite``."""
 
     def guard(entries: list[str]) -> None:
-        held = [n for n in entries if n in (MODEL_WEIGHTS_FILE, VAE_FILE)]
+        held = [
+            name
+            for name in entries
+            if name in (MODEL_FILE, MODEL_WEIGHTS_FILE, INDEX_FILE) or (vae and name == VAE_FILE)
+        ]
         if held and not overwrite:
             raise FileExistsError(
-                f"{directory} already holds an export ({held[0]}); pass overwrite=True "
+                f"{directory} already holds a checkpoint ({held[0]}); pass overwrite=True "
                 "(--overwrite) to replace it, or export to another folder"
             )
-        saving([n for n in entries if n != MODEL_WEIGHTS_FILE] if not sharded else entries)
 
     return guard
 
