@@ -540,14 +540,18 @@ def read_weights(folder: str | os.PathLike[str], fds: dict[Path, int]) -> Stored
     return StoredWeights(folder, layout, files, tensors, dropped)
 
 
-def assemble(tensors: Sequence[StoredTensor], fds: dict[Path, int]) -> list[torch.Tensor]:
+def assemble(
+    tensors: Sequence[StoredTensor],
+    fds: dict[Path, int],
+    into: Sequence[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
     """The whole tensors, in their stored dtypes, from their blocks: every row block with plain
     bytes read in place by one run of the read engine, any other block decoded and copied into
-    its place."""
+    its place. ``into``: the tensors to fill (new ones by default)."""
     outs, transfers = [], []
-    for tensor in tensors:
+    for i, tensor in enumerate(tensors):
         dtype = DTYPES[tensor.dtype].torch_dtype
-        out = torch.empty(tensor.shape, dtype=dtype)
+        out = torch.empty(tensor.shape, dtype=dtype) if into is None else into[i]
         outs.append(out)
         for piece in tensor.pieces:
             if piece.plain and piece.lengths[1:] == tensor.shape[1:]:
@@ -574,10 +578,36 @@ def assemble(tensors: Sequence[StoredTensor], fds: dict[Path, int]) -> list[torc
     return outs
 
 
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // 64) * 64
+
+
+class _Arena:
+    """One reusable byte buffer that tensors are laid out in: allocated (and its pages faulted
+    in) once, not once per tensor -- on a virtual machine fresh pages cost more than the copy."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+
+    def views(self, specs: Sequence[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+        """Tensors of these dtypes and shapes, one after another in the buffer (grown when too
+        small); they are valid until the next call."""
+        sizes = [_aligned(math.prod(shape) * dtype.itemsize) for dtype, shape in specs]
+        if sum(sizes) > self.buffer.numel():
+            self.buffer = torch.empty(0, dtype=torch.uint8)  # release before allocating
+            self.buffer = torch.empty(sum(sizes), dtype=torch.uint8)
+        out, at = [], 0
+        for (dtype, shape), size in zip(specs, sizes, strict=True):
+            count = math.prod(shape) * dtype.itemsize
+            out.append(self.buffer[at : at + count].view(dtype).view(shape))
+            at += size
+        return out
+
+
 class _Prefetch:
     """Tensors assembled ahead in the order the writer asks for them, several per engine run
-    while their stored bytes stay within ``budget`` (one tensor alone may exceed it): few
-    thread start-ups for many small tensors, memory still about the largest tensor."""
+    while their stored bytes stay within the largest tensor's: few thread start-ups for many
+    small tensors, memory still about the largest tensor, laid out in one reused buffer."""
 
     def __init__(
         self, order: Sequence[str], chosen: Mapping[str, StoredTensor], fds: dict[Path, int]
@@ -585,22 +615,28 @@ class _Prefetch:
         self.order = list(order)
         self.position = {key: i for i, key in enumerate(self.order)}
         self.chosen, self.fds = chosen, fds
-        self.budget = max((t.nbytes for t in chosen.values()), default=0)
+        self.budget = max((_aligned(t.nbytes) for t in chosen.values()), default=0)
         self.ready: dict[str, torch.Tensor] = {}
+        self.arena = _Arena(self.budget)
 
     def get(self, key: str) -> torch.Tensor:
-        """``key``'s tensor, assembled now (with the next ones) unless it already was."""
+        """``key``'s tensor, assembled now (with the next ones) unless it already was; valid
+        until the next call that assembles."""
         if key not in self.ready:
             batch: list[str] = []
             total = 0
             for next_key in self.order[self.position[key] :]:
-                size = self.chosen[next_key].nbytes
+                size = _aligned(self.chosen[next_key].nbytes)
                 if batch and total + size > self.budget:
                     break
                 batch.append(next_key)
                 total += size
-            tensors = assemble([self.chosen[k] for k in batch], self.fds)
-            self.ready.update(zip(batch, tensors, strict=True))
+            stored = [self.chosen[k] for k in batch]
+            # the buffer is reused only once every tensor of the last batch was taken
+            into = None
+            if not self.ready:
+                into = self.arena.views([(DTYPES[t.dtype].torch_dtype, t.shape) for t in stored])
+            self.ready.update(zip(batch, assemble(stored, self.fds, into), strict=True))
         return self.ready.pop(key)
 
 
@@ -940,10 +976,16 @@ def export_checkpoint(
         ) -> Callable[[str], torch.Tensor]:
             # the order the writers ask for tensors: layout order, shard after shard
             prefetch = _Prefetch([s.name for s in layout_order(specs.values())], chosen, fds)
+            # the cast tensors: the writer writes each before it asks for the next
+            arena = _Arena(max((_aligned(spec.nbytes) for spec in specs.values()), default=0))
 
             def fetch(key: str) -> torch.Tensor:
                 tensor = prefetch.get(key)
-                return cast.apply(key, tensor) if cast is not None else tensor
+                wanted = DTYPES[specs[key].dtype].torch_dtype
+                if tensor.dtype == wanted:
+                    return tensor
+                (out,) = arena.views([(wanted, tuple(tensor.shape))])
+                return out.copy_(tensor)  # rounds to nearest even, as Tensor.to does
 
             return fetch
 
