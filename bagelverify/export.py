@@ -756,6 +756,11 @@ class ExportReport:
     written: list[Path] = field(default_factory=list)
 
     @property
+    def other_files(self) -> list[str]:
+        """The files written besides the weights: the config files, the VAE if any."""
+        return [*CONFIG_FILES, *([VAE_FILE] if self.vae is not None else [])]
+
+    @property
     def bytes_before(self) -> int:
         """Tensor bytes of the written weights files, as stored in the step folder."""
         return sum(f.bytes_before for f in self.files)
@@ -800,6 +805,7 @@ class ExportReport:
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "files": [dataclasses.asdict(f) for f in self.files],
+            "other_files": self.other_files,
             "notes": self.notes(),
             "written": [str(p) for p in self.written],
         }

@@ -390,3 +390,70 @@ def automodel_training_save(rank: int, world_size: int, step: str, options: dict
     ck.save_model(model, step)
     ck.save_distributed_state(ema, "ema", step)
     return len(ema)
+
+
+def full_size_step_folder(
+    step: str, config: Any, *, ranks: int = 2, freeze_und: bool = True
+) -> None:
+    """The metadata of a full-size Automodel step folder written by ``ranks`` ranks (``model/``
+    F32 with HF keys, ``ema/`` F32 with the trainable tensors' ``model.`` names) and sparse data
+    files of the right sizes: enough for a dry run, which reads no tensor data."""
+    import math
+    import os
+    import pickle
+    from pathlib import Path
+
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    from bagelverify.buckets import Bucket
+    from bagelverify.families import expected_shapes
+    from bagelverify.partition import classify
+
+    frozen = {"vit_pos_embed.pos_embed", "latent_pos_embed.pos_embed"}
+    shapes = expected_shapes(config)
+    for folder, names in (
+        ("model", {key: key for key in shapes}),
+        (
+            "ema",
+            {
+                "model." + key: key
+                for key in shapes
+                if key not in frozen and not (freeze_und and classify(key) is Bucket.UND)
+            },
+        ),
+    ):
+        state, storage, ends = {}, {}, [0] * ranks
+        for name, key in names.items():
+            shape = shapes[key]
+            per = -(-shape[0] // ranks)
+            chunks = []
+            for rank in range(ranks):
+                first, count = rank * per, min(per, shape[0] - rank * per)
+                if count <= 0:
+                    continue
+                offsets = torch.Size([first, *([0] * (len(shape) - 1))])
+                sizes = torch.Size([count, *shape[1:]])
+                chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=sizes))
+                length = math.prod(sizes) * 4 + 1024  # torch.save's zip records around the data
+                storage[MetadataIndex(name, offsets)] = _StorageInfo(
+                    f"__{rank}_0.distcp", ends[rank], length
+                )
+                ends[rank] += length
+            state[name] = TensorStorageMetadata(
+                TensorProperties(dtype=torch.float32), torch.Size(shape), chunks
+            )
+        target = Path(step) / folder
+        target.mkdir(parents=True)
+        with open(target / ".metadata", "wb") as handle:
+            pickle.dump(Metadata(state_dict_metadata=state, storage_data=storage), handle)
+        for rank, end in enumerate(ends):
+            with open(target / f"__{rank}_0.distcp", "wb") as handle:
+                os.truncate(handle.fileno(), end)

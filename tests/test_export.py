@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -411,3 +413,36 @@ def test_export_then_load_into_a_model_is_the_identity_on_the_kept_keys(
     weights, ema = reference(config, 5, freeze_und=freeze_und)
     loaded = {k.removeprefix("model."): v for k, v in model.state_dict().items()}
     assert equal(loaded, released(weights, ema))
+
+
+# -- the guide's worked example ------------------------------------------------------------------
+
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "export.md"
+
+
+def test_the_guides_worked_example_prints_what_it_shows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/export.md's console block, run on a full-size 2-rank step folder (its metadata and
+    sparse data files: a dry run reads no tensor data), prints exactly what the guide shows."""
+    (block,) = re.findall(r"^```console\n(.*?)^```", GUIDE.read_text(), re.S | re.M)
+    command, *shown = block.splitlines()
+    paths = {
+        name: tmp_path / name.rsplit("/", 1)[-1]
+        for name in ("/ckpt/run", "/ckpt/BAGEL-7B-MoT", "/ckpt/export")
+    }
+
+    def substitute(text: str) -> str:
+        for name, path in paths.items():
+            text = text.replace(name, str(path))
+        return text
+
+    workers.full_size_step_folder(str(paths["/ckpt/run"] / "epoch_3_step_12000"), bv.BagelConfig())
+    base = paths["/ckpt/BAGEL-7B-MoT"]
+    base.mkdir()
+    bv.BagelConfig().save_pretrained(base)
+    save_tensors(base / "ae.safetensors", {"encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)})
+    assert command.startswith("$ bagelverify ")
+    assert cli.main(shlex.split(substitute(command.removeprefix("$ bagelverify ")))) == 0
+    assert capsys.readouterr().out.strip() == substitute("\n".join(shown)).strip()
+    assert not paths["/ckpt/export"].exists()

@@ -71,6 +71,7 @@ def render(printer: Printer, report: ExportReport) -> None:
     printer.table(f"{report.step_dir} ({report.stage}, {report.dtype})", columns, rows)
     printer.line(f"model: {report.model}; EMA: {report.ema or 'none'}")
     printer.line(f"config: {report.config}; VAE: {report.vae or 'none'}")
+    printer.line(f"with: {', '.join(report.other_files)}")
     for note in report.notes():
         printer.line(f"  {note}")
     verb = "would write" if report.dry_run else "wrote"
