@@ -32,12 +32,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_dcp_convert import _status
+from bench_dcp_convert import anon_growth
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,37 +84,25 @@ def measure(flow: str, step: Path, target: Path, scale: float) -> dict[str, floa
     from bagelverify.synthetic import scaled_config
 
     config = scaled_config(scale)
-    anon0 = _status("RssAnon")
-    peak = [anon0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _status("RssAnon"))
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    if flow.startswith("copy"):
-        nbytes = 0
-        for folder in ("model", "ema"):
-            (target / folder).mkdir(parents=True)
-            for source in sorted((step / folder).iterdir()):
-                shutil.copyfile(source, target / folder / source.name)
-                nbytes += source.stat().st_size
-                if flow == "copy+fsync":
-                    fd = os.open(target / folder / source.name, os.O_RDONLY)
-                    os.fsync(fd)
-                    os.close(fd)
-    else:
-        dtype = "keep" if flow == "export keep" else "bf16"
-        report = bv.export_checkpoint(step, target, dtype=dtype, config=config)
-        nbytes = report.bytes_before
-    seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
-    return {"bytes": nbytes, "seconds": seconds, "anon": max(peak[0], _status("RssAnon")) - anon0}
+    with anon_growth() as anon:
+        start = time.perf_counter()
+        if flow.startswith("copy"):
+            nbytes = 0
+            for folder in ("model", "ema"):
+                (target / folder).mkdir(parents=True)
+                for source in sorted((step / folder).iterdir()):
+                    shutil.copyfile(source, target / folder / source.name)
+                    nbytes += source.stat().st_size
+                    if flow == "copy+fsync":
+                        fd = os.open(target / folder / source.name, os.O_RDONLY)
+                        os.fsync(fd)
+                        os.close(fd)
+        else:
+            dtype = "keep" if flow == "export keep" else "bf16"
+            report = bv.export_checkpoint(step, target, dtype=dtype, config=config)
+            nbytes = report.bytes_before
+        seconds = time.perf_counter() - start
+    return {"bytes": nbytes, "seconds": seconds, "anon": anon[0]}
 
 
 def main() -> int:
