@@ -204,6 +204,54 @@ def test_blocks_that_are_not_plain_are_decoded_to_the_same_tensors(
     ).read_bytes()
 
 
+def test_the_zip_directory_read_from_a_blobs_ends_is_zipfiles(steps: dict[str, Path]) -> None:
+    """The members found by parsing each DCP blob's central directory from its two ends are
+    the ones :mod:`zipfile` finds (names, methods, sizes, local header offsets)."""
+    import zipfile
+
+    from bagelverify.safe_pickle import load_dcp_metadata
+
+    folder = steps["torch_save"] / "model"
+    storage = load_dcp_metadata(folder / ".metadata").storage_data
+    fds: dict[Path, int] = {}
+    try:
+        for info in list(storage.values())[:20]:
+            fd = export._open(folder / info.relative_path, fds)
+            blob = export._Blob(fd, info.offset, info.length)
+            with zipfile.ZipFile(blob) as archive:
+                expected = {
+                    i.filename: (i.compress_type, i.compress_size, i.file_size, i.header_offset)
+                    for i in archive.infolist()
+                }
+            assert blob.entries() == expected and len(expected) >= 3
+    finally:
+        export._close_all(fds)
+
+
+def test_a_tensor_whose_blocks_do_not_tile_it_is_refused_naming_it(
+    fsdp_steps: dict[str, Path], tmp_path: Path
+) -> None:
+    """A DCP step folder whose metadata lost one rank's block of a tensor (a save cut short)
+    is refused before anything is written, naming the tensor and what is missing."""
+    import pickle
+
+    from bagelverify.safe_pickle import load_dcp_metadata
+
+    step = tmp_path / "step"
+    shutil.copytree(fsdp_steps["torch_save"], step)
+    metadata = load_dcp_metadata(step / "model/.metadata")
+    lost = next(i for i in metadata.storage_data if i.fqn == "connector.fc1.weight" and i.offset[0])
+    del metadata.storage_data[lost]
+    with open(step / "model/.metadata", "wb") as handle:
+        pickle.dump(metadata, handle)
+    with pytest.raises(
+        bv.CorruptCheckpointError,
+        match=r"'connector\.fc1\.weight' of shape .* not stored whole: its blocks hold",
+    ):
+        bv.export_checkpoint(step, tmp_path / "out", config=SMALL)
+    assert not (tmp_path / "out").exists()
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 
