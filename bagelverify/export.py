@@ -31,7 +31,7 @@ import shutil
 import struct
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -578,6 +578,20 @@ def assemble(
     return outs
 
 
+@contextlib.contextmanager
+def _one_cast_thread() -> Iterator[None]:
+    """Run torch's element-wise work (the dtype casts) on one thread while the export writes,
+    restoring the caller's setting after: a cast is bound by memory bandwidth, and on a busy
+    host a pool of spinning OpenMP threads made it several times slower (measured: 6.6 GB/s on
+    one thread, 4.8 on two, far less under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // 64) * 64
 
@@ -996,6 +1010,7 @@ def export_checkpoint(
             return fetch
 
         written: list[Path] = []
+        stack.enter_context(_one_cast_thread())
         with publishing(
             destination,
             replaces=_replaced(destination, vae=report.vae is not None),

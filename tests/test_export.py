@@ -133,9 +133,11 @@ def test_export_of_a_run_is_its_training_state_bit_for_bit_through_the_read_engi
         return original(transfers, **kwargs)
 
     monkeypatch.setattr(export, "run_engine", recording)
+    threads = torch.get_num_threads()
     report = bv.export_checkpoint(
         steps[fmt], tmp_path / "out", weights="both", dtype="keep", config=config_for(fmt)
     )
+    assert torch.get_num_threads() == threads  # the casts' one-thread setting is undone
     weights, ema = reference()
     expected = released(weights, ema)
     assert equal(read(tmp_path / "out/ema.safetensors"), expected)
