@@ -60,6 +60,7 @@ from .errors import (
     LossyCastError,
     ShardSizeError,
     UnknownKeysError,
+    UnsupportedTensorError,
     WeightsMismatchError,
     agree,
     counted,
@@ -417,16 +418,21 @@ def _read_dcp(folder: Path, fds: dict[Path, int]) -> tuple[dict[str, Any], int]:
         path = folder / info.relative_path
         files.add(path)
         dtype = DTYPES[spec.dtype].torch_dtype
-        plain = not getattr(info, "transform_descriptors", None)
-        start, nbytes = info.offset, info.length
-        if plain:
-            try:
-                start, nbytes = _plain_range(_open(path, fds), start, nbytes, dtype, lengths)
-            except _NotPlain as why:
-                logger.debug(
-                    "%s: %r at %s is decoded by torch.load (%s)", path, index.fqn, offsets, why
-                )
-                plain = False
+        transforms = getattr(info, "transform_descriptors", None)
+        if transforms:
+            raise UnsupportedTensorError(
+                f"{path}: {index.fqn!r} is stored through DCP storage transforms ({transforms}); "
+                "export reads DCP files written without them (Automodel's default). Load and "
+                "re-save the step folder without the transform."
+            )
+        start, nbytes, plain = info.offset, info.length, True
+        try:
+            start, nbytes = _plain_range(_open(path, fds), start, nbytes, dtype, lengths)
+        except _NotPlain as why:
+            logger.debug(
+                "%s: %r at %s is decoded by torch.load (%s)", path, index.fqn, offsets, why
+            )
+            plain = False
         pieces[index.fqn].append(Piece(path, offsets, lengths, start, nbytes, plain))
     out = {}
     for name, spec in specs.items():
@@ -453,7 +459,9 @@ def _read_shards(folder: Path, fds: dict[Path, int]) -> tuple[dict[str, Any], in
                 "checkpoint"
             )
         for name, info in header.tensors.items():
-            offsets = (where.get(name) or {}).get("saved_offsets", [0] * len(info.shape))
+            entry = where.get(name) or {}
+            offsets = entry.get("saved_offsets") if isinstance(entry, dict) else repr(entry)
+            offsets = [0] * len(info.shape) if offsets is None else offsets
             if not (
                 isinstance(offsets, list)
                 and len(offsets) == len(info.shape)
