@@ -35,6 +35,7 @@ BUILTIN_PARENTS: dict[type[errors.BagelError], tuple[type[Exception], ...]] = {
     errors.IntegrationError: (ImportError,),
     errors.AliasError: (ValueError,),
     errors.LoraError: (ValueError,),
+    errors.WeightsMismatchError: (ValueError,),
 }
 
 
