@@ -44,6 +44,7 @@ from .errors import (
     UnsupportedPattern,
     UnsupportedPlatformError,
     UnsupportedTensorError,
+    WeightsMismatchError,
 )
 from .families import patterns_of
 from .partition import classify, partition
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
         load_bagel_checkpoint_distributed,
     )
     from .dtypes import CastLike
+    from .export import ExportReport, export_checkpoint
     from .lora import check_adapter, merge_adapter
     from .repair import RepairReport, repair_checkpoint
     from .rewrite import RewriteReport, rewrite_checkpoint
@@ -109,6 +111,8 @@ _LAZY: dict[str, str] = {
     "repair_checkpoint": "repair",
     "RewriteReport": "rewrite",
     "rewrite_checkpoint": "rewrite",
+    "ExportReport": "export",
+    "export_checkpoint": "export",
     "check_adapter": "lora",
     "merge_adapter": "lora",
     "make_synthetic_checkpoint": "synthetic",
@@ -184,7 +188,8 @@ __all__ = [
     "dcp_to_hf",
     "rewrite_checkpoint",
     "RewriteReport",
-    # (export_checkpoint and compose_checkpoint join this group when they land)
+    "export_checkpoint",
+    "ExportReport",
     # Doctor: compare and repair
     "diff_checkpoints",
     "CheckpointDiff",
@@ -239,4 +244,5 @@ __all__ = [
     "UnsupportedPattern",
     "UnsupportedPlatformError",
     "UnsupportedTensorError",
+    "WeightsMismatchError",
 ]

@@ -69,6 +69,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bagelverify.commands.lora",
         "check where a LoRA adapter binds (UND and GEN twins), or merge it into a checkpoint",
     ),
+    "export": (
+        "bagelverify.commands.export",
+        "export an Automodel training checkpoint (step folder) to the released BAGEL layout",
+    ),
     "verify": (
         "bagelverify.commands.verify",
         "prove properties of the key patterns for every string (disjoint, covering, digit-safe)",

@@ -172,6 +172,15 @@ class LoraError(BagelError, ValueError):
     that disagree with the rank or the base, a target that binds no module."""
 
 
+class WeightsMismatchError(BagelError, ValueError):
+    """Two sets of weights of one training run (the model and its EMA) that disagree in keys or
+    shapes."""
+
+    def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.keys = list(keys)
+
+
 class IntegrationError(BagelError, ImportError):
     """A training framework bagelverify plugs into is missing, or is a version whose interface
     it cannot serve completely."""

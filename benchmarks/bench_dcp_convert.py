@@ -22,6 +22,7 @@ Run: ``python benchmarks/bench_dcp_convert.py`` (``--scale``, ``--stage``, ``--d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -40,17 +42,11 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
-def measure(flow: str, source: str, target: str, stage: str) -> dict[str, float]:
-    """Run one flow in this process; return peak RssAnon / VmHWM growth and seconds."""
-    import warnings
-
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    import bagelverify as bv
-
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    anon0, hwm0 = _status("RssAnon"), _status("VmHWM")
+@contextlib.contextmanager
+def anon_growth() -> Iterator[list[int]]:
+    """Sample ``RssAnon`` every 5 ms while the block runs; the list's one item is then its peak
+    growth above the value before the block."""
+    anon0 = _status("RssAnon")
     peak = [anon0]
     stop = threading.Event()
 
@@ -61,7 +57,40 @@ def measure(flow: str, source: str, target: str, stage: str) -> dict[str, float]
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    start = time.perf_counter()
+    growth = [0]
+    try:
+        yield growth
+    finally:
+        stop.set()
+        sampler.join()
+        growth[0] = max(peak[0], _status("RssAnon")) - anon0
+
+
+def measure(flow: str, source: str, target: str, stage: str) -> dict[str, float]:
+    """Run one flow in this process; return peak RssAnon / VmHWM growth and seconds."""
+    import warnings
+
+    # imported before the baseline: their memory is not the flow's
+    import torch
+    import torch.distributed.checkpoint  # noqa: F401
+
+    import bagelverify  # noqa: F401
+
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    hwm0 = _status("VmHWM")
+    with anon_growth() as anon:
+        start = time.perf_counter()
+        _run_flow(flow, source, target, stage)
+        seconds = time.perf_counter() - start
+    return {"anon": anon[0], "hwm": _status("VmHWM") - hwm0, "seconds": seconds}
+
+
+def _run_flow(flow: str, source: str, target: str, stage: str) -> None:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    import bagelverify as bv
+
     if flow == "load+dcp.save":
         state = bv.load_bagel_checkpoint_state_dict(source, stage=stage)
         dcp.save(state, checkpoint_id=target, no_dist=True)
@@ -79,14 +108,6 @@ def measure(flow: str, source: str, target: str, stage: str) -> dict[str, float]
         del state
     else:
         bv.dcp_to_hf(source, target, stage=stage)
-    seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
-    return {
-        "anon": max(peak[0], _status("RssAnon")) - anon0,
-        "hwm": _status("VmHWM") - hwm0,
-        "seconds": seconds,
-    }
 
 
 def main() -> int:

@@ -304,3 +304,156 @@ def automodel_fsdp_load(rank: int, world_size: int, folders: dict[str, str]) -> 
         }
     reader.run_engine = original  # type: ignore[assignment]
     return out
+
+
+# -- Automodel training runs, saved as its recipe saves them (tests/test_export.py) ------------
+
+
+def seeded_automodel(config: Any, seed: int, *, stage: int = 2, freeze_und: bool = False) -> Any:
+    """Automodel's BAGEL model (F32, CPU) with every parameter drawn from ``seed`` by its
+    position, so any process builds the same values; with ``freeze_und`` the UND parameters
+    are frozen (``requires_grad=False``) and the config says ``freeze_und``."""
+    import torch
+
+    from bagelverify.buckets import Bucket
+    from bagelverify.integrations import automodel
+    from bagelverify.keys import strip_root
+    from bagelverify.partition import classify
+
+    automodel.install()
+    from nemo_automodel.components.models.bagel.model import BagelForUnifiedMultimodal
+
+    am_config = automodel.automodel_config(config, stage=stage)
+    am_config.text_config.freeze_und = freeze_und
+    with torch.device("meta"):
+        model = BagelForUnifiedMultimodal(am_config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for index, (name, parameter) in enumerate(model.named_parameters()):
+            parameter.normal_(generator=torch.Generator().manual_seed(seed * 100_003 + index))
+            if freeze_und and classify(strip_root(name)) is Bucket.UND:
+                parameter.requires_grad_(False)
+    return model
+
+
+def train_step(model: Any, ema: Any) -> None:
+    """One stand-in optimizer step (every trainable parameter + 1) and the EMA update after it."""
+    import torch
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(1.0)
+    ema.update(model)
+
+
+def automodel_training_saves(
+    rank: int, world_size: int, runs: list[tuple[str, dict[str, Any]]]
+) -> list[int]:
+    """:func:`automodel_training_save` for each ``(step, options)``; the EMAs' sizes."""
+    return [automodel_training_save(rank, world_size, step, options) for step, options in runs]
+
+
+def automodel_training_save(rank: int, world_size: int, step: str, options: dict[str, Any]) -> int:
+    """A tiny Automodel BAGEL run saved as its recipe saves a step folder: the model by
+    ``Checkpointer.save_model`` (``options["format"]``: ``torch_save`` is DCP, ``safetensors``
+    Automodel's own shards), the ``EMAManager`` by ``save_distributed_state``; on 2 ranks the
+    model is sharded by ``fully_shard`` (``Shard(0)`` DTensor parameters) first. Returns how
+    many tensors the EMA tracks."""
+    from nemo_automodel.components.checkpoint import checkpointing
+    from nemo_automodel.components.training.ema import EMAManager
+
+    model = seeded_automodel(
+        options["config"],
+        options["seed"],
+        stage=options.get("stage", 2),
+        freeze_und=options.get("freeze_und", False),
+    )
+    dtype = options.get("dtype")
+    if dtype is not None:
+        model.to(dtype)
+    if world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    ema = EMAManager(model, decay=0.75)
+    train_step(model, ema)
+    ck = checkpointing.Checkpointer(
+        checkpointing.CheckpointingConfig(
+            checkpoint_dir=str(step) + "-checkpoints", model_save_format=options["format"]
+        ),
+        dp_rank=rank,
+        tp_rank=0,
+        pp_rank=0,
+    )
+    ck.save_model(model, step)
+    ck.save_distributed_state(ema, "ema", step)
+    return len(ema)
+
+
+def full_size_step_folder(
+    step: str, config: Any, *, ranks: int = 2, freeze_und: bool = True
+) -> None:
+    """The metadata of a full-size Automodel step folder written by ``ranks`` ranks (``model/``
+    F32 with HF keys, ``ema/`` F32 with the trainable tensors' ``model.`` names) and sparse data
+    files of the right sizes: enough for a dry run, which reads no tensor data."""
+    import math
+    import os
+    import pickle
+    from pathlib import Path
+
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    from bagelverify.buckets import Bucket
+    from bagelverify.families import expected_shapes
+    from bagelverify.partition import classify
+
+    frozen = {"vit_pos_embed.pos_embed", "latent_pos_embed.pos_embed"}
+    shapes = expected_shapes(config)
+    for folder, names in (
+        ("model", {key: key for key in shapes}),
+        (
+            "ema",
+            {
+                "model." + key: key
+                for key in shapes
+                if key not in frozen and not (freeze_und and classify(key) is Bucket.UND)
+            },
+        ),
+    ):
+        state, storage, ends = {}, {}, [0] * ranks
+        for name, key in names.items():
+            shape = shapes[key]
+            per = -(-shape[0] // ranks)
+            chunks = []
+            for rank in range(ranks):
+                first, count = rank * per, min(per, shape[0] - rank * per)
+                if count <= 0:
+                    continue
+                offsets = torch.Size([first, *([0] * (len(shape) - 1))])
+                sizes = torch.Size([count, *shape[1:]])
+                chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=sizes))
+                length = math.prod(sizes) * 4 + 1024  # torch.save's zip records around the data
+                storage[MetadataIndex(name, offsets)] = _StorageInfo(
+                    f"__{rank}_0.distcp", ends[rank], length
+                )
+                ends[rank] += length
+            state[name] = TensorStorageMetadata(
+                TensorProperties(dtype=torch.float32), torch.Size(shape), chunks
+            )
+        target = Path(step) / folder
+        target.mkdir(parents=True)
+        with open(target / ".metadata", "wb") as handle:
+            pickle.dump(Metadata(state_dict_metadata=state, storage_data=storage), handle)
+        for rank, end in enumerate(ends):
+            with open(target / f"__{rank}_0.distcp", "wb") as handle:
+                os.truncate(handle.fileno(), end)

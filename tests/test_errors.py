@@ -37,6 +37,7 @@ BUILTIN_PARENTS: dict[type[errors.BagelError], tuple[type[Exception], ...]] = {
     errors.LoraError: (ValueError,),
     errors.ArgumentError: (ValueError,),
     errors.ArgumentTypeError: (ValueError, TypeError),
+    errors.WeightsMismatchError: (ValueError,),
 }
 
 

@@ -192,8 +192,8 @@ def write_bagel_checkpoint(
 
     with publishing(
         directory,
-        replaces=_replaced_by_save(directory, sharded=limit is not None, config=config is not None),
-        guard=_save_guard(directory, sharded=limit is not None, overwrite=overwrite),
+        replaces=replaced_by_save(directory, sharded=limit is not None, config=config is not None),
+        guard=save_guard(directory, sharded=limit is not None, overwrite=overwrite),
         reads=inputs,
         last=(INDEX_FILE,),
     ) as staging:
@@ -233,7 +233,7 @@ def _indexed_shards(directory: Path) -> set[str]:
     }
 
 
-def _replaced_by_save(directory: Path, *, sharded: bool, config: bool) -> Callable[[str], bool]:
+def replaced_by_save(directory: Path, *, sharded: bool, config: bool) -> Callable[[str], bool]:
     """The names of a folder's previous checkpoint that a save replaces: ``ema.safetensors``
     (a single-file save) or the index and the shards it names or that have the saver's shard
     names (a sharded save), and the config files when a config is written. The other weights
@@ -265,7 +265,7 @@ def _replaced_by_save(directory: Path, *, sharded: bool, config: bool) -> Callab
     return replaces
 
 
-def _save_guard(directory: Path, *, sharded: bool, overwrite: bool) -> Guard:
+def save_guard(directory: Path, *, sharded: bool, overwrite: bool) -> Guard:
     """Refuse a folder that holds a checkpoint unless ``overwrite``, and, for a sharded save, a
     weights file that would shadow the new index."""
 

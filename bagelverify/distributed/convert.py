@@ -187,7 +187,7 @@ def hf_to_dcp(
     return len(state)
 
 
-def _dcp_tensor_specs(metadata: Metadata, source: str) -> dict[str, TensorSpec]:
+def dcp_tensor_specs(metadata: Metadata, source: str) -> dict[str, TensorSpec]:
     """Checkpoint key -> spec (named by its HF key) of every entry of a DCP checkpoint."""
     specs: dict[str, TensorSpec] = {}
     others: list[str] = []
@@ -207,7 +207,7 @@ def _dcp_tensor_specs(metadata: Metadata, source: str) -> dict[str, TensorSpec]:
     return specs
 
 
-def _check_data_files(metadata: Metadata, source: Path) -> None:
+def check_data_files(metadata: Metadata, source: Path) -> None:
     """Raise :class:`~bagelverify.errors.CorruptCheckpointError` naming every data file that
     ``.metadata`` points into and that is missing, not a file name in ``source``, or shorter
     than the bytes it indexes there (a copy or save cut short): before anything is written."""
@@ -321,8 +321,8 @@ def dcp_to_hf(
             f"{source / DCP_METADATA}: not found; is {source} a DCP checkpoint?"
         )
     reader = _MetadataOnceReader(str(source))
-    native = _dcp_tensor_specs(reader.read_metadata(), str(source))
-    _check_data_files(reader.read_metadata(), source)
+    native = dcp_tensor_specs(reader.read_metadata(), str(source))
+    check_data_files(reader.read_metadata(), source)
     specs = BagelStateDictAdapter().to_hf(native, strict=strict)
     fetched = [0]
 
