@@ -53,6 +53,7 @@ if TYPE_CHECKING:
         save_bagel_checkpoint,
         write_bagel_checkpoint,
     )
+    from .compose import ComposeReport, compose_checkpoint
     from .distributed import (
         DistributedLoadResult,
         dcp_to_hf,
@@ -93,6 +94,8 @@ _LAZY: dict[str, str] = {
     ),
     "check_adapter": "lora",
     "merge_adapter": "lora",
+    "ComposeReport": "compose",
+    "compose_checkpoint": "compose",
     "conv_patch_weight_to_linear": "patch_embedding",
     "linear_patch_weight_to_conv": "patch_embedding",
     "make_synthetic_checkpoint": "synthetic",
@@ -136,6 +139,7 @@ __all__ = [
     "BagelStateDictAdapter",
     "Bucket",
     "CheckpointReport",
+    "ComposeReport",
     "ConfigError",
     "CorruptCheckpointError",
     "DestinationError",
@@ -167,6 +171,7 @@ __all__ = [
     "classify",
     "check_patterns",
     "compile_matcher",
+    "compose_checkpoint",
     "conv_patch_weight_to_linear",
     "convert_checkpoint",
     "dcp_to_hf",

@@ -126,6 +126,20 @@ class AutomodelBagelStateDictAdapter(BagelStateDictAdapter):
         self.automodel_config = config
 
 
+BACKBONE_LOADER = f"{_BAGEL}.hf_backbone_loader"
+"""Automodel's module that initialises BAGEL from Qwen2 + SigLIP folders (``hf_backbones``)."""
+BACKBONE_FUNCTIONS = ("load_bagel_hf_backbone_weights", "initialize_bagel_non_backbone_weights")
+_ORIGINALS: dict[str, Any] = {}
+"""Automodel's own functions that :func:`install` replaced, by name."""
+
+
+def automodel_originals() -> dict[str, Any]:
+    """Automodel's own ``hf_backbones`` functions (:data:`BACKBONE_FUNCTIONS`), as they were
+    before :func:`install` (for comparisons)."""
+    loader = _import(BACKBONE_LOADER)
+    return {name: _ORIGINALS.get(name, getattr(loader, name)) for name in BACKBONE_FUNCTIONS}
+
+
 def _missing_members(base: type) -> list[str]:
     """Members of Automodel's base class (flags, hooks, methods) that the adapter lacks."""
     names = [n for n in dir(base) if not n.startswith("__") and not n.startswith("_abc")]
