@@ -24,7 +24,7 @@ import bagelverify as bv
 from bagelverify import backbones
 from bagelverify.buckets import Bucket
 from bagelverify.compose import ORIGINS_METADATA, compose_checkpoint, read_origins
-from bagelverify.config import BagelConfig
+from bagelverify.config import CONFIG_FILES, BagelConfig
 from bagelverify.errors import (
     ConfigError,
     KeyCollisionError,
@@ -525,3 +525,53 @@ def test_automodel_loads_nothing_from_a_transformers5_vision_folder_compose_maps
     assert unfilled and all(k.startswith("model.vit_model.") for k in unfilled)
     report = compose_checkpoint(llm=folders["llm"], vit=folders["vision"], out=tmp_path / "o")
     assert report.counts()["vit"] == len(unfilled)
+
+
+@needs_automodel
+def test_bf16_backbones_compose_equal_to_automodels_own_in_a_bf16_model(tmp_path: Path) -> None:
+    """The seeded modules drawn in BF16 and the tables rounded to BF16 match Automodel's too."""
+    llm = write_qwen2(tmp_path / "qwen2", dtype=torch.bfloat16)
+    vit = write_siglip(tmp_path / "siglip", full=True, dtype=torch.bfloat16)
+    report = compose_checkpoint(llm=llm, vit=vit, out=tmp_path / "out", seed=5)
+    assert report.dtype == "BF16"
+    theirs = automodels_own(llm, vit, CONFIG, 5, torch.bfloat16).state_dict()
+    model = _automodel_build(CONFIG, torch.bfloat16)
+    bv.load_into(model.state_dict(), tmp_path / "out", stage="stage2", strict=True)
+    ours = model.state_dict()
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def test_cli_compose_json_lists_every_origin_and_writes_the_folder(
+    folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bagelverify import cli
+
+    out = tmp_path / "out"
+    words = ["compose", "--llm", str(folders["llm"]), "--vit", str(folders["vision"])]
+    assert cli.main([*words, "-o", str(out), "--seed", "2", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["command"] == "compose" and document["exit_code"] == 0
+    assert set(document["origins"]) == set(bv.expected_shapes(CONFIG))
+    assert document["files"] == [str(out / n) for n in ("ema.safetensors", *CONFIG_FILES)]
+    assert read_origins(read_header(out / "ema.safetensors").metadata) == document["origins"]
+    assert cli.main([*words, "-o", str(tmp_path / "dry"), "--dry-run"]) == 0
+    assert "would compose 111 tensors" in capsys.readouterr().out
+    assert not (tmp_path / "dry").exists()
+
+
+def test_cli_compose_of_a_wrong_size_exits_1_with_one_line(
+    folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bagelverify import cli
+
+    bagel = tmp_path / "bagel"
+    bagel.mkdir()
+    dataclasses.replace(CONFIG, vocab_size=256).save_pretrained(bagel)
+    words = ["compose", "--llm", str(folders["llm"]), "--vit", str(folders["full"])]
+    assert cli.main([*words, "-o", str(tmp_path / "out"), "--config", str(bagel)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "llm_config.json vocab_size: the config says 256" in error
+    assert not (tmp_path / "out").exists()
