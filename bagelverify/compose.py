@@ -428,6 +428,7 @@ def compose_checkpoint(
     dry_run: bool = False,
     overwrite: bool = False,
     on_tensor: Callable[[str, int], None] | None = None,
+    read_ahead: bool = True,
 ) -> ComposeReport:
     """Write a BAGEL checkpoint (stage 2: UND and GEN) composed from a Qwen2 and a SigLIP folder.
 
@@ -445,7 +446,10 @@ def compose_checkpoint(
             ``embed_tokens`` dtype); backbone tensors keep their stored dtype and bytes.
         dry_run: check everything and return the report, writing nothing.
         overwrite: replace a checkpoint already in ``out``.
-        on_tensor: ``on_tensor(key, nbytes)`` after each tensor is written (progress).
+        on_tensor: ``on_tensor(key, nbytes)`` after each tensor is read (progress; called on
+            the reading thread).
+        read_ahead: read the next tensor while one is written (at most 1.5 times the largest
+            tensor in memory instead of once; faster where writing waits on the disk).
 
     Returns:
         A :class:`ComposeReport`: every tensor's origin (also in the file's ``__metadata__``
@@ -536,6 +540,7 @@ def compose_checkpoint(
             inputs=(llm, vit),
             metadata=metadata,
             config_base=_config_documents(plan.found),
+            read_ahead=read_ahead,
         )
         report.files = [str(path) for path in written]
         logger.info("%s: composed %d tensors from %s and %s", out, len(specs), llm, vit)

@@ -575,3 +575,73 @@ def test_cli_compose_of_a_wrong_size_exits_1_with_one_line(
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "llm_config.json vocab_size: the config says 256" in error
     assert not (tmp_path / "out").exists()
+
+
+# -- at BAGEL-7B-MoT's size (headers only) -----------------------------------------------------
+
+
+def sparse_backbones(folder: Path, config: BagelConfig) -> dict[str, Path]:
+    """Qwen2 + SigLIP folders of ``config``'s size whose data is a hole: the header is real,
+    the file has the right length, no disk space is used (a dry run reads headers only)."""
+    from bagelverify.safetensors_io import encode_header, layout_order
+    from bagelverify.synthetic import backbone_specs
+
+    documents = config.to_json_documents()
+    out = {}
+    for backbone, specs in backbone_specs(config).items():
+        target = folder / backbone
+        target.mkdir(parents=True)
+        ordered = layout_order(specs)
+        with open(target / "model.safetensors", "wb") as handle:
+            handle.write(encode_header(ordered, {"format": "pt"}))
+            handle.truncate(handle.tell() + sum(spec.nbytes for spec in ordered))
+        name = "llm_config.json" if backbone == "llm" else "vit_config.json"
+        (target / "config.json").write_text(json.dumps(documents[name]))
+        out[backbone] = target
+    return out
+
+
+def test_release_sized_backbones_compose_to_the_manifests_1223_tensors(tmp_path: Path) -> None:
+    """A dry run on Qwen2.5-7B / SigLIP-so400m-980-shaped headers plans exactly the release's
+    keys and shapes, with the counts docs/compose.md shows."""
+    from bagelverify.manifest import MODEL_FILE, load_manifest
+
+    release = BagelConfig()
+    found = sparse_backbones(tmp_path, release)
+    report = compose_checkpoint(
+        llm=found["llm"], vit=found["vit"], out=tmp_path / "o", dry_run=True
+    )
+    manifest = load_manifest()[MODEL_FILE]
+    assert list(report.origins) == list(bv.expected_shapes(release))
+    assert set(report.origins) == set(manifest)
+    assert report.config == release
+    assert report.counts() == {
+        "llm": 339,
+        "twin": 393,
+        "ones": 56,
+        "seeded": 10,
+        "zeros": 2,
+        "sincos": 2,
+        "vit": 421,
+    }
+    assert report.bytes == sum(s.nbytes for s in manifest.values())  # all BF16, as released
+    assert report.dropped_counts() == {
+        backbones.PAST_SELECT_LAYER: 16,
+        "SigLIP's attention-pooling head; BAGEL feeds the patch features to its connector": 2,
+    }
+
+
+@needs_automodel
+def test_release_sized_position_tables_round_to_bf16_as_automodels_do() -> None:
+    """bagelverify rounds float64 -> float32 -> BF16, Automodel float64 -> BF16: at the
+    release's sizes (4900 and 4096 rows of 3584) the results are identical."""
+    from nemo_automodel.components.models.bagel.embeddings import _get_2d_sincos_pos_embed
+
+    from bagelverify.pos_embed import grid_side, position_table
+
+    release = BagelConfig()
+    for key in POSITION_TABLE_KEYS:
+        ours = position_table(key, release, torch.bfloat16)
+        side = grid_side(key, release)
+        theirs = torch.from_numpy(_get_2d_sincos_pos_embed(release.hidden_size, side))
+        assert torch.equal(ours, theirs.to(torch.bfloat16)), key

@@ -156,6 +156,7 @@ def write_bagel_checkpoint(
     inputs: Iterable[str | os.PathLike[str] | None] = (),
     metadata: Mapping[str, str] | None = None,
     config_base: Mapping[str, Mapping[str, Any]] | None = None,
+    read_ahead: bool = False,
 ) -> list[Path]:
     """Write a checkpoint described by its specs, fetching one tensor at a time.
 
@@ -169,7 +170,9 @@ def write_bagel_checkpoint(
     hard links count), raises :class:`~bagelverify.errors.AliasError` before anything is
     written. ``metadata`` is every file's ``__metadata__`` (default ``{"format": "pt"}``; a
     sharded save adds its save id); ``config_base`` adds fields to the config files (see
-    :meth:`~bagelverify.BagelConfig.to_json_documents`).
+    :meth:`~bagelverify.BagelConfig.to_json_documents`). ``read_ahead``: fetch the next tensor
+    while one is written (:func:`~bagelverify.safetensors_io.write_safetensors`; at most 1.5
+    times the largest tensor in memory).
     """
     if config is not None and not isinstance(config, BagelConfig):
         raise TypeError(
@@ -198,10 +201,12 @@ def write_bagel_checkpoint(
         last=(INDEX_FILE,),
     ) as staging:
         if limit is None:
-            write_safetensors(staging / MODEL_FILE, kept, fetch_by_name, metadata=metadata)
+            write_safetensors(
+                staging / MODEL_FILE, kept, fetch_by_name, metadata=metadata, read_ahead=read_ahead
+            )
             written = [MODEL_FILE]
         else:
-            written = _write_shards(staging, kept, fetch_by_name, limit, metadata)
+            written = _write_shards(staging, kept, fetch_by_name, limit, metadata, read_ahead)
         if config is not None:
             config.save_pretrained(staging, base=config_base)
             written.extend(CONFIG_FILES)
@@ -294,6 +299,7 @@ def _write_shards(
     fetch: Callable[[str], torch.Tensor],
     limit: int,
     metadata: Mapping[str, str] | None = None,
+    read_ahead: bool = False,
 ) -> list[str]:
     """Write ``kept`` into the (new, private) ``directory`` as shards of at most ``limit`` bytes,
     then their index; return the names written."""
@@ -308,6 +314,7 @@ def _write_shards(
             shard,
             fetch,
             metadata={**(metadata or DEFAULT_METADATA), SAVE_ID: save_id},
+            read_ahead=read_ahead,
         )
         weight_map.update((spec.name, name) for spec in shard)
         written.append(name)
