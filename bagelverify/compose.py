@@ -227,7 +227,11 @@ def _size_error(wrong: list[_Wrong], given: bool) -> ShapeMismatchError:
 
 
 @dataclass
-class _Plan:
+class CompositionPlan:
+    """Every composed tensor's origin and shape, checked against the backbones' headers, and
+    the read job of every backbone tensor used (its file open until the plan's ``with`` ends).
+    """
+
     config: BagelConfig
     origins: dict[str, Origin]
     shapes: dict[str, tuple[int, ...]]
@@ -236,6 +240,17 @@ class _Plan:
     dropped: dict[str, str]
     defaulted: list[str]
     found: dict[Backbone, BackboneConfig]
+
+    def source_of(self, key: str) -> str:
+        """The key whose value ``key`` holds: a twin's UND key, else ``key`` itself."""
+        origin = self.origins[key]
+        return origin.source if origin.kind == "twin" and origin.source else key
+
+    def job(self, key: str) -> ReadJob | None:
+        """The read job of the backbone tensor ``key`` is copied from (``None``: no backbone
+        tensor; a twin names its UND key's job through :meth:`source_of`)."""
+        origin = self.origins[key]
+        return self.jobs[f"{origin.kind}:{origin.source}"] if origin.kind in BACKBONES else None
 
 
 def _stored_shape(info: TensorInfo, convert: bool, config: BagelConfig) -> tuple[int, ...]:
@@ -251,7 +266,7 @@ def _stored_shape(info: TensorInfo, convert: bool, config: BagelConfig) -> tuple
     return shape
 
 
-def _plan(folders: Mapping[Backbone, Path], given: object, stack: ExitStack) -> _Plan:
+def _plan(folders: Mapping[Backbone, Path], given: object, stack: ExitStack) -> CompositionPlan:
     found = {backbone: read_backbone_config(backbone, folders[backbone]) for backbone in BACKBONES}
     config, was_given = _resolve_config(given, found)
     if was_given:
@@ -364,7 +379,7 @@ def _plan(folders: Mapping[Backbone, Path], given: object, stack: ExitStack) -> 
             missing,
         )
     defaulted = [f"{b}:{name}" for b in BACKBONES for name in found[b].defaulted]
-    return _Plan(config, origins, shapes, jobs, dropped, defaulted, found)
+    return CompositionPlan(config, origins, shapes, jobs, dropped, defaulted, found)
 
 
 # -- values ------------------------------------------------------------------------------------
@@ -395,10 +410,11 @@ def seeded_values(config: BagelConfig, seed: int, dtype: torch.dtype) -> dict[st
     return out
 
 
-def _dtype(given: object, plan: _Plan) -> torch.dtype:
+def _dtype(given: object, plan: CompositionPlan) -> torch.dtype:
     if given is None:
-        embed = plan.origins[FAMILY_BY_NAME["embed_tokens"].template.format(param="weight")]
-        return plan.jobs[f"{embed.kind}:{embed.source}"].info.torch_dtype
+        embed = plan.job(FAMILY_BY_NAME["embed_tokens"].template.format(param="weight"))
+        assert embed is not None
+        return embed.info.torch_dtype
     if isinstance(given, torch.dtype):
         return given
     if isinstance(given, str) and given.upper() in DTYPES:
@@ -410,9 +426,11 @@ def _dtype(given: object, plan: _Plan) -> torch.dtype:
 
 
 @contextmanager
-def _planned(
-    llm: str | os.PathLike[str], vit: str | os.PathLike[str], config: object
-) -> Iterator[_Plan]:
+def plan_composition(
+    llm: str | os.PathLike[str], vit: str | os.PathLike[str], config: object = None
+) -> Iterator[CompositionPlan]:
+    """Route and check two backbone folders for ``config`` (see :func:`compose_checkpoint`,
+    which raises the same errors); the backbone files stay open for the ``with`` block."""
     with ExitStack() as stack:
         yield _plan({"llm": Path(llm), "vit": Path(vit)}, config, stack)
 
@@ -465,20 +483,13 @@ def compose_checkpoint(
         >>> report = compose_checkpoint(llm="Qwen2.5-7B", vit="siglip", out="bagel-init")
         ... # doctest: +SKIP
     """
-    with _planned(llm, vit, config) as plan:
+    with plan_composition(llm, vit, config) as plan:
         made = _dtype(dtype, plan)
         made_name = dtype_name(made)
         specs: dict[str, TensorSpec] = {}
-        for key, origin in plan.origins.items():
-            source = origin
-            if origin.kind == "twin":
-                assert origin.source is not None
-                source = plan.origins[origin.source]
-            stored = (
-                plan.jobs[f"{source.kind}:{source.source}"].info.dtype
-                if source.kind in BACKBONES
-                else made_name
-            )
+        for key in plan.origins:
+            job = plan.job(plan.source_of(key))
+            stored = made_name if job is None else job.info.dtype
             specs[key] = TensorSpec(key, stored, plan.shapes[key])
         report = ComposeReport(
             str(llm),
@@ -498,22 +509,20 @@ def compose_checkpoint(
         seeded: dict[str, torch.Tensor] = {}
 
         def value(key: str) -> torch.Tensor:
-            origin = plan.origins[key]
-            if origin.kind in BACKBONES:
-                return read_tensor(plan.jobs[f"{origin.kind}:{origin.source}"])
-            if origin.kind == "twin":
-                assert origin.source is not None
-                return value(origin.source)
+            source = plan.source_of(key)
+            origin, job = plan.origins[source], plan.job(source)
+            if job is not None:
+                return read_tensor(job)
             shape = plan.shapes[key]
             if origin.kind == "ones":
                 return torch.ones(shape, dtype=made)
             if origin.kind == "zeros":
                 return torch.zeros(shape, dtype=made)
             if origin.kind == "sincos":
-                return position_table(key, plan.config, made)
+                return position_table(source, plan.config, made)
             if not seeded:
                 seeded.update(seeded_values(plan.config, seed, made))
-            return seeded[key]
+            return seeded[source]
 
         def fetch(key: str) -> torch.Tensor:
             tensor = value(key)
@@ -564,8 +573,10 @@ __all__ = [
     "COMPOSE_METADATA",
     "ORIGINS_METADATA",
     "ComposeReport",
+    "CompositionPlan",
     "Origin",
     "compose_checkpoint",
+    "plan_composition",
     "read_origins",
     "seeded_values",
 ]

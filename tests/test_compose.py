@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -624,7 +625,9 @@ def test_release_sized_backbones_compose_to_the_manifests_1223_tensors(tmp_path:
         "sincos": 2,
         "vit": 421,
     }
-    assert report.bytes == sum(s.nbytes for s in manifest.values())  # all BF16, as released
+    assert {e.dtype for e in manifest.values()} == {"BF16"} and report.dtype == "BF16"
+    assert report.bytes == 2 * sum(math.prod(e.shape) for e in manifest.values())
+    assert all(tuple(manifest[k].shape) == s for k, s in bv.expected_shapes(release).items())
     assert report.dropped_counts() == {
         backbones.PAST_SELECT_LAYER: 16,
         "SigLIP's attention-pooling head; BAGEL feeds the patch features to its connector": 2,
@@ -645,3 +648,49 @@ def test_release_sized_position_tables_round_to_bf16_as_automodels_do() -> None:
         side = grid_side(key, release)
         theirs = torch.from_numpy(_get_2d_sincos_pos_embed(release.hidden_size, side))
         assert torch.equal(ours, theirs.to(torch.bfloat16)), key
+
+
+# -- Automodel's hf_backbones initialisation after install() --------------------------------
+
+
+@needs_automodel
+@pytest.mark.parametrize("vit", ["full", "vision-prefixed"])
+def test_after_install_automodels_backbone_load_reads_in_place_and_equals_its_own(
+    folders: dict[str, Path], vit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """install() replaces load_bagel_hf_backbone_weights: the model ends bit-equal to
+    Automodel's own load, and no backbone state dict is loaded whole onto the CPU."""
+    from bagelverify.integrations import automodel
+
+    automodel.install()
+    loader = importlib.import_module(automodel.BACKBONE_LOADER)
+    assert loader.load_bagel_hf_backbone_weights is automodel.load_bagel_hf_backbone_weights
+    theirs = automodels_own(folders["llm"], folders[vit], CONFIG, 3, torch.float32).state_dict()
+    checkpointing = importlib.import_module("nemo_automodel.components.checkpoint.checkpointing")
+
+    def whole(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a backbone was loaded whole onto the CPU")
+
+    monkeypatch.setattr(checkpointing, "_load_hf_checkpoint_preserving_dtype", whole)
+    model = _automodel_build(CONFIG, torch.float32)
+    automodel.automodel_originals()["initialize_bagel_non_backbone_weights"](model, seed=3)
+    cfg = {"llm_path": str(folders["llm"]), "vit_path": str(folders[vit]), "visual_und": True}
+    loader.load_bagel_hf_backbone_weights(model, cfg)
+    ours = model.state_dict()
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+
+
+@needs_automodel
+def test_after_install_a_backbone_of_another_size_is_one_error_and_the_model_is_untouched(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    from bagelverify.integrations import automodel
+
+    automodel.install()
+    wider = write_qwen2(tmp_path / "wider", intermediate_size=128)
+    model = _automodel_build(CONFIG, torch.float32)
+    cfg = {"llm_path": str(wider), "vit_path": str(folders["full"]), "visual_und": True}
+    loader = importlib.import_module(automodel.BACKBONE_LOADER)
+    with pytest.raises(ConfigError, match=r"json intermediate_size: the config says 96"):
+        loader.load_bagel_hf_backbone_weights(model, cfg)
+    assert all(t.isnan().all() for t in model.state_dict().values())
