@@ -694,3 +694,30 @@ def test_after_install_a_backbone_of_another_size_is_one_error_and_the_model_is_
     with pytest.raises(ConfigError, match=r"json intermediate_size: the config says 96"):
         loader.load_bagel_hf_backbone_weights(model, cfg)
     assert all(t.isnan().all() for t in model.state_dict().values())
+
+
+def test_two_ranks_fill_their_row_shards_from_the_backbones_equal_to_the_composed_file(
+    folders: dict[str, Path], composed: Path
+) -> None:
+    """DTensor destinations sharded by rows on 2 gloo ranks: each rank reads its rows (together
+    about the backbone bytes once), and the full tensors equal the composed file's."""
+    import _dist_workers as workers
+    from _multiprocess import run_ranks
+
+    results = run_ranks(
+        workers.backbones_into_shards,
+        str(folders["llm"]),
+        str(folders["full"]),
+        str(composed),
+        world_size=2,
+        timeout=120,
+    )
+    assert all(r["differ"] == [] and r["untouched_changed"] == [] for r in results)
+    header = read_header(composed / "ema.safetensors")
+    origins = read_origins(header.metadata)
+    backbone = [k for k, o in origins.items() if o.split(":")[0] in ("llm", "vit")]
+    patch = "vit_model.vision_model.embeddings.patch_embedding.weight"  # read whole by each
+    rows = sum(header.tensors[k].nbytes for k in backbone if k != patch)
+    # every byte of the sharded tensors read once over the two ranks, the patch weight twice
+    assert sum(r["bytes_read"] for r in results) == rows + 2 * header.tensors[patch].nbytes
+    assert all(r["bytes_read"] < rows for r in results)

@@ -165,4 +165,4 @@ def _fill_sharded(jobs: Mapping[str, ReadJob], destinations: Mapping[str, torch.
         storage_reader=reader,
         planner=DefaultLoadPlanner(allow_partial_load=True),
     )
-    return sum(_local(destinations[key]).nbytes for key in jobs)
+    return reader.bytes_read
