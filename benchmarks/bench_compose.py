@@ -10,10 +10,11 @@ about 2.6 GB of backbones), warms the page cache, then in a fresh subprocess per
 - ``copy``: a plain copy of the bytes compose wrote: its ``ema.safetensors`` read in 64 MiB
   chunks and written to a new file, fsync'ed (no checks, no conversion).
 
-Each method runs ``--rounds`` times (default 3), alternating; the table shows each one's
-fastest run (every run's seconds are listed below it). Prints one table: seconds, GB/s of bytes written, compose's throughput as a fraction of the
-copy's (the target is >= 0.8), and peak memory (``VmHWM`` reset after the imports, minus the RSS
-then) against the largest tensor written (the target is <= 2x). Linux only.
+Each method runs ``--rounds`` times (default 3), alternating, so that a disk busy with other
+work slows both alike; the table shows each one's fastest run (every run's seconds are listed
+below it): seconds, GB/s of bytes written, compose's throughput as a fraction of the copy's
+(the target is >= 0.8), and peak memory (``VmHWM`` reset after the imports, minus the RSS then)
+against the largest tensor written (the target is <= 2x). Linux only.
 
 Run: ``python benchmarks/bench_compose.py`` (``--scale``, ``--dir`` to keep the folders).
 """

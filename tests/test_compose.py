@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,15 +108,22 @@ def write_siglip(
     return folder
 
 
-def prefixed(source: Path, target: Path, prefix: str) -> Path:
-    """A copy of a vision-only folder with its keys under ``prefix`` (the hub's layout)."""
+def edited(
+    source: Path, target: Path, edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+) -> Path:
+    """A copy of a backbone folder whose tensors ``edit`` changed (its config.json kept)."""
     import safetensors.torch
 
     target.mkdir()
     tensors = safetensors.torch.load_file(str(source / "model.safetensors"))
-    save_tensors(target / "model.safetensors", {prefix + k: v for k, v in tensors.items()})
+    save_tensors(target / "model.safetensors", edit(tensors))
     (target / "config.json").write_text((source / "config.json").read_text())
     return target
+
+
+def prefixed(source: Path, target: Path, prefix: str) -> Path:
+    """A copy of a vision-only folder with its keys under ``prefix`` (the hub's layout)."""
+    return edited(source, target, lambda tensors: {prefix + k: v for k, v in tensors.items()})
 
 
 @pytest.fixture(scope="module")
@@ -389,14 +397,11 @@ def test_tensors_of_another_size_than_their_config_name_the_field(
     folders: dict[str, Path], tmp_path: Path
 ) -> None:
     """A folder whose config.json says one size and whose tensors are another."""
-    import safetensors.torch
-
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    tensors = safetensors.torch.load_file(str(folders["llm"] / "model.safetensors"))
-    tensors["model.embed_tokens.weight"] = torch.zeros(128, 32)
-    save_tensors(bad / "model.safetensors", tensors)
-    (bad / "config.json").write_text((folders["llm"] / "config.json").read_text())
+    bad = edited(
+        folders["llm"],
+        tmp_path / "bad",
+        lambda t: {**t, "model.embed_tokens.weight": torch.zeros(128, 32)},
+    )
     with pytest.raises(ShapeMismatchError) as info:
         compose_checkpoint(llm=bad, vit=folders["full"], out=tmp_path / "out")
     message = str(info.value)
@@ -416,14 +421,11 @@ def test_a_vision_tower_with_more_layers_than_the_config_names_num_hidden_layers
 def test_a_backbone_key_that_maps_nowhere_is_named(
     folders: dict[str, Path], tmp_path: Path
 ) -> None:
-    import safetensors.torch
-
-    odd = tmp_path / "odd"
-    odd.mkdir()
-    tensors = safetensors.torch.load_file(str(folders["vision"] / "model.safetensors"))
-    tensors["encoder.layers.0.mlp.fc3.weight"] = torch.zeros(2)
-    save_tensors(odd / "model.safetensors", tensors)
-    (odd / "config.json").write_text((folders["vision"] / "config.json").read_text())
+    odd = edited(
+        folders["vision"],
+        tmp_path / "odd",
+        lambda t: {**t, "encoder.layers.0.mlp.fc3.weight": torch.zeros(2)},
+    )
     with pytest.raises(UnknownKeysError, match=r"1 backbone key maps to no BAGEL key") as info:
         compose_checkpoint(llm=folders["llm"], vit=odd, out=tmp_path / "out")
     assert info.value.keys == ["vit:encoder.layers.0.mlp.fc3.weight"]
@@ -440,25 +442,18 @@ def test_backbones_given_the_wrong_way_round_are_refused(
 def test_a_folder_mixing_both_vision_roots_and_a_missing_tensor_are_refused(
     folders: dict[str, Path], tmp_path: Path
 ) -> None:
-    import safetensors.torch
-
-    tensors = safetensors.torch.load_file(str(folders["vision"] / "model.safetensors"))
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    save_tensors(
-        mixed / "model.safetensors",
-        {**tensors, "vision_model.post_layernorm.weight": tensors["post_layernorm.weight"]},
+    mixed = edited(
+        folders["vision"],
+        tmp_path / "mixed",
+        lambda t: {**t, "vision_model.post_layernorm.weight": t["post_layernorm.weight"]},
     )
-    (mixed / "config.json").write_text((folders["vision"] / "config.json").read_text())
     with pytest.raises(KeyCollisionError, match=r"vision_model\.post_layernorm\.weight"):
         compose_checkpoint(llm=folders["llm"], vit=mixed, out=tmp_path / "out")
-    lacking = tmp_path / "lacking"
-    lacking.mkdir()
-    save_tensors(
-        lacking / "model.safetensors",
-        {k: v for k, v in tensors.items() if k != "post_layernorm.bias"},
+    lacking = edited(
+        folders["vision"],
+        tmp_path / "lacking",
+        lambda t: {k: v for k, v in t.items() if k != "post_layernorm.bias"},
     )
-    (lacking / "config.json").write_text((folders["vision"] / "config.json").read_text())
     with pytest.raises(MissingKeysError, match=r"vit_model\.vision_model\.post_layernorm\.bias"):
         compose_checkpoint(llm=folders["llm"], vit=lacking, out=tmp_path / "out")
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import ReadJob, fill, read_tensor
+from ..checkpoint import ReadJob, fill
 from ..compose import plan_composition
 from ..config import BagelConfig
+from ..distributed.load import fill_converted
 from ..errors import MissingKeysError, ShapeMismatchError, agree, counted, format_examples
 from ..keys import ROOT
 
@@ -112,9 +113,8 @@ def load_backbones_into(
         if sharded:
             bytes_read += _fill_sharded(sharded, destinations)
         with torch.no_grad():
-            for key, job in converted.items():
-                _copy_whole(destinations[key], read_tensor(job))
-                bytes_read += job.info.nbytes
+            fill_converted(converted, destinations)  # small: read whole, each rank its shard
+            bytes_read += sum(job.info.nbytes for job in converted.values())
             ones = twins = 0
             for key, origin in plan.origins.items():
                 if native[key] not in destinations:
@@ -130,23 +130,6 @@ def load_backbones_into(
     done = BackboneLoad(len(direct) + len(sharded) + len(converted), ones, twins, bytes_read)
     logger.info("backbones %s + %s: %s", llm, vit, done)
     return done
-
-
-def _copy_whole(target: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a whole tensor into ``target``, keeping only this rank's shard of a ``DTensor``."""
-    if _is_sharded(target):
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        assert isinstance(target, DTensor)
-        local = distribute_tensor(
-            full.to(target.device, target.dtype),
-            target.device_mesh,
-            target.placements,
-            src_data_rank=None,
-        ).to_local()
-        target.to_local().copy_(local)
-    else:
-        target.copy_(full)
 
 
 def _fill_sharded(jobs: Mapping[str, ReadJob], destinations: Mapping[str, torch.Tensor]) -> int:
