@@ -80,12 +80,17 @@ CONFIG = BagelConfig(
 
 
 def write_qwen2(
-    folder: Path, *, seed: int = 1, dtype: torch.dtype = torch.float32, **sizes: Any
+    folder: Path,
+    *,
+    seed: int = 1,
+    dtype: torch.dtype = torch.float32,
+    tied: bool = False,
+    **sizes: Any,
 ) -> Path:
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.Qwen2Config(**{**LLM, **sizes}, tie_word_embeddings=False)
+    config = transformers.Qwen2Config(**{**LLM, **sizes}, tie_word_embeddings=tied)
     transformers.Qwen2ForCausalLM(config).to(dtype).save_pretrained(folder)
     return folder
 
@@ -430,6 +435,48 @@ def test_a_backbone_key_that_maps_nowhere_is_named(
         compose_checkpoint(llm=folders["llm"], vit=odd, out=tmp_path / "out")
     assert info.value.keys == ["vit:encoder.layers.0.mlp.fc3.weight"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tied_qwen2_gets_lm_head_from_its_embeddings(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    import safetensors.torch
+
+    tied = write_qwen2(tmp_path / "tied", tied=True)
+    assert "lm_head.weight" not in safetensors.torch.load_file(str(tied / "model.safetensors"))
+    report = compose_checkpoint(llm=tied, vit=folders["full"], out=tmp_path / "out")
+    assert report.origins["language_model.lm_head.weight"].describe() == (
+        "llm:model.embed_tokens.weight"
+    )
+    out = tensors_of(tmp_path / "out")
+    assert torch.equal(
+        out["language_model.lm_head.weight"], out["language_model.model.embed_tokens.weight"]
+    )
+    assert (
+        json.loads((tmp_path / "out" / "llm_config.json").read_text())["tie_word_embeddings"]
+        is False
+    )
+
+
+def test_fields_a_config_leaves_out_take_the_hf_default_and_are_listed(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    sparse = edited(folders["vision"], tmp_path / "sparse", dict)
+    document = json.loads((sparse / "config.json").read_text())
+    del document["num_channels"]  # older transformers wrote only non-default fields
+    (sparse / "config.json").write_text(json.dumps(document))
+    report = compose_checkpoint(llm=folders["llm"], vit=sparse, out=tmp_path / "o", dry_run=True)
+    assert report.defaulted == ["vit:num_channels"] and report.config.vit_num_channels == 3
+
+
+def test_a_rope_config_is_refused(folders: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="vit_rope=True: a SigLIP backbone has a learned"):
+        compose_checkpoint(
+            llm=folders["llm"],
+            vit=folders["full"],
+            out=tmp_path / "out",
+            config=dataclasses.replace(CONFIG, vit_rope=True),
+        )
 
 
 def test_backbones_given_the_wrong_way_round_are_refused(
