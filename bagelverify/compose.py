@@ -38,7 +38,14 @@ from .backbones import (
     read_backbone_config,
     route,
 )
-from .checkpoint import ReadJob, open_checkpoint, read_tensor, write_bagel_checkpoint
+from .checkpoint import (
+    INDEX_FILE,
+    MODEL_WEIGHTS_FILE,
+    ReadJob,
+    open_checkpoint,
+    read_tensor,
+    write_bagel_checkpoint,
+)
 from .config import (
     CONFIG_FILE,
     DERIVED_FROM,
@@ -288,9 +295,15 @@ def _plan(folders: Mapping[Backbone, Path], given: object, stack: ExitStack) -> 
     dropped: dict[str, str] = {}
     unknown: list[str] = []
     collisions: list[tuple[str, str]] = []
-    roots: dict[Backbone, set[str]] = {"llm": set(), "vit": set()}
+    roots: dict[Backbone, dict[str, str]] = {"llm": {}, "vit": {}}  # root -> a key under it
     for backbone in BACKBONES:
-        files = stack.enter_context(open_checkpoint(folders[backbone], keep_open=True))
+        folder = folders[backbone]
+        if not any((folder / name).is_file() for name in (MODEL_WEIGHTS_FILE, INDEX_FILE)):
+            raise FileNotFoundError(
+                f"{folder}: no {MODEL_WEIGHTS_FILE} and no {INDEX_FILE}; compose reads "
+                "safetensors backbones (re-save a .bin folder with transformers' save_pretrained)"
+            )
+        files = stack.enter_context(open_checkpoint(folder, keep_open=True))
         for key, info in files.tensors.items():
             routed = route(backbone, key, config)
             label = f"{backbone}:{key}"
@@ -300,7 +313,7 @@ def _plan(folders: Mapping[Backbone, Path], given: object, stack: ExitStack) -> 
             if routed.bagel_key is None:
                 dropped[label] = routed.reason or ""
                 continue
-            roots[backbone].add(routed.root)
+            roots[backbone].setdefault(routed.root, label)
             job = ReadJob(info, routed.convert, files.fds[info.path])
             if routed.bagel_key in mapped:
                 collisions.append((mapped[routed.bagel_key][0], label))
@@ -315,11 +328,13 @@ def _plan(folders: Mapping[Backbone, Path], given: object, stack: ExitStack) -> 
             "to.) Nothing was written.",
             unknown,
         )
-    if collisions or any(len(r) > 1 for r in roots.values()):
+    mixed = [tuple(found.values()) for found in roots.values() if len(found) > 1]
+    if collisions or mixed:
+        same = " (each pair fills one BAGEL tensor)" if collisions else ""
         raise KeyCollisionError(
-            f"backbone keys under two roots fill the same BAGEL tensor: "
-            f"{format_examples(collisions)}; a folder names its tensors one way (with or without "
-            "vision_model.). Nothing was written.",
+            f"a backbone folder names its tensors two ways (with and without vision_model.): "
+            f"{format_examples(collisions or mixed)}{same}; re-save it with one naming. Nothing "
+            "was written.",
             collisions,
         )
     tied = found["llm"].tied

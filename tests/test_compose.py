@@ -469,6 +469,17 @@ def test_fields_a_config_leaves_out_take_the_hf_default_and_are_listed(
     assert report.defaulted == ["vit:num_channels"] and report.config.vit_num_channels == 3
 
 
+def test_a_folder_without_safetensors_says_what_compose_reads(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "config.json").write_text((folders["llm"] / "config.json").read_text())
+    (binary / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors and no model\.safe"):
+        compose_checkpoint(llm=binary, vit=folders["full"], out=tmp_path / "out")
+
+
 def test_a_rope_config_is_refused(folders: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="vit_rope=True: a SigLIP backbone has a learned"):
         compose_checkpoint(
@@ -496,6 +507,15 @@ def test_a_folder_mixing_both_vision_roots_and_a_missing_tensor_are_refused(
     )
     with pytest.raises(KeyCollisionError, match=r"vision_model\.post_layernorm\.weight"):
         compose_checkpoint(llm=folders["llm"], vit=mixed, out=tmp_path / "out")
+    halves = edited(
+        folders["vision"],
+        tmp_path / "halves",
+        lambda t: {
+            ("vision_model." if k.startswith("embeddings.") else "") + k: v for k, v in t.items()
+        },
+    )
+    with pytest.raises(KeyCollisionError, match=r"two ways.*'vit:vision_model\.embeddings"):
+        compose_checkpoint(llm=folders["llm"], vit=halves, out=tmp_path / "out")
     lacking = edited(
         folders["vision"],
         tmp_path / "lacking",
