@@ -17,6 +17,8 @@ import json
 import logging
 import math
 import os
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -42,8 +44,8 @@ from .checkpoint import (
     INDEX_FILE,
     MODEL_WEIGHTS_FILE,
     ReadJob,
+    fill,
     open_checkpoint,
-    read_tensor,
     write_bagel_checkpoint,
 )
 from .config import (
@@ -400,6 +402,45 @@ def _plan(folders: Mapping[Backbone, Path], given: object, stack: ExitStack) -> 
 # -- values ------------------------------------------------------------------------------------
 
 
+class _Buffers:
+    """Memory that read tensors reuse: a tensor read is a view of a free buffer, which is free
+    again once the tensor is released. Pages are faulted in once instead of for every tensor
+    (a fresh allocation per tensor makes the kernel zero gigabytes of pages, under memory
+    pressure by reclaiming page cache). At most two buffers are kept (two tensors are in flight
+    with read-ahead)."""
+
+    KEPT = 2
+
+    def __init__(self) -> None:
+        self._free: list[torch.Tensor] = []
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def read(self, job: ReadJob) -> torch.Tensor:
+        """``job``'s tensor (its loaded shape and the file's dtype) in a reused buffer."""
+        nbytes = job.info.nbytes
+        with self._lock:
+            fitting = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            best = min(fitting, key=lambda i: self._free[i].numel(), default=None)
+            buffer = None if best is None else self._free.pop(best)
+        if buffer is None:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            with self._lock:
+                self._count += 1
+        tensor = buffer[:nbytes].view(job.info.torch_dtype).view(job.shape)
+        weakref.finalize(tensor, self._give, buffer)
+        fill({job.info.name: job}, {job.info.name: tensor})
+        return tensor
+
+    def _give(self, buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(buffer)
+            if self._count > self.KEPT:  # drop the smallest free buffer
+                smallest = min(range(len(self._free)), key=lambda i: self._free[i].numel())
+                del self._free[smallest]
+                self._count -= 1
+
+
 def seeded_values(config: BagelConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The seeded modules' tensors (HF key -> tensor of ``dtype``): one CPU generator seeded
     with ``seed``, the modules drawn in :data:`~bagelverify.backbones.SEED_ORDER`, each
@@ -522,12 +563,13 @@ def compose_checkpoint(
         if dry_run:
             return report
         seeded: dict[str, torch.Tensor] = {}
+        buffers = _Buffers()
 
         def value(key: str) -> torch.Tensor:
             source = plan.source_of(key)
             origin, job = plan.origins[source], plan.job(source)
             if job is not None:
-                return read_tensor(job)
+                return buffers.read(job)
             shape = plan.shapes[key]
             if origin.kind == "ones":
                 return torch.ones(shape, dtype=made)
