@@ -423,6 +423,19 @@ def test_a_vision_tower_with_more_layers_than_the_config_names_num_hidden_layers
         compose_checkpoint(llm=folders["llm"], vit=deeper, out=tmp_path / "out", config=CONFIG)
 
 
+def test_a_layer_beyond_the_folders_own_config_names_num_hidden_layers(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    extra = {"model.layers.2.input_layernorm.weight": torch.ones(64)}
+    deeper = edited(folders["llm"], tmp_path / "deeper", lambda t: {**t, **extra})
+    with pytest.raises(ShapeMismatchError) as info:
+        compose_checkpoint(llm=deeper, vit=folders["full"], out=tmp_path / "out")
+    assert "llm_config.json num_hidden_layers = 2" in str(info.value)
+    assert "llm:model.layers.2.input_layernorm.weight: [64], a layer the config does not" in str(
+        info.value
+    )
+
+
 def test_a_backbone_key_that_maps_nowhere_is_named(
     folders: dict[str, Path], tmp_path: Path
 ) -> None:
