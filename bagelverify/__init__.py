@@ -62,6 +62,7 @@ if TYPE_CHECKING:
         load_into,
         save_bagel_checkpoint,
     )
+    from .compose import ComposeReport, compose_checkpoint
     from .diff import CheckpointDiff, diff_checkpoints
     from .distributed import (
         DistributedLoadResult,
@@ -115,6 +116,8 @@ _LAZY: dict[str, str] = {
     "export_checkpoint": "export",
     "check_adapter": "lora",
     "merge_adapter": "lora",
+    "ComposeReport": "compose",
+    "compose_checkpoint": "compose",
     "make_synthetic_checkpoint": "synthetic",
     "check_patterns": "verify",
 }
@@ -190,6 +193,8 @@ __all__ = [
     "RewriteReport",
     "export_checkpoint",
     "ExportReport",
+    "compose_checkpoint",
+    "ComposeReport",
     # Doctor: compare and repair
     "diff_checkpoints",
     "CheckpointDiff",

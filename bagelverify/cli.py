@@ -65,6 +65,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bagelverify.commands.repair",
         "fill the keys a checkpoint lacks (e.g. a lost vision tower) from a base checkpoint",
     ),
+    "compose": (
+        "bagelverify.commands.compose",
+        "compose a BAGEL initialisation from Qwen2 + SigLIP Hugging Face folders (streaming)",
+    ),
     "lora": (
         "bagelverify.commands.lora",
         "check where a LoRA adapter binds (UND and GEN twins), or merge it into a checkpoint",

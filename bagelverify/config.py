@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -228,11 +229,16 @@ class BagelConfig:
         except ConfigError as error:
             raise ConfigError(f"{folder}: inconsistent config: {error}") from None
 
-    def to_json_documents(self) -> dict[str, dict[str, Any]]:
+    def to_json_documents(
+        self, base: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> dict[str, dict[str, Any]]:
         """The three config files' contents (file name -> JSON object), as ``from_pretrained``
-        reads them. A flag is written only when set, so rope-free files stay as released."""
+        reads them. A flag is written only when set, so rope-free files stay as released.
+        ``base`` (file name -> fields) adds fields of its own to each file (the config's sizes
+        and the headers win)."""
         documents: dict[str, dict[str, Any]] = {
-            name: dict(header) for name, header in _FILE_HEADERS.items()
+            name: {**json.loads(json.dumps((base or {}).get(name, {}))), **header}
+            for name, header in _FILE_HEADERS.items()
         }
         for file, field_name, attribute, _ in FIELD_SOURCES:
             if attribute in FLAGS and not getattr(self, attribute):
@@ -244,9 +250,15 @@ class BagelConfig:
             target[leaf] = getattr(self, attribute)
         return documents
 
-    def save_pretrained(self, checkpoint_dir: str | os.PathLike[str]) -> None:
-        """Write the three config files into ``checkpoint_dir`` (each atomically)."""
-        for name, document in self.to_json_documents().items():
+    def save_pretrained(
+        self,
+        checkpoint_dir: str | os.PathLike[str],
+        *,
+        base: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Write the three config files into ``checkpoint_dir`` (each atomically); ``base`` as
+        for :meth:`to_json_documents`."""
+        for name, document in self.to_json_documents(base).items():
             with atomic_open(Path(checkpoint_dir) / name) as handle:
                 handle.write((json.dumps(document, indent=2) + "\n").encode("utf-8"))
 

@@ -934,7 +934,9 @@ def export_checkpoint(
         if ema is not None:
             _check_agreement(model, ema)
         found, config_source = step_config(step, config)
-        stage = "stage2" if any(classify(k) is Bucket.GEN for k in model.tensors) else "stage1"
+        stage: Literal["stage1", "stage2"] = (
+            "stage2" if any(classify(k) is Bucket.GEN for k in model.tensors) else "stage1"
+        )
         vae_path = Path(vae) if vae is not None else step / VAE_FILE
         if vae is not None or vae_path.is_file():
             _check_vae(vae_path)

@@ -23,6 +23,7 @@ import stat
 import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -522,14 +523,18 @@ def write_safetensors(
     fetch: Callable[[str], torch.Tensor],
     *,
     metadata: Mapping[str, str] | None = None,
+    read_ahead: bool = False,
 ) -> None:
     """Write a safetensors file atomically (:func:`atomic_open`), fetching one tensor at a time.
 
     ``fetch(name)`` must return the tensor described by each spec; it is called in file order
     and the result is released after writing, so a producer can generate tensors on the fly.
+    With ``read_ahead``, the next tensor is fetched on a second thread while one is written when
+    it is at most half the size of the file's largest tensor (so at most 1.5 times the largest
+    tensor is held at once); a larger one is fetched once the previous one is written.
     """
     with atomic_open(path) as handle:
-        stream_safetensors(handle, specs, fetch, metadata=metadata)
+        stream_safetensors(handle, specs, fetch, metadata=metadata, read_ahead=read_ahead)
 
 
 def stream_safetensors(
@@ -538,13 +543,27 @@ def stream_safetensors(
     fetch: Callable[[str], torch.Tensor],
     *,
     metadata: Mapping[str, str] | None = None,
+    read_ahead: bool = False,
 ) -> None:
     """Write a whole safetensors file to an open ``handle`` (as :func:`write_safetensors`)."""
     require_little_endian()
     ordered = layout_order(specs)
     handle.write(encode_header(ordered, DEFAULT_METADATA if metadata is None else metadata))
-    for spec in ordered:
-        _write_tensor(handle, spec, fetch(spec.name))
+    if not read_ahead:
+        for spec in ordered:
+            _write_tensor(handle, spec, fetch(spec.name))
+        return
+    early = max(spec.nbytes for spec in ordered) // 2 if ordered else 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bagelverify-fetch") as pool:
+        upcoming: dict[int, Future[torch.Tensor]] = {}
+        for index, spec in enumerate(ordered):
+            pending = upcoming.pop(index, None)
+            tensor = fetch(spec.name) if pending is None else pending.result()
+            following = ordered[index + 1] if index + 1 < len(ordered) else None
+            if following is not None and following.nbytes <= early:
+                upcoming[index + 1] = pool.submit(fetch, following.name)
+            _write_tensor(handle, spec, tensor)
+            del tensor, pending
 
 
 def save_tensors(

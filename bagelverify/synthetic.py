@@ -6,22 +6,27 @@ table applied to a scaled config, values from a seeded generator.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import CONFIG_FILES, BagelConfig
+from .backbones import HF_CONFIG, ROOTS, Backbone, sources
+from .config import CONFIG_FILES, LLM_CONFIG_FILE, VIT_CONFIG_FILE, BagelConfig
 from .dtypes import CastLike, parse_dtype
 from .errors import ArgumentError
 from .families import expected_shapes
 from .manifest import MODEL_FILE, VAE_FILE, load_manifest
+from .patch_embedding import conv_shape_of
 from .pos_embed import POSITION_TABLE_KEYS, position_table
 from .publish import publishing
 from .safetensors_io import DTYPES, TensorSpec, write_safetensors
 
 _FULL = BagelConfig()
+MODEL_WEIGHTS = "model.safetensors"
+"""The weights file of a Hugging Face model folder."""
 
 
 @dataclass(frozen=True)
@@ -151,3 +156,71 @@ def make_synthetic_checkpoint(
             write_safetensors(staging / VAE_FILE, vae, draw)
         config.save_pretrained(staging)
     return SyntheticCheckpoint(directory, config, sum(spec.nbytes for spec in model))
+
+
+#: The key prefix each synthetic backbone is written under (the hub's layouts).
+_BACKBONE_ROOTS: dict[Backbone, str] = {"llm": "", "vit": "vision_model."}
+_SIGLIP_HEAD = {"head.probe": (1, 1), "head.layernorm.weight": (1,)}
+"""A stand-in for SigLIP's pooling head (shape: leading dims, then the ViT width)."""
+
+
+def backbone_specs(config: BagelConfig, *, dtype: str = "BF16") -> dict[Backbone, list[TensorSpec]]:
+    """The tensors of a Qwen2 and a SigLIP (vision-only, ``vision_model.`` keys) folder of
+    ``config``'s size: every tensor BAGEL copies (the patch weight as its Conv2d), the vision
+    tower's last layer and a pooling-head stand-in (both dropped by a compose)."""
+    out: dict[Backbone, list[TensorSpec]] = {"llm": [], "vit": []}
+    for source in sources():
+        if source.root != _BACKBONE_ROOTS[source.backbone]:
+            continue
+        root, target = ROOTS[source.backbone], source.target
+        assert target.shape is not None
+        keys = list(target.keys(config))
+        if source.backbone == "vit" and target.layers is not None:  # the last layer: dropped
+            keys += [
+                target.template.format(layer=config.vit_layers_used, param=param)
+                for param in target.params
+            ]
+        for key in keys:
+            shape = target.shape(config, key.rsplit(".", 1)[1])
+            if source.convert is not None and key.endswith(".weight"):
+                shape = conv_shape_of(
+                    shape, patch_size=config.vit_patch_size, channels=config.vit_num_channels
+                )
+            name = source.root + key[len(root.bagel) :]
+            out[source.backbone].append(TensorSpec(name, dtype, shape))
+    for name, dims in _SIGLIP_HEAD.items():
+        out["vit"].append(
+            TensorSpec("vision_model." + name, dtype, (*dims, config.vit_hidden_size))
+        )
+    return out
+
+
+def make_synthetic_backbones(
+    out_dir: str | os.PathLike[str],
+    config: BagelConfig,
+    *,
+    seed: int = 0,
+    dtype: str = "BF16",
+) -> dict[Backbone, Path]:
+    """Write a Qwen2 (``out_dir/llm``) and a SigLIP (``out_dir/vit``) Hugging Face folder of
+    ``config``'s size (:func:`backbone_specs`; ``config.json`` and ``model.safetensors``),
+    values standard-normal * 0.02 from a generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    documents = config.to_json_documents()
+    files = {"llm": documents[LLM_CONFIG_FILE], "vit": documents[VIT_CONFIG_FILE]}
+    folders: dict[Backbone, Path] = {}
+    for backbone, specs in backbone_specs(config, dtype=dtype).items():
+        by_name = {spec.name: spec for spec in specs}
+
+        def draw(name: str, by_name: dict[str, TensorSpec] = by_name) -> torch.Tensor:
+            spec = by_name[name]
+            values = torch.randn(spec.shape, generator=generator, dtype=torch.float32)
+            return values.mul_(0.02).to(DTYPES[spec.dtype].torch_dtype)
+
+        folder = Path(out_dir) / backbone
+        names = {MODEL_WEIGHTS, HF_CONFIG}
+        with publishing(folder, replaces=names.__contains__) as staging:
+            write_safetensors(staging / MODEL_WEIGHTS, specs, draw)
+            (staging / HF_CONFIG).write_text(json.dumps(files[backbone], indent=2) + "\n")
+        folders[backbone] = folder
+    return folders

@@ -50,10 +50,11 @@ def write_rank(rank: int, world_size: int, step: str, scale: float) -> int:
     from torch.distributed.tensor import DTensor, Shard
 
     import bagelverify as bv
+    from bagelverify.families import expected_shapes
     from bagelverify.synthetic import scaled_config
 
     mesh = init_device_mesh("cpu", (world_size,))
-    shapes = bv.expected_shapes(scaled_config(scale))
+    shapes = expected_shapes(scaled_config(scale))
 
     def rows(key: str, shape: tuple[int, ...], seed: int) -> DTensor:
         per = -(-shape[0] // world_size)
@@ -117,7 +118,7 @@ def main() -> int:
         print(json.dumps(measure(args.flow, Path(args.dir), Path(args.target), args.scale)))
         return 0
 
-    import bagelverify as bv
+    from bagelverify.families import expected_shapes
     from bagelverify.synthetic import scaled_config
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -128,7 +129,7 @@ def main() -> int:
     try:
         if not (step / "ema" / ".metadata").is_file():
             run_ranks(write_rank, str(step), args.scale, timeout=1800.0)
-        shapes = bv.expected_shapes(scaled_config(args.scale))
+        shapes = expected_shapes(scaled_config(args.scale))
         largest = 4 * max(math.prod(shape) for shape in shapes.values())
         size = sum(p.stat().st_size for p in step.rglob("*") if p.is_file())
         rows: dict[str, dict[str, Any]] = {}

@@ -457,3 +457,40 @@ def full_size_step_folder(
         for rank, end in enumerate(ends):
             with open(target / f"__{rank}_0.distcp", "wb") as handle:
                 os.truncate(handle.fileno(), end)
+
+
+def backbones_into_shards(rank: int, world_size: int, llm: str, vit: str, out: str) -> Any:
+    """Row-sharded NaN destinations filled from backbone folders (load_backbones_into): the
+    keys whose full tensors differ from the composed file's, and this rank's bytes read."""
+    import safetensors.torch
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import bagelverify as bv
+    from bagelverify.compose import read_origins
+    from bagelverify.families import expected_shapes
+    from bagelverify.integrations.backbone_loader import load_backbones_into
+    from bagelverify.safetensors_io import read_header
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    config = bv.BagelConfig.from_pretrained(out)
+    destinations = {
+        "model." + key: distribute_tensor(torch.full(shape, float("nan")), mesh, [Shard(0)])
+        for key, shape in expected_shapes(config).items()
+    }
+    done = load_backbones_into(destinations, llm, vit, config)
+    composed = safetensors.torch.load_file(f"{out}/ema.safetensors")
+    origins = read_origins(read_header(f"{out}/ema.safetensors").metadata)
+    filled = [k for k, o in origins.items() if o.split(":")[0] in ("llm", "vit", "twin", "ones")]
+    differ = [
+        key
+        for key in filled
+        if not torch.equal(destinations["model." + key].full_tensor(), composed[key])
+    ]
+    untouched = [
+        key
+        for key in origins
+        if key not in filled and not destinations["model." + key].to_local().isnan().all()
+    ]
+    return {"differ": differ, "untouched_changed": untouched, "bytes_read": done.bytes_read}

@@ -31,6 +31,7 @@ from test_automodel import am, build, checkpointer, needs_automodel
 import bagelverify as bv
 from bagelverify import cli, export
 from bagelverify.buckets import Bucket
+from bagelverify.families import expected_shapes
 from bagelverify.partition import classify
 from bagelverify.safetensors_io import save_tensors
 from bagelverify.synthetic import scaled_config
@@ -103,7 +104,7 @@ def fsdp_steps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         for fmt in ("torch_save", "safetensors")
     ]
     tracked = run_ranks(workers.automodel_training_saves, runs, timeout=300.0)
-    gen = sum(classify(k) is Bucket.GEN for k in bv.expected_shapes(SMALL))
+    gen = sum(classify(k) is Bucket.GEN for k in expected_shapes(SMALL))
     # the EMA holds the trainable GEN tensors only: all but the frozen latent position table
     assert tracked == [[gen - 1, gen - 1], [gen - 1, gen - 1]]
     return {fmt: root / fmt / "epoch_0_step_1" for fmt in ("torch_save", "safetensors")}

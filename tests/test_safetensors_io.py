@@ -264,3 +264,36 @@ def test_big_endian_hosts_are_refused_before_any_byte_moves(
     with pytest.raises(UnsupportedPlatformError, match="big-endian"):
         save_tensors(tmp_path / "y.safetensors", {"a": out})
     assert not (tmp_path / "y.safetensors").exists()
+
+
+@pytest.mark.parametrize("sizes", [[8, 3, 3, 8, 2, 2, 1], [5], []])
+def test_read_ahead_writes_the_same_bytes_holding_at_most_one_small_tensor_early(
+    tmp_path: Path, sizes: list[int]
+) -> None:
+    """Invariant: with read_ahead the file is byte-identical, at most one tensor is live when
+    another is fetched, and the two together are at most 1.5 times the largest tensor."""
+    import weakref
+
+    from bagelverify.safetensors_io import TensorSpec, write_safetensors
+
+    specs = [TensorSpec(f"t{i}", "F32", (size * 1000,)) for i, size in enumerate(sizes)]
+    alive: dict[str, int] = {}
+    seen: list[list[int]] = []
+
+    def fetch(name: str) -> torch.Tensor:
+        index = int(name[1:])
+        seen.append([*alive.values(), sizes[index]])
+        tensor = torch.full((sizes[index] * 1000,), float(index))
+        alive[name] = sizes[index]
+        weakref.finalize(tensor, alive.pop, name)
+        return tensor
+
+    write_safetensors(tmp_path / "plain", specs, fetch)
+    assert all(len(held) == 1 for held in seen)
+    seen.clear()
+    write_safetensors(tmp_path / "ahead", specs, fetch, read_ahead=True)
+    assert (tmp_path / "plain").read_bytes() == (tmp_path / "ahead").read_bytes()
+    assert len(seen) == len(sizes) and alive == {}
+    largest = max(sizes, default=0)
+    assert all(len(held) <= 2 and sum(held) <= 1.5 * largest for held in seen)
+    assert any(len(held) == 2 for held in seen) == (len(sizes) > 1)  # it did read ahead

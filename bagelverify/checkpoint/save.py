@@ -11,7 +11,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -156,6 +156,9 @@ def write_bagel_checkpoint(
     keys: KeyLayout = "hf",
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike[str] | None] = (),
+    metadata: Mapping[str, str] | None = None,
+    config_base: Mapping[str, Mapping[str, Any]] | None = None,
+    read_ahead: bool = False,
 ) -> list[Path]:
     """Write a checkpoint described by its specs, fetching one tensor at a time.
 
@@ -167,7 +170,11 @@ def write_bagel_checkpoint(
     ``inputs`` are the folders or files the tensors are read from: an ``out_dir`` that is one of
     them, or whose replaced files are among their files (by identity: symlinks, bind mounts and
     hard links count), raises :class:`~bagelverify.errors.AliasError` before anything is
-    written.
+    written. ``metadata`` is every file's ``__metadata__`` (default ``{"format": "pt"}``; a
+    sharded save adds its save id); ``config_base`` adds fields to the config files (see
+    :meth:`~bagelverify.BagelConfig.to_json_documents`). ``read_ahead``: fetch the next tensor
+    while one is written (:func:`~bagelverify.safetensors_io.write_safetensors`; at most 1.5
+    times the largest tensor in memory).
     """
     if isinstance(config, (str, os.PathLike)):
         config = BagelConfig.from_pretrained(config)
@@ -198,12 +205,14 @@ def write_bagel_checkpoint(
         last=(INDEX_FILE,),
     ) as staging:
         if limit is None:
-            write_safetensors(staging / MODEL_FILE, kept, fetch_by_name)
+            write_safetensors(
+                staging / MODEL_FILE, kept, fetch_by_name, metadata=metadata, read_ahead=read_ahead
+            )
             written = [MODEL_FILE]
         else:
-            written = _write_shards(staging, kept, fetch_by_name, limit)
+            written = _write_shards(staging, kept, fetch_by_name, limit, metadata, read_ahead)
         if config is not None:
-            config.save_pretrained(staging)
+            config.save_pretrained(staging, base=config_base)
             written.extend(CONFIG_FILES)
     logger.info("%s: wrote %d tensors (%s)", directory, len(kept), report.stage)
     return [directory / name for name in written]
@@ -289,7 +298,12 @@ def save_guard(directory: Path, *, sharded: bool, overwrite: bool) -> Guard:
 
 
 def _write_shards(
-    directory: Path, kept: list[TensorSpec], fetch: Callable[[str], torch.Tensor], limit: int
+    directory: Path,
+    kept: list[TensorSpec],
+    fetch: Callable[[str], torch.Tensor],
+    limit: int,
+    metadata: Mapping[str, str] | None = None,
+    read_ahead: bool = False,
 ) -> list[str]:
     """Write ``kept`` into the (new, private) ``directory`` as shards of at most ``limit`` bytes,
     then their index; return the names written."""
@@ -300,7 +314,11 @@ def _write_shards(
     for number, shard in enumerate(shards, start=1):
         name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         write_safetensors(
-            directory / name, shard, fetch, metadata={**DEFAULT_METADATA, SAVE_ID: save_id}
+            directory / name,
+            shard,
+            fetch,
+            metadata={**(metadata or DEFAULT_METADATA), SAVE_ID: save_id},
+            read_ahead=read_ahead,
         )
         weight_map.update((spec.name, name) for spec in shard)
         written.append(name)

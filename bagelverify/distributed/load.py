@@ -49,7 +49,7 @@ class DistributedLoadResult(NamedTuple):
     """Bytes of the loaded tensors in full (what one rank holding everything would read)."""
 
 
-def _fill_converted(jobs: ReadJobs, destinations: Mapping[str, torch.Tensor]) -> None:
+def fill_converted(jobs: ReadJobs, destinations: Mapping[str, torch.Tensor]) -> None:
     """Load Conv2d patch-embedding weights converted to Linear: every rank reads the (small)
     tensor whole, converts it, and keeps its own shard."""
     for key, job in jobs.items():
@@ -228,7 +228,7 @@ def load_bagel_checkpoint_distributed(
             process_group=process_group,
             no_dist=not world(process_group)[0],
         )
-        _fill_converted(load.converted, destinations)
+        fill_converted(load.converted, destinations)
     bytes_read = load.reader.bytes_read + sum(job.info.nbytes for job in load.converted.values())
     total = sum(job.info.nbytes for job in load.common.values())
     logger.info(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,20 @@ class AutomodelBagelStateDictAdapter(BagelStateDictAdapter):
         self.automodel_config = config
 
 
+BACKBONE_LOADER = f"{_BAGEL}.hf_backbone_loader"
+"""Automodel's module that initialises BAGEL from Qwen2 + SigLIP folders (``hf_backbones``)."""
+BACKBONE_FUNCTIONS = ("load_bagel_hf_backbone_weights", "initialize_bagel_non_backbone_weights")
+_ORIGINALS: dict[str, Any] = {}
+"""Automodel's own functions that :func:`install` replaced, by name."""
+
+
+def automodel_originals() -> dict[str, Any]:
+    """Automodel's own ``hf_backbones`` functions (:data:`BACKBONE_FUNCTIONS`), as they were
+    before :func:`install` (for comparisons)."""
+    loader = _import(BACKBONE_LOADER)
+    return {name: _ORIGINALS.get(name, getattr(loader, name)) for name in BACKBONE_FUNCTIONS}
+
+
 def _missing_members(base: type) -> list[str]:
     """Members of Automodel's base class (flags, hooks, methods) that the adapter lacks."""
     names = [n for n in dir(base) if not n.startswith("__") and not n.startswith("_abc")]
@@ -182,7 +197,60 @@ def install() -> None:
     for module in (autoencoder, package):
         module.load_bagel_autoencoder = load_bagel_autoencoder
     route_checkpointer(checkpointing)
+    _route_backbones()
     logger.info("NeMo Automodel's BAGEL model now uses bagelverify's adapter and loaders")
+
+
+_RECIPE = "nemo_automodel.recipes.multimodal.finetune"
+"""Automodel's recipe module, which imports ``load_bagel_hf_backbone_weights`` by name."""
+
+
+def _route_backbones() -> None:
+    """Make Automodel's ``hf_backbones`` initialisation load through bagelverify (in the loader
+    module, and in the recipe module if it is already imported; one imported later takes the
+    loader module's function)."""
+    loader = _import(BACKBONE_LOADER)
+    name = "load_bagel_hf_backbone_weights"
+    _ORIGINALS.setdefault(name, getattr(loader, name))
+    loader.load_bagel_hf_backbone_weights = load_bagel_hf_backbone_weights
+    recipe: Any = sys.modules.get(_RECIPE)
+    if recipe is not None and hasattr(recipe, name):
+        recipe.load_bagel_hf_backbone_weights = load_bagel_hf_backbone_weights
+
+
+def load_bagel_hf_backbone_weights(model: Any, model_cfg: Any) -> None:
+    """Drop-in for Automodel's ``load_bagel_hf_backbone_weights`` (``init_mode: hf_backbones``).
+
+    Reads ``llm_path``, ``vit_path``, ``visual_und`` and ``copy_init_moe`` from ``model_cfg``
+    as Automodel does (a path that is not a local folder is resolved by Automodel's own
+    resolver). The backbones are routed and checked against the built model's config
+    (:func:`bagel_config_from_automodel`) and read into its parameters in place by
+    :func:`.backbone_loader.load_backbones_into`: no backbone state dict is loaded whole onto
+    the CPU, and each rank of a sharded model reads its own rows. A model without a vision
+    tower (``visual_und=False``) is not BAGEL's layout and takes Automodel's own loader.
+    """
+    from .backbone_loader import load_backbones_into
+    from .checkpointer import destinations_of
+
+    llm_path = model_cfg.get("llm_path", None)
+    vit_path = model_cfg.get("vit_path", None)
+    if not bool(model_cfg.get("visual_und", True)):
+        automodel_originals()["load_bagel_hf_backbone_weights"](model, model_cfg)
+        return
+    if llm_path is None:
+        raise ValueError("model.init_mode='hf_backbones' requires model.llm_path")
+    if vit_path is None:
+        raise ValueError(
+            "model.init_mode='hf_backbones' with visual_und=True requires model.vit_path"
+        )
+    loader = _import(BACKBONE_LOADER)
+    load_backbones_into(
+        destinations_of(model),
+        loader._resolve_hf_weight_path(llm_path),
+        loader._resolve_hf_weight_path(vit_path),
+        bagel_config_from_automodel(model.config),
+        copy_twins=bool(model_cfg.get("copy_init_moe", True)),
+    )
 
 
 def _vae_folder(path: Path) -> Path:

@@ -86,7 +86,7 @@ def _routes(checkpointer: Any, checkpointing: Any, call: inspect.BoundArguments)
     )
 
 
-def _destinations(model: Any) -> Mapping[str, Any]:
+def destinations_of(model: Any) -> Mapping[str, Any]:
     """The model's state dict as Automodel's checkpointer sees it (wrapper prefixes removed,
     sharded parameters as ``DTensor`` s, no copies)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -102,7 +102,7 @@ def _checked(checkpointer: Any, checkpointing: Any, model: Any, path: str) -> It
     assert adapter is not None
     started = time.perf_counter()
     with validated_load(
-        _destinations(model),
+        destinations_of(model),
         path,
         stage=adapter.stage,
         strict=True,
