@@ -21,6 +21,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_json_schema import assert_valid
 
 import bagelverify as bv
 from bagelverify import backbones
@@ -627,7 +628,7 @@ def test_cli_compose_json_lists_every_origin_and_writes_the_folder(
     words = ["compose", "--llm", str(folders["llm"]), "--vit", str(folders["vision"])]
     assert cli.main([*words, "-o", str(out), "--seed", "2", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert document["command"] == "compose" and document["exit_code"] == 0
+    assert_valid(document, "compose")  # the envelope, then exactly docs/json.md's fields
     assert set(document["origins"]) == set(expected_shapes(CONFIG))
     assert document["files"] == [str(out / n) for n in ("ema.safetensors", *CONFIG_FILES)]
     assert read_origins(read_header(out / "ema.safetensors").metadata) == document["origins"]

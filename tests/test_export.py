@@ -27,6 +27,7 @@ from _multiprocess import run_ranks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_automodel import am, build, checkpointer, needs_automodel
+from test_json_schema import assert_valid
 
 import bagelverify as bv
 from bagelverify import cli, export
@@ -404,9 +405,7 @@ def test_dry_run_prints_what_would_be_written_and_from_where_and_writes_nothing(
         }
     ]
     assert document["config"].endswith("model/.hf_metadata/config.json")
-    table = GUIDE.read_text().split("## `export --json`")[1].split("\n## ")[0]
-    fields = re.findall(r"^\| `(\w+)` \|", table, re.M)
-    assert list(document) == ["schema_version", "command", "exit_code", *fields]
+    assert_valid(document, "export")  # the envelope, then exactly docs/json.md's fields
     assert cli.main(["export", str(steps["safetensors"]), "-o", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "would write" in text and "from ema/" in text and not out.exists()

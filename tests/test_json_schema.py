@@ -87,6 +87,11 @@ ERRORS: dict[str, tuple[list[str], int]] = {
     "verify": (["verify", "--patterns", "{tmp}/missing.json"], 2),
     "bench": (["bench", "--stgae", "1"], 2),
     "demo": (["demo", "--scale", "0.5"], 2),
+    "export": (["export", "{tmp}/missing", "-o", "{tmp}/out"], 2),
+    "compose": (
+        ["compose", "--llm", "{tmp}/missing", "--vit", "{tmp}/missing", "-o", "{tmp}/o"],
+        2,
+    ),
 }
 
 

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         with byte_progress(report.bytes, "compose", quiet=args.quiet or args.json) as advance:
             report = compose(dry_run=False, advance=advance)
     if args.json:
-        print_json({"command": "compose", "exit_code": EXIT_OK, **report.as_dict()})
+        print_json({"command": "compose", **report.as_dict()})
     else:
         render(Printer(quiet=args.quiet), report)
     return EXIT_OK

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     if args.json:
-        print_json({"command": "export", "exit_code": EXIT_OK, **report.as_dict()})
+        print_json({"command": "export", **report.as_dict()})
     else:
         render(Printer(quiet=args.quiet), report)
     return EXIT_OK
