@@ -44,6 +44,17 @@ NOT_RUN = {
     "import os, torch, torch.distributed as dist": (
         "needs torchrun and NCCL GPUs; tests/test_distributed.py runs the same load on 2 CPU ranks"
     ),
+    "from bagelverify import compose_checkpoint": (
+        "needs the real Qwen2.5-7B and SigLIP folders; tests/test_compose.py composes tiny "
+        "transformers backbones and checks the release-sized counts on sparse headers"
+    ),
+    "from bagelverify.compose import read_origins": (
+        "reads the folder the compose example writes; tests/test_compose.py reads origins back"
+    ),
+    "from bagelverify import export_checkpoint, load_bagel_checkpoint_state_dict": (
+        "needs an Automodel training run's step folder; tests/test_export.py exports real "
+        "Automodel 0.7.0 step folders and loads the result strictly"
+    ),
 }
 """First line of a python block that is not run here -> why."""
 
@@ -195,7 +206,15 @@ def test_every_python_example_is_run_or_says_why_not() -> None:
     assert len(RUN) == len(PYTHON) - len(NOT_RUN) >= 4
 
 
-CONSOLE = blocks("console")
+CONSOLE_ELSEWHERE = {
+    "$ bagelverify export ": "tests/test_export.py runs it on a full-size step folder's metadata",
+}
+"""Start of a console block's command run by another test (it needs inputs built there) -> which."""
+CONSOLE = [
+    (line, text)
+    for line, text in blocks("console")
+    if not any(text.startswith(start) for start in CONSOLE_ELSEWHERE)
+]
 
 
 @pytest.mark.parametrize(("line", "text"), CONSOLE, ids=[line for line, _ in CONSOLE])
@@ -215,6 +234,11 @@ def test_console_example_prints_what_it_shows(
     expected = substitute("\n".join(shown), paths)
     if expected:
         assert matches(expected + "\n", result.stdout), result.stdout
+
+
+def test_every_console_block_left_to_another_test_exists() -> None:
+    for start in CONSOLE_ELSEWHERE:
+        assert any(text.startswith(start) for _, text in blocks("console")), start
 
 
 def test_every_bagelverify_command_line_in_a_bash_block_parses() -> None:
