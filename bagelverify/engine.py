@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from .errors import AllocationError, BagelError, CorruptCheckpointError, ReadError
+from .errors import BagelError, CorruptCheckpointError, ReadError
 
 if TYPE_CHECKING:
     import torch
@@ -42,8 +42,28 @@ DEFAULT_CHUNK_BYTES = 64 * MiB
 """Default largest single read into CPU memory (64 MiB: the best chunk size measured on an H200
 host)."""
 DEFAULT_CUDA_CHUNK_BYTES = 16 * MiB
-"""Default largest single read when CUDA destinations are read (through staging): see
-:data:`MAX_DEFAULT_CUDA_THREADS` for the measurements behind it."""
+"""Default largest single read when CUDA destinations are read (through pinned staging).
+
+Measured on the lent H100 host (NVIDIA H100 80GB HBM3, 16 cores; ``benchmarks/bench_gpu.py``,
+stage 1 = 16.1 GB from ``/dev/shm`` into BF16 parameters, each load the first of a fresh process,
+2026-12-07), with the pinned staging each setting allocates (at most ``2 x threads`` chunks
+within :data:`DEFAULT_STAGING_BYTES`):
+
+=======  =======  ========  =================================================
+threads  chunk    pinned    GB/s
+=======  =======  ========  =================================================
+8        64 MiB   1 GiB     13.3, 16.2-16.9 (the defaults before)
+16       64 MiB   1 GiB     15.5
+16       32 MiB   1 GiB     16.5, 17.8
+24       32 MiB   1 GiB     15.3
+12       32 MiB   768 MiB   21.0
+16       16 MiB   512 MiB   19.2-20.5, 23.8 (these defaults)
+=======  =======  ========  =================================================
+
+Pinning is the first load's largest fixed cost: 1 GiB took 0.58 s on one thread and 0.32 s on
+16 (0.44 s with ``cudaHostRegister`` on plain memory), against about 0.8 s for the whole load;
+the third load of a process, its pool already pinned, ran at 25.8 GB/s. Smaller chunks pin less.
+"""
 MAX_DEFAULT_THREADS = 8
 """Default thread count for loads staged on the CPU (casts, transforms into CPU tensors): the CPU
 count capped at this (on a 16-core H200 host 8 threads beat 4 and 16)."""
@@ -51,7 +71,8 @@ MAX_DEFAULT_DIRECT_THREADS = 16
 """Default thread count when every read lands straight in CPU destinations: the CPU count capped
 at this (there 16 threads read 1.5x faster than 8)."""
 MAX_DEFAULT_CUDA_THREADS = 16
-"""Default thread count when CUDA destinations are read: the CPU count capped at this."""
+"""Default thread count when CUDA destinations are read: the CPU count capped at this (see
+:data:`DEFAULT_CUDA_CHUNK_BYTES` for the measurements)."""
 DEFAULT_STAGING_BYTES = 1024 * MiB
 """Default cap on staging memory (pinned when CUDA destinations are read)."""
 
@@ -213,35 +234,20 @@ class _Staging:
     """A bounded pool of staging buffers, each with the event of the last copy out of it.
 
     Buffers are allocated on first use, by the reader thread that needs one, so that pinning
-    them overlaps with the other threads' reads. Pinned buffers come from PyTorch's caching
-    host allocator (a later run in the process reuses them) or, with ``_PINNING = "register"``,
-    are plain memory page-locked by ``cudaHostRegister`` and released by :meth:`close`.
+    them overlaps with the other threads' reads; pinned ones come from PyTorch's caching host
+    allocator, so a later run in the process reuses them.
     """
 
     def __init__(self, count: int, size: int, pinned: bool) -> None:
         self._free: list[tuple[torch.Tensor | None, object]] = [(None, None)] * count
         self._size, self._pinned = size, pinned
         self._ready = threading.Condition()
-        self._registered: list[torch.Tensor] = []
         self.allocated = 0
 
     def _allocate(self) -> torch.Tensor:
         import torch
 
-        if not self._pinned or _PINNING == "allocator":
-            buffer = torch.empty(self._size, dtype=torch.uint8, pin_memory=self._pinned)
-        else:
-            buffer = torch.empty(self._size, dtype=torch.uint8)
-            code = torch.cuda.cudart().cudaHostRegister(  # type: ignore[no-untyped-call]
-                buffer.data_ptr(), self._size, 0
-            )
-            if code != 0:
-                raise AllocationError(
-                    f"cannot page-lock a {self._size}-byte staging buffer (CUDA error {code}); "
-                    "lower EngineOptions.staging_bytes or free host memory"
-                )
-            with self._ready:
-                self._registered.append(buffer)
+        buffer = torch.empty(self._size, dtype=torch.uint8, pin_memory=self._pinned)
         with self._ready:
             self.allocated += self._size
         return buffer
@@ -253,7 +259,7 @@ class _Staging:
                 if stop.is_set():
                     raise _Stopped
                 self._ready.wait(0.05)
-            buffer, event = self._free.pop(self._pick())
+            buffer, event = self._free.pop()
         events: list[object] = []
         try:
             if event is not None:
@@ -265,31 +271,6 @@ class _Staging:
             with self._ready:
                 self._free.append((buffer, events[-1] if events else None))
                 self._ready.notify()
-
-    def _pick(self) -> int:
-        """The free slot to take: a buffer whose copy is done, else a slot not yet allocated
-        (the pool grows only while every buffer is busy), else the longest-free buffer."""
-        allocated = [n for n, (buffer, _) in enumerate(self._free) if buffer is not None]
-        for n in allocated:
-            event = self._free[n][1]
-            if event is None or event.query():  # type: ignore[attr-defined]
-                return n
-        if len(allocated) < len(self._free):
-            return next(n for n, (buffer, _) in enumerate(self._free) if buffer is None)
-        return 0
-
-    def close(self) -> None:
-        """Unlock registered buffers (call once every copy out of them is done)."""
-        import torch
-
-        for buffer in self._registered:
-            torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())  # type: ignore[no-untyped-call]
-        self._registered.clear()
-
-
-_PINNING = "allocator"
-"""How pinned staging buffers are made: ``"allocator"`` (``pin_memory=True``) or ``"register"``
-(plain memory, ``cudaHostRegister``); a switch for the GPU benchmark."""
 
 
 class _Stopped(Exception):
@@ -402,7 +383,6 @@ def run(
             stack.callback(os.close, fd)
             opened[path] = fd
         state.fds = opened
-        stack.callback(state.staging.close)
         _run_workers(state)
         if uses_cuda:
             torch.cuda.synchronize()

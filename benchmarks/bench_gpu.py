@@ -7,10 +7,10 @@ chunk changes the digest; seconds, not minutes), then runs each method in its ow
 root, ``/proc/sys/vm/drop_caches``), and prints one table with each row's ratio to its limit.
 
 A method is ``NAME[:key=value,...]``; keys: ``device`` (``cuda``/``cpu``), ``dtype`` (``bf16``,
-``f32``: the destinations' dtype), ``threads``, ``chunk`` and ``staging`` (MiB), ``pin``
-(``allocator``/``register``: how staging is pinned), ``loads`` (loads in one process; the row is
-the first, the last is printed beside it), ``code=old`` (import bagelverify from ``--old-code``,
-e.g. ``git archive`` of an earlier commit, for a before/after in one run). Names:
+``f32``: the destinations' dtype), ``threads``, ``chunk`` and ``staging`` (MiB), ``loads``
+(loads in one process; the row is the first, the last is printed beside it), ``code=old``
+(import bagelverify from ``--old-code``, e.g. ``git archive`` of an earlier commit, for a
+before/after in one run). Names:
 
 - ``engine``: :func:`bagelverify.load_into` (the read engine; default knobs unless given);
 - ``reference``: ``safetensors.torch.load_file`` -> keep the stage's keys -> ``copy_``;
@@ -22,7 +22,7 @@ e.g. ``git archive`` of an earlier commit, for a before/after in one run). Names
 - ``limit_direct``: the same with ``O_DIRECT`` (cold only; the disk without the page cache);
 - ``limit_h2d``: pinned 64 MiB chunks copied to the GPU (no file);
 - ``pin_cost``: seconds to pin ``staging`` MiB of ``chunk`` MiB buffers, one thread or
-  ``threads`` threads (``pin``: how), the fixed cost of a fresh process's first staged load.
+  ``threads`` threads: the fixed cost of a fresh process's first staged load.
 
 Columns: GB/s over the kept (file) bytes; ratio to the row's limit (warm rows: the best
 ``engine:device=cpu`` row, the host's own read into CPU memory; cold rows: the best cold
@@ -208,8 +208,7 @@ def pin_cost(knobs: dict[str, str]) -> float:
 
     from bagelverify import engine
 
-    engine._PINNING = knobs.get("pin", "allocator")
-    chunk = int(knobs.get("chunk", 32)) << 20
+    chunk = int(knobs.get("chunk", 16)) << 20
     count = (int(knobs.get("staging", 1024)) << 20) // chunk
     threads = int(knobs.get("threads", 16))
     torch.empty(1, pin_memory=True)  # the host allocator's own start-up is not part of it
@@ -225,7 +224,6 @@ def pin_cost(knobs: dict[str, str]) -> float:
     for worker in workers:
         worker.join()
     seconds = time.perf_counter() - start
-    pool.close()
     return seconds
 
 
@@ -238,7 +236,6 @@ def _load(name: str, knobs: dict[str, str], path: Path, destinations: dict[str, 
     if name == "engine":
         from bagelverify import engine, load_into
 
-        engine._PINNING = knobs.get("pin", "allocator")
         options = engine.EngineOptions(
             threads=int(knobs["threads"]) if "threads" in knobs else None,
             chunk_bytes=int(knobs["chunk"]) << 20 if "chunk" in knobs else None,

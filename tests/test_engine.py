@@ -308,19 +308,12 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-@pytest.mark.parametrize(
-    ("threads", "pinning", "cast_slice"), [(1, "allocator", None), (4, "register", 64)]
-)
+@pytest.mark.parametrize(("threads", "cast_slice"), [(1, None), (4, 64)])
 def test_cuda_destinations_equal_a_cpu_read(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    threads: int,
-    pinning: str,
-    cast_slice: int | None,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int, cast_slice: int | None
 ) -> None:
     """Every CUDA destination (same dtype, cast on the GPU in one or many slices, converted
-    whole) equals the CPU read, with staging pinned either way."""
-    monkeypatch.setattr(engine, "_PINNING", pinning)
+    whole) equals the CPU read."""
     if cast_slice:
         monkeypatch.setattr(engine, "_CAST_SLICE_BYTES", cast_slice)
     path, data, layout = _layout(tmp_path)
