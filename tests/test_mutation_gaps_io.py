@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import bagelverify as bv
 from bagelverify.checkpoint.load import _overlaps
-from bagelverify.engine import EngineOptions, Transfer, run
+from bagelverify.engine import EngineOptions, EngineStats, Transfer, run
 from bagelverify.errors import CorruptCheckpointError
 from bagelverify.safetensors_io import DTYPES, MAX_HEADER_BYTES, read_header, require_little_endian
 from bagelverify.synthetic import SyntheticCheckpoint
@@ -281,6 +281,23 @@ def test_the_engine_logs_bytes_reads_threads_and_staging(
     summaries = [r.getMessage() for r in caplog.records if r.name == "bagelverify.engine"]
     assert summaries == ["read 64 bytes in 1 reads on 1 threads (0 staging bytes)"]
 
+
+
+def test_a_run_with_nothing_to_read_reports_zero_stats_and_still_converts(tmp_path: Path) -> None:
+    """No bytes to read: no read, no thread, no staging, yet an empty tensor's transform runs
+    (it may reshape or cast into the destination)."""
+    path, _ = _file_of(tmp_path, 0)
+    seen: list[tuple[int, ...]] = []
+
+    def transform(stored: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(stored.shape))
+        return stored.float().reshape(0, 2)
+
+    destination = torch.empty(0, 2, dtype=torch.float32)
+    empty = Transfer("e", path, 0, 0, torch.bfloat16, (2, 0), destination, transform)
+    assert run([empty]) == EngineStats(bytes_read=0, reads=0, threads=0, staging_bytes=0)
+    assert seen == [(2, 0)]
+    assert run([]) == EngineStats(0, 0, 0, 0)
 
 def test_direct_reads_may_use_more_threads_than_staged_ones(
     monkeypatch: pytest.MonkeyPatch,
