@@ -282,7 +282,6 @@ def test_the_engine_logs_bytes_reads_threads_and_staging(
     assert summaries == ["read 64 bytes in 1 reads on 1 threads (0 staging bytes)"]
 
 
-
 def test_a_run_with_nothing_to_read_reports_zero_stats_and_still_converts(tmp_path: Path) -> None:
     """No bytes to read: no read, no thread, no staging, yet an empty tensor's transform runs
     (it may reshape or cast into the destination)."""
@@ -298,6 +297,7 @@ def test_a_run_with_nothing_to_read_reports_zero_stats_and_still_converts(tmp_pa
     assert run([empty]) == EngineStats(bytes_read=0, reads=0, threads=0, staging_bytes=0)
     assert seen == [(2, 0)]
     assert run([]) == EngineStats(0, 0, 0, 0)
+
 
 def test_direct_reads_may_use_more_threads_than_staged_ones(
     monkeypatch: pytest.MonkeyPatch,
