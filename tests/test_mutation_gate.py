@@ -94,6 +94,26 @@ def test_each_pool_gets_its_share_and_a_pool_draws_only_on_its_own_names(
     assert gate.sample(names, 8, 30) != chosen
 
 
+def test_changing_one_function_keeps_the_rest_of_its_modules_sample(gate: ModuleType) -> None:
+    """mutmut numbers mutants per function: when one function's mutants are renumbered (its
+    code changed), every chosen mutant of the other functions stays chosen unless a renamed
+    one now ranks before it, and none of them that was left out comes in."""
+    names = _names()
+    chosen = set(gate.sample(names, 8, 29))
+    changed = [n for n in names if "thread_count" not in n]
+    changed += [
+        f"bagelverify.engine.xǁEngineOptionsǁthread_count__mutmut_{n}" for n in range(1, 14)
+    ]
+    again = set(gate.sample(changed, 8, 29))
+    kept = {n for n in chosen if "thread_count" not in n}
+    assert {n for n in again if "thread_count" not in n} <= kept
+    pushed_out = kept - again  # only by renamed mutants that now rank before them
+    assert len({n for n in again if "engine" in n}) == 8
+    assert len(pushed_out) <= len({n for n in again - chosen if "thread_count" in n})
+    run_only = [n for n in names if "x_run__" in n]
+    assert set(gate.sample(run_only, 8, 29)) >= {n for n in chosen if "x_run__" in n}
+
+
 def test_a_sampled_mutant_not_run_counts_as_not_killed(gate: ModuleType) -> None:
     module = gate.Module(sampled=["a", "b", "c", "d"], killed=3, not_run=["d"])
     assert module.score == 75.0
