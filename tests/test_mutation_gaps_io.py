@@ -23,7 +23,13 @@ import bagelverify as bv
 from bagelverify.checkpoint.load import _overlaps
 from bagelverify.engine import EngineOptions, EngineStats, Transfer, run
 from bagelverify.errors import CorruptCheckpointError
-from bagelverify.safetensors_io import DTYPES, MAX_HEADER_BYTES, read_header, require_little_endian
+from bagelverify.safetensors_io import (
+    DTYPES,
+    MAX_HEADER_BYTES,
+    lossless_cast,
+    read_header,
+    require_little_endian,
+)
 from bagelverify.synthetic import SyntheticCheckpoint
 
 # -- short reads -------------------------------------------------------------------------------
@@ -315,3 +321,83 @@ def test_a_big_endian_host_is_refused_with_the_reason(monkeypatch: pytest.Monkey
         "this host is big-endian; bagelverify copies safetensors bytes (little-endian) straight "
         "into tensor memory and supports little-endian hosts only"
     )
+
+
+# -- the loaders: options, progress, device, log line, plural message --------------------------
+
+
+def test_lossless_casts_are_the_same_dtype_or_a_floating_widening() -> None:
+    assert lossless_cast(torch.int8, torch.int8) and lossless_cast(torch.bfloat16, torch.bfloat16)
+    assert lossless_cast(torch.bfloat16, torch.float32)
+    assert lossless_cast(torch.float8_e4m3fn, torch.bfloat16)
+    assert not lossless_cast(torch.float32, torch.bfloat16)
+    assert not lossless_cast(torch.float16, torch.bfloat16)  # BF16 has fewer mantissa bits
+    assert not lossless_cast(torch.int8, torch.int16)  # integers are never cast
+    assert not lossless_cast(torch.int8, torch.float32)
+
+
+def test_the_vae_loader_reads_with_the_callers_options_and_reports_progress(
+    synthetic_checkpoint: SyntheticCheckpoint,
+) -> None:
+    """With ``chunk_bytes=4096`` no read (one progress step) exceeds 4096 bytes; by default the
+    VAE's touching tensors are read in larger reads. Progress ends at every byte."""
+
+    def steps(calls: list[int]) -> list[int]:
+        done = sorted(calls)
+        return [b - a for a, b in zip([0, *done], done, strict=False)]
+
+    small: list[int] = []
+    out = bv.load_bagel_vae_state_dict(
+        synthetic_checkpoint.path,
+        read_options=EngineOptions(threads=1, chunk_bytes=4096, staging_bytes=4096),
+        progress=lambda done, total: small.append(done),
+    )
+    total = sum(t.numel() * t.element_size() for t in out.values())
+    assert total > 3 * 4096 and sorted(small)[-1] == total
+    assert max(steps(small)) <= 4096
+    default: list[int] = []
+    bv.load_bagel_vae_state_dict(
+        synthetic_checkpoint.path, progress=lambda done, total: default.append(done)
+    )
+    assert sorted(default)[-1] == total and max(steps(default)) > 4096
+
+
+def test_tensors_are_allocated_on_the_device_asked_for_whatever_torchs_default(
+    synthetic_checkpoint: SyntheticCheckpoint,
+) -> None:
+    """A model built under ``with torch.device("meta")`` may load its weights there too: the
+    ``device`` argument (CPU by default) decides, not torch's default device."""
+    reference = bv.load_bagel_checkpoint_state_dict(synthetic_checkpoint.path)
+    with torch.device("meta"):
+        loaded = bv.load_bagel_checkpoint_state_dict(synthetic_checkpoint.path)
+    assert loaded.keys() == reference.keys()
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
+def test_load_into_logs_the_folder_and_the_count_loaded(
+    synthetic_checkpoint: SyntheticCheckpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    destination = {k: torch.empty_like(v) for k, v in _reference(synthetic_checkpoint).items()}
+    with caplog.at_level(logging.INFO, logger="bagelverify.checkpoint.load"):
+        bv.load_into(destination, synthetic_checkpoint.path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "bagelverify.checkpoint.load"]
+    assert lines == [f"{synthetic_checkpoint.path}: loaded {len(destination)} tensors in place"]
+
+
+def test_hugging_face_layout_destinations_are_refused_in_the_right_number(
+    synthetic_checkpoint: SyntheticCheckpoint,
+) -> None:
+    reference = _reference(synthetic_checkpoint)
+    keys = sorted(reference)[:2]
+    phrases = ((2, "2 destination keys are not native keys ("), (1, "1 destination key is not "))
+    for count, phrase in phrases:
+        destination = {k.removeprefix("model."): reference[k].clone() for k in keys[:count]}
+        with pytest.raises(bv.MissingKeysError) as info:
+            bv.load_into(destination, synthetic_checkpoint.path)
+        message = str(info.value)
+        assert message.startswith(f"{synthetic_checkpoint.path}: {phrase}"), message
+        assert "they are Hugging Face layout keys" in message
+
+
+def _reference(checkpoint: SyntheticCheckpoint) -> dict[str, torch.Tensor]:
+    return bv.load_bagel_checkpoint_state_dict(checkpoint.path)
