@@ -123,8 +123,17 @@ def _run(names: list[str], children: int, limit: float | None = None) -> bool:
         process.communicate()
         return False
     if process.returncode != 0:
-        sys.exit(f"mutmut run failed ({process.returncode}):\n{output[-4000:]}")
+        sys.exit(f"mutmut run failed ({process.returncode}):\n{_readable(output)}")
     return True
+
+
+def _readable(output: str, lines: int = 80) -> str:
+    """The last ``lines`` lines of mutmut's output without its spinner's redrawn lines."""
+    spinner = re.compile("^[\u2800-\u28ff]")  # braille frames, redrawn after a carriage return
+    kept = [
+        line for line in re.split(r"[\r\n]", output) if line.strip() and not spinner.match(line)
+    ]
+    return "\n".join(kept[-lines:])
 
 
 def _exit_codes() -> dict[str, int | None]:
@@ -150,9 +159,11 @@ def rank(name: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()
 
 
-def sample(names: Iterable[str], size: int, seed: int) -> list[str]:
-    """The ``size`` mutants of each pool that rank first (all of a smaller pool; all when
-    ``size`` is 0), sorted.
+def sample(
+    names: Iterable[str], size: int, seed: int, import_time_size: int | None = None
+) -> list[str]:
+    """The ``size`` mutants of each pool that rank first (``import_time_size`` of an
+    import-time pool, when given; all of a smaller pool; all when the size is 0), sorted.
 
     A pure function of the set of ``names`` and ``seed``: no dependence on the order of
     ``names``, on ``PYTHONHASHSEED`` or on timing. mutmut numbers mutants per function, so a
@@ -162,9 +173,10 @@ def sample(names: Iterable[str], size: int, seed: int) -> list[str]:
     for name in set(names):
         pools.setdefault(module_of(name), []).append(name)
     chosen: list[str] = []
-    for members in pools.values():
+    for pool, members in pools.items():
         members.sort(key=lambda name: rank(name, seed))
-        chosen += members if size == 0 else members[:size]
+        take = size if import_time_size is None or "(import time)" not in pool else import_time_size
+        chosen += members if take == 0 else members[:take]
     return sorted(chosen)
 
 
@@ -287,12 +299,15 @@ def _table(modules: dict[str, Module], bar: float) -> list[str]:
 def _design(args: argparse.Namespace) -> list[str]:
     """The "How it runs" section (generated, so that it states the options of the run)."""
     box = f"{args.time_box:g} s" if args.time_box else "none"
+    sizes = (
+        f"{args.sample or 'all'} per pool ({args.import_time_sample or 'all'} per import-time pool)"
+    )
     return [
         "## How it runs",
         "",
         "```bash",
-        "python .ci/mutation_gate.py                          # what CI runs (.ci/run)",
-        "python .ci/mutation_gate.py --sample 0 --time-box 0  # every mutant (hours)",
+        "python .ci/mutation_gate.py   # what CI runs (.ci/run, with --no-write)",
+        "python .ci/mutation_gate.py --sample 0 --import-time-sample 0 --time-box 0  # all (hours)",
         "```",
         "",
         "`[tool.mutmut]` in `pyproject.toml` lists the mutated modules (`only_mutate`) and the "
@@ -304,12 +319,13 @@ def _design(args: argparse.Namespace) -> list[str]:
         "module yields no mutant.",
         "",
         f"Design: a seeded sample, judged per module. Each module's mutants (its import-time "
-        f"mutants are a pool of their own) are sampled: {args.sample or 'all'} per pool, drawn "
-        f"with seed {args.seed} by a pure function of the pool's mutant names (sorted; no "
-        "dependence on hash seeds, listing order or timing; the run prints the sample's digest, "
-        "so two runs can be compared). When the code changes, mutmut renumbers the mutants and "
-        "the sample changes with it; the score is then that of another honest sample, and the "
-        "equivalents list matches mutants by function and change, not by number. The whole gate "
+        f"mutants are a pool of their own) are sampled: {sizes}, the mutants that rank first by "
+        f"SHA-256 of the seed ({args.seed}) and their name. The sample is a pure function of the "
+        "mutant names and the seed (no dependence on hash seeds, listing order or timing; the "
+        "run prints its digest, so two runs can be compared). mutmut numbers mutants per "
+        "function, so a code change redraws only where the changed functions' mutants now rank "
+        "first; the score is then that of another honest sample, and the equivalents list "
+        "matches mutants by function and change, not by number. The whole gate "
         f"has a time box ({box}); a sampled mutant not run before it ends counts as not killed "
         "and is listed. Mutants of the helpers that only run while their module is imported "
         "(`families`' `_linear`, `_vector`, `_table`, `_twinned`; `safetensors_io._dtype_table`) "
@@ -353,8 +369,7 @@ def _markdown(
         f"Last run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit "
         f"`{commit}`{' plus uncommitted changes' if dirty else ''}, {version}, Python "
         f"{sys.version.split()[0]}, {args.max_children} worker(s), {seconds / 60:.1f} minutes; "
-        f"sample of {len(chosen)} mutants (seed {args.seed}, {args.sample or 'all'} per pool, "
-        f"digest `{digest(chosen)}`).",
+        f"sample of {len(chosen)} mutants (seed {args.seed}, digest `{digest(chosen)}`).",
         "",
         *_design(args),
         "## Result",
@@ -391,6 +406,12 @@ def _markdown(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sample", type=int, default=8, help="mutants per pool; 0: all")
+    parser.add_argument(
+        "--import-time-sample",
+        type=int,
+        default=4,
+        help="mutants per import-time pool (each costs a fresh interpreter); 0: all",
+    )
     parser.add_argument("--seed", type=int, default=29)
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument(
@@ -420,7 +441,7 @@ def main() -> int:
     if generated.returncode != 0:
         sys.exit(f"mutmut could not generate the mutants:\n{generated.stderr[-4000:]}")
     everything = sorted(_exit_codes())
-    chosen = sample(everything, args.sample, args.seed)
+    chosen = sample(everything, args.sample, args.seed, args.import_time_sample)
     SAMPLE_FILE.write_text("".join(f"{name}\n" for name in chosen))
     at_import = [n for n in chosen if _import_tests(n)]
     runtime = [n for n in chosen if not _import_tests(n)]

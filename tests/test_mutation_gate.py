@@ -91,6 +91,12 @@ def test_each_pool_gets_its_share_and_a_pool_draws_only_on_its_own_names(
     again = gate.sample(grown, 8, 29)
     assert [n for n in again if "engine" not in n] == [n for n in chosen if "engine" not in n]
     assert gate.sample(names, 0, 29) == sorted(names)
+    fewer = gate.sample(names, 8, 29, import_time_size=4)
+    assert set(fewer) < set(chosen)
+    assert [n for n in fewer if "_table" in n] == [
+        n for n in fewer if "(import" in gate.module_of(n)
+    ]
+    assert len([n for n in fewer if "_table" in n]) == 4
     assert gate.sample(names, 8, 30) != chosen
 
 
