@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import struct
 import sys
 from collections.abc import Iterator, Mapping
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 import bagelverify as bv
 from bagelverify.checkpoint.load import _overlaps
 from bagelverify.engine import EngineOptions, EngineStats, Transfer, run
-from bagelverify.errors import CorruptCheckpointError
+from bagelverify.errors import CorruptCheckpointError, format_examples
 from bagelverify.safetensors_io import (
     DTYPES,
     MAX_HEADER_BYTES,
@@ -401,3 +402,78 @@ def test_hugging_face_layout_destinations_are_refused_in_the_right_number(
 
 def _reference(checkpoint: SyntheticCheckpoint) -> dict[str, torch.Tensor]:
     return bv.load_bagel_checkpoint_state_dict(checkpoint.path)
+
+
+def _copy(checkpoint: SyntheticCheckpoint, folder: Path) -> Path:
+    shutil.copytree(checkpoint.path, folder)
+    return folder
+
+
+def test_a_vae_file_holding_the_model_says_whether_the_files_are_swapped(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    swapped = _copy(synthetic_checkpoint, tmp_path / "swapped")
+    (swapped / "ae.safetensors").rename(swapped / "x")
+    (swapped / "ema.safetensors").rename(swapped / "ae.safetensors")
+    (swapped / "x").rename(swapped / "ema.safetensors")
+    with pytest.raises(bv.UnknownKeysError) as info:
+        bv.load_bagel_vae_state_dict(swapped)
+    assert f"It holds the model's keys and {swapped / 'ema.safetensors'} holds the VAE: " in str(
+        info.value
+    )
+    twice = _copy(synthetic_checkpoint, tmp_path / "twice")
+    shutil.copy(twice / "ema.safetensors", twice / "ae.safetensors")
+    with pytest.raises(bv.UnknownKeysError) as info:
+        bv.load_bagel_vae_state_dict(twice)
+    assert "it is the model's weights, not the VAE" in str(info.value)
+    assert "holds the VAE: " not in str(info.value)
+
+
+def test_destination_keys_the_checkpoint_lacks_are_refused_in_the_right_number(
+    synthetic_checkpoint: SyntheticCheckpoint,
+) -> None:
+    reference = _reference(synthetic_checkpoint)
+    extra = [f"model.language_model.model.layers.{n}.self_attn.q_proj.weight" for n in (98, 99)]
+    for count, phrase in ((2, "2 destination keys are not"), (1, "1 destination key is not")):
+        destination = {k: torch.empty_like(v) for k, v in reference.items()}
+        destination.update({key: torch.empty(2) for key in extra[:count]})
+        with pytest.raises(bv.MissingKeysError) as info:
+            bv.load_into(destination, synthetic_checkpoint.path)
+        assert f": {phrase} in the checkpoint ({format_examples(extra[:count])})" in str(info.value)
+        assert info.value.keys == extra[:count]
+
+
+def test_destinations_that_cannot_hold_their_tensors_are_counted_in_the_message(
+    synthetic_checkpoint: SyntheticCheckpoint,
+) -> None:
+    """One line per destination; the head counts them all, shape mismatches and refused
+    dtypes together."""
+    reference = _reference(synthetic_checkpoint)
+    a, b, c = sorted(k for k, v in reference.items() if v.dim() == 2)[:3]
+    destination = {k: torch.empty_like(v) for k, v in reference.items()}
+    destination[a] = torch.empty(reference[a].shape, dtype=torch.float16)  # BF16 file: narrowing
+    path = synthetic_checkpoint.path
+    with pytest.raises(bv.DestinationError) as info:
+        bv.load_into(destination, path)
+    assert str(info.value).startswith(
+        f"{path}: 1 destination tensor cannot hold its checkpoint tensor:\n"
+    )
+    destination[b] = torch.empty(3, 3, dtype=reference[b].dtype)
+    destination[c] = torch.empty(3, 3, dtype=reference[c].dtype)
+    with pytest.raises(bv.ShapeMismatchError) as info:
+        bv.load_into(destination, path)
+    head = f"{path}: 3 destination tensors cannot hold their checkpoint tensors:\n"
+    assert str(info.value).startswith(head) and str(info.value).count("\n  model.") == 3
+
+
+def test_the_state_dict_loader_is_strict_unless_told(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    folder = _copy(synthetic_checkpoint, tmp_path / "c")
+    tensors = safetensors.torch.load_file(str(folder / "ema.safetensors"))
+    tensors["head.weight"] = torch.zeros(2)
+    safetensors.torch.save_file(tensors, str(folder / "ema.safetensors"))
+    with pytest.raises(bv.UnknownKeysError, match=r"head\.weight"):
+        bv.load_bagel_checkpoint_state_dict(folder)
+    loaded = bv.load_bagel_checkpoint_state_dict(folder, strict=False)
+    assert loaded.keys() == _reference(synthetic_checkpoint).keys()
