@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import struct
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -477,3 +478,70 @@ def test_the_state_dict_loader_is_strict_unless_told(
         bv.load_bagel_checkpoint_state_dict(folder)
     loaded = bv.load_bagel_checkpoint_state_dict(folder, strict=False)
     assert loaded.keys() == _reference(synthetic_checkpoint).keys()
+
+
+def test_a_file_ending_early_on_the_staged_path_names_file_and_tensor(tmp_path: Path) -> None:
+    """A cast destination is read through staging; its end-of-file error names the tensor too."""
+    path, _ = _file_of(tmp_path, 100)
+    destination = torch.empty(100, dtype=torch.float32)
+    with pytest.raises(CorruptCheckpointError) as info:
+        run([Transfer("cast", path, 0, 200, torch.int16, (100,), destination)])
+    assert str(info.value).startswith(f"{path}: 'cast': unexpected end of file at byte 100 "), str(
+        info.value
+    )
+
+
+def test_an_allocation_failure_names_the_tensor_and_what_the_load_holds(tmp_path: Path) -> None:
+    """A sparse file whose header is valid but holds 10 TiB: torch cannot allocate it."""
+    count = 5 * 2**40  # BF16 elements
+    header = {
+        "language_model.model.norm.weight": {
+            "dtype": "BF16",
+            "shape": [count],
+            "data_offsets": [0, 2 * count],
+        },
+        "connector.fc1.bias": {
+            "dtype": "BF16",
+            "shape": [4],
+            "data_offsets": [2 * count, 2 * count + 8],
+        },
+    }
+    folder = tmp_path / "big"
+    folder.mkdir()
+    path = _header_file(folder / "ema.safetensors", header)
+    try:
+        os.truncate(path, path.stat().st_size + 2 * count + 8)
+    except OSError:
+        pytest.skip("this file system cannot hold a sparse 10 TiB file")
+    with pytest.raises(bv.AllocationError) as info:
+        bv.load_bagel_checkpoint_state_dict(folder, strict=False)
+    assert str(info.value).startswith(
+        f"{path}: cannot allocate 'language_model.model.norm.weight' ({2 * count:,} bytes on cpu; "
+        f"the 2 tensors to load hold {2 * count + 8:,} bytes): "
+    )
+
+
+def test_a_tensor_entry_that_is_no_object_is_named_with_what_it_is(tmp_path: Path) -> None:
+    path = _header_file(tmp_path / "x.safetensors", {"a": [1, 2]})
+    with pytest.raises(CorruptCheckpointError) as info:
+        read_header(path)
+    assert str(info.value).startswith(
+        f"{path}: tensor 'a': entry must be an object with exactly dtype, shape, data_offsets; "
+        "found array [1, 2]. "
+    )
+
+
+def test_a_torch_without_some_dtypes_leaves_their_names_out_of_the_table() -> None:
+    """torch >= 2.1 is supported, and older releases lack the unsigned and float8 types: the
+    table is built without them instead of failing the import (in a fresh interpreter)."""
+    script = (
+        "import torch\n"
+        "del torch.uint16, torch.float8_e5m2\n"
+        "from bagelverify.safetensors_io import DTYPES\n"
+        "print(' '.join(sorted(DTYPES)))\n"
+    )
+    names = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "U16" not in names and "F8_E5M2" not in names
+    assert {"BF16", "F32", "U32", "F8_E4M3"} <= set(names)
