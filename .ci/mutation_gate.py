@@ -44,7 +44,6 @@ IMPORT_TIME_TESTS = {
     re.compile(r"^bagelverify\.families\.x__(linear|vector|table|twinned)__mutmut_\d+$"): [
         "tests/test_families.py",
         "tests/test_mutation_gaps.py",
-        # spawns an interpreter to check which modules an import loads: slow, and no table entry
         "--deselect=tests/test_families.py::test_import_stays_light_until_a_torch_name_is_used",
     ],
     re.compile(r"^bagelverify\.safetensors_io\.x__dtype_table__mutmut_\d+$"): [
@@ -53,7 +52,7 @@ IMPORT_TIME_TESTS = {
     ],
 }
 TIMEOUTS = {24, -24, 36, 152, 255}  # mutmut's SIGXCPU and wall-clock timeouts
-DEFAULT_TIME_BOX = 300.0  # seconds: CI's budget for the gate on 2 cores
+DEFAULT_TIME_BOX = 330.0  # seconds: CI's budget for the gate on 2 cores
 KILLED = {1, 3} | TIMEOUTS  # failed tests, pytest's internal error, timeouts
 # Writes mutants/ (every mutant of the listed modules, no test run): the first steps of mutmut
 # 3.8.1's `run` (mutmut.__main__._run), so that the sample can be drawn before any test runs.
@@ -407,7 +406,7 @@ def _markdown(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sample", type=int, default=6, help="mutants per pool; 0: all")
+    parser.add_argument("--sample", type=int, default=5, help="mutants per pool; 0: all")
     parser.add_argument(
         "--import-time-sample",
         type=int,
