@@ -337,7 +337,11 @@ def _design(args: argparse.Namespace) -> list[str]:
         f"Score = killed / (sampled - equivalent); a timeout is a kill (counted apart in the "
         f"table), a mutant no selected test reaches is a survivor. The gate fails when a pool "
         f"scores below {args.bar:g}%: with a sample under 20, any survivor not in the "
-        "equivalents list fails it.",
+        "equivalents list fails it. A small sample judges a module coarsely: one whose score "
+        f"over all its mutants is 80% passes a sample of {args.sample or 'all'} with "
+        f"probability {0.8**args.sample if args.sample else 0:.0%}; each code change draws "
+        "again where it changed, so gaps keep coming to light. `--sample 0` scores every "
+        "mutant.",
         "",
     ]
 
