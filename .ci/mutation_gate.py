@@ -93,7 +93,9 @@ class Module:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, HYPOTHESIS_PROFILE="mutation", PYTHONPATH=str(ROOT))
+    # A fixed hash seed: mutmut runs a mutant's tests in the order of a set of their names, so
+    # that order (and how long a killed mutant takes) would change from run to run.
+    env = dict(os.environ, HYPOTHESIS_PROFILE="mutation", PYTHONPATH=str(ROOT), PYTHONHASHSEED="0")
     env.pop("MUTANT_UNDER_TEST", None)
     return env
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from bagelverify.synthetic import SyntheticCheckpoint, make_synthetic_checkpoint
 
@@ -26,12 +26,14 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-# Mutation runs (MUTATION.md): few, fixed examples, so each mutant sees the same inputs.
+# Mutation runs (MUTATION.md): few, fixed examples, so each mutant sees the same inputs; no
+# shrinking (a failing example is enough to kill a mutant, and shrinking slow tests took minutes).
 settings.register_profile(
     "mutation",
     max_examples=25,
     derandomize=True,
     deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
