@@ -303,8 +303,7 @@ def _byte_target(tensor: torch.Tensor) -> torch.Tensor:
     """A flat ``uint8`` view of a contiguous tensor's memory."""
     import torch
 
-    flat = tensor.detach().reshape(-1)
-    return flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+    return tensor.detach().reshape(-1).view(torch.uint8)
 
 
 def _needs_whole(transfer: Transfer) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from bagelverify.manifest import MODEL_FILE
 from bagelverify.safetensors_io import save_tensors
@@ -32,12 +32,14 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-# Mutation runs (MUTATION.md): few, fixed examples, so each mutant sees the same inputs.
+# Mutation runs (MUTATION.md): few, fixed examples, so each mutant sees the same inputs; no
+# shrinking (a failing example is enough to kill a mutant, and shrinking slow tests took minutes).
 settings.register_profile(
     "mutation",
     max_examples=25,
     derandomize=True,
     deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -382,8 +382,13 @@ def test_an_interrupt_while_waiting_stops_the_readers_and_waits_for_them(
         original(state, read, streams)  # type: ignore[arg-type]
 
     monkeypatch.setattr(engine, "_do_read", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        run(transfers, options=EngineOptions(threads=2, chunk_bytes=4096))
+    # Python's own handler, whatever the runner installed (mutmut's workers ignore SIGINT).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(transfers, options=EngineOptions(threads=2, chunk_bytes=4096))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     readers = [t.name for t in threading.enumerate() if t.name.startswith("bagelverify-read")]
     released.set()
     assert readers == []

@@ -17,8 +17,15 @@ from hypothesis import strategies as st
 import bagelverify as bv
 from bagelverify.cli import main
 from bagelverify.diff import diff_checkpoints
+from bagelverify.errors import LoraError
 from bagelverify.families import expected_shapes
-from bagelverify.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter, merge_adapter
+from bagelverify.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    check_adapter,
+    merge_adapter,
+    read_settings,
+)
 from bagelverify.lora_keys import PEFT_ROOT, lora_families
 from bagelverify.synthetic import SyntheticCheckpoint
 
@@ -180,8 +187,12 @@ def test_foreign_keys_and_unpaired_factors_are_refused(
         check_adapter(adapter)
     alone = {k: v for k, v in tensors.items() if "lora_B" not in k}
     safetensors.torch.save_file(alone, str(adapter / ADAPTER_WEIGHTS))
-    with pytest.raises(bv.MissingKeysError, match=r"connector\.fc1\.weight has only lora_A"):
+    with pytest.raises(bv.MissingKeysError) as info:
         check_adapter(adapter)
+    assert str(info.value) == (
+        f"{adapter / ADAPTER_WEIGHTS}: 1 module lacks a factor: 'connector.fc1.weight has only "
+        "lora_A'. Each adapted module needs lora_A and lora_B."
+    )
 
 
 # -- merge -------------------------------------------------------------------------------------
@@ -343,3 +354,33 @@ def test_bound_modules_without_factors_warn_and_a_stage_that_drops_one_is_refuse
     assert "1 bound module has no factors" in warning and layer0 in warning
     with pytest.raises(bv.LoraError, match=r"28 adapted weights are not written for stage1: 'lang"):
         merge_adapter(synthetic_checkpoint.path, adapter, tmp_path / "out", stage="stage1")
+
+
+def test_the_check_report_totals_what_every_target_binds(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    adapter = write_adapter(tmp_path / "a", synthetic_checkpoint.config, ["v_proj", "fc2"])
+    document = check_adapter(adapter, synthetic_checkpoint.path).as_dict()
+    total = document["binds_total"]
+    assert set(total) == {"families", "summary"} and total["summary"]
+    for family, count in total["families"].items():
+        assert count == sum(b["families"].get(family, 0) for b in document["binds"].values())
+
+
+def test_an_adapter_of_another_peft_type_is_refused_naming_it(tmp_path: Path) -> None:
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "IA3", "r": 4}))
+    with pytest.raises(LoraError) as info:
+        read_settings(tmp_path)
+    assert str(info.value) == f"{tmp_path / ADAPTER_CONFIG}: peft_type is 'IA3'; only LORA adapters"
+
+
+def test_merge_replaces_an_existing_output_only_when_told(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    adapter = write_adapter(tmp_path / "a", synthetic_checkpoint.config, ["connector.fc2"])
+    base, out = synthetic_checkpoint.path, tmp_path / "out"
+    merge_adapter(base, adapter, out)
+    with pytest.raises(FileExistsError, match="pass overwrite=True to replace it"):
+        merge_adapter(base, adapter, out)
+    plan = merge_adapter(base, adapter, out, overwrite=True)
+    assert plan.files and diff_checkpoints(base, out).differing_keys == ["connector.fc2.weight"]

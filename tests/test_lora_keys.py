@@ -118,3 +118,22 @@ def test_the_adapter_converts_factors_keeping_the_stage_and_checking_their_shape
     wrong = {f"{q}.lora_A.weight": torch.zeros(4, TINY.hidden_size + 1)}
     with pytest.raises(bv.ShapeMismatchError, match=rf"{q}\.lora_A\.weight: \[4, "):
         stage2.from_hf(wrong)
+
+
+def test_every_bad_factor_is_named_not_only_the_first() -> None:
+    """A rank mismatch does not end the check: later factors are still looked at."""
+    q, k = (f"language_model.model.layers.{n}.self_attn.q_proj" for n in (0, 1))
+    out, inner = TINY.q_dim, TINY.hidden_size
+    shapes = {
+        f"{q}.lora_A.weight": (4, inner),
+        f"{q}.lora_B.weight": (out, 5),
+        f"{k}.lora_A.weight": (4, inner),
+        f"{k}.lora_B.weight": (out, 6),
+        "vit_model.vision_model.encoder.layers.0.mlp.fc1.lora_A.weight": (4,),
+    }
+    lines = factor_mismatches(shapes, config=TINY)
+    assert [line.split(":")[0].strip() for line in lines] == [
+        f"{q}.lora_B.weight",
+        f"{k}.lora_B.weight",
+        "vit_model.vision_model.encoder.layers.0.mlp.fc1.lora_A.weight",
+    ]

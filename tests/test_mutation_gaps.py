@@ -18,7 +18,7 @@ from bagelverify import matcher as matcher_module
 from bagelverify.errors import PatternError, format_examples
 from bagelverify.families import FAMILIES, FAMILY_BY_NAME, Family, family_of
 from bagelverify.matcher import Matcher, NaiveMatcher, compile_matcher, literal_prefix
-from bagelverify.plan import plan, unroot
+from bagelverify.plan import describe_prefix, plan, unroot
 
 # ``bagelverify.partition`` is also the name of a function the package exports
 partition_module = importlib.import_module("bagelverify.partition")
@@ -654,3 +654,23 @@ def test_error_attributes_keep_what_they_are_given() -> None:
     assert (missing.keys, missing.unexpected) == (["a"], ["b", "c"])
     mismatch = bv.ShapeMismatchError("m", [("k", (1, 2), (2, 1))])
     assert mismatch.mismatches == [("k", (1, 2), (2, 1))]
+
+
+def test_a_wrapper_prefix_is_described_with_every_wrapper_that_adds_it() -> None:
+    assert (
+        describe_prefix("module.") == "'module.' (added by DistributedDataParallel / DataParallel)"
+    )
+    assert describe_prefix("module._orig_mod.") == (
+        "'module._orig_mod.' (added by DistributedDataParallel / DataParallel, then torch.compile)"
+    )
+    assert describe_prefix("wrapper.") == "'wrapper.'"
+
+
+def test_unknown_keys_behind_one_wrapper_prefix_are_told_to_strip_it() -> None:
+    keys = ["module." + Q, "module." + K]
+    assert plan(keys).unknown_advice() == (
+        "Every one starts with 'module.' (added by DistributedDataParallel / DataParallel); "
+        "without it they are BAGEL keys: pass strip_prefix='module.' (command line: "
+        "--strip-prefix module.) to remove it, or save the unwrapped module's state dict."
+    )
+    assert plan(["module." + Q, "head.weight"]).unknown_advice().startswith("Check that this is")

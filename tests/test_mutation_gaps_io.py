@@ -8,7 +8,9 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import struct
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,9 +23,15 @@ from hypothesis import strategies as st
 
 import bagelverify as bv
 from bagelverify.checkpoint.load import _overlaps
-from bagelverify.engine import EngineOptions, Transfer, run
-from bagelverify.errors import CorruptCheckpointError
-from bagelverify.safetensors_io import DTYPES, MAX_HEADER_BYTES, read_header, require_little_endian
+from bagelverify.engine import EngineOptions, EngineStats, Transfer, run
+from bagelverify.errors import CorruptCheckpointError, format_examples
+from bagelverify.safetensors_io import (
+    DTYPES,
+    MAX_HEADER_BYTES,
+    lossless_cast,
+    read_header,
+    require_little_endian,
+)
 from bagelverify.synthetic import SyntheticCheckpoint
 
 # -- short reads -------------------------------------------------------------------------------
@@ -282,6 +290,23 @@ def test_the_engine_logs_bytes_reads_threads_and_staging(
     assert summaries == ["read 64 bytes in 1 reads on 1 threads (0 staging bytes)"]
 
 
+def test_a_run_with_nothing_to_read_reports_zero_stats_and_still_converts(tmp_path: Path) -> None:
+    """No bytes to read: no read, no thread, no staging, yet an empty tensor's transform runs
+    (it may reshape or cast into the destination)."""
+    path, _ = _file_of(tmp_path, 0)
+    seen: list[tuple[int, ...]] = []
+
+    def transform(stored: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(stored.shape))
+        return stored.float().reshape(0, 2)
+
+    destination = torch.empty(0, 2, dtype=torch.float32)
+    empty = Transfer("e", path, 0, 0, torch.bfloat16, (2, 0), destination, transform)
+    assert run([empty]) == EngineStats(bytes_read=0, reads=0, threads=0, staging_bytes=0)
+    assert seen == [(2, 0)]
+    assert run([]) == EngineStats(0, 0, 0, 0)
+
+
 def test_direct_reads_may_use_more_threads_than_staged_ones(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -298,3 +323,225 @@ def test_a_big_endian_host_is_refused_with_the_reason(monkeypatch: pytest.Monkey
         "this host is big-endian; bagelverify copies safetensors bytes (little-endian) straight "
         "into tensor memory and supports little-endian hosts only"
     )
+
+
+# -- the loaders: options, progress, device, log line, plural message --------------------------
+
+
+def test_lossless_casts_are_the_same_dtype_or_a_floating_widening() -> None:
+    assert lossless_cast(torch.int8, torch.int8) and lossless_cast(torch.bfloat16, torch.bfloat16)
+    assert lossless_cast(torch.bfloat16, torch.float32)
+    assert lossless_cast(torch.float8_e4m3fn, torch.bfloat16)
+    assert not lossless_cast(torch.float32, torch.bfloat16)
+    assert not lossless_cast(torch.float16, torch.bfloat16)  # BF16 has fewer mantissa bits
+    assert not lossless_cast(torch.int8, torch.int16)  # integers are never cast
+    assert not lossless_cast(torch.int8, torch.float32)
+
+
+def test_the_vae_loader_reads_with_the_callers_options_and_reports_progress(
+    synthetic_checkpoint: SyntheticCheckpoint,
+) -> None:
+    """With ``chunk_bytes=4096`` no read (one progress step) exceeds 4096 bytes; by default the
+    VAE's touching tensors are read in larger reads. Progress ends at every byte."""
+
+    def steps(calls: list[int]) -> list[int]:
+        done = sorted(calls)
+        return [b - a for a, b in zip([0, *done], done, strict=False)]
+
+    small: list[int] = []
+    out = bv.load_bagel_vae_state_dict(
+        synthetic_checkpoint.path,
+        read_options=EngineOptions(threads=1, chunk_bytes=4096, staging_bytes=4096),
+        progress=lambda done, total: small.append(done),
+    )
+    total = sum(t.numel() * t.element_size() for t in out.values())
+    assert total > 3 * 4096 and sorted(small)[-1] == total
+    assert max(steps(small)) <= 4096
+    default: list[int] = []
+    bv.load_bagel_vae_state_dict(
+        synthetic_checkpoint.path, progress=lambda done, total: default.append(done)
+    )
+    assert sorted(default)[-1] == total and max(steps(default)) > 4096
+
+
+def test_tensors_are_allocated_on_the_device_asked_for_whatever_torchs_default(
+    synthetic_checkpoint: SyntheticCheckpoint,
+) -> None:
+    """A model built under ``with torch.device("meta")`` may load its weights there too: the
+    ``device`` argument (CPU by default) decides, not torch's default device."""
+    reference = bv.load_bagel_checkpoint_state_dict(synthetic_checkpoint.path)
+    with torch.device("meta"):
+        loaded = bv.load_bagel_checkpoint_state_dict(synthetic_checkpoint.path)
+    assert loaded.keys() == reference.keys()
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
+def test_load_into_logs_the_folder_and_the_count_loaded(
+    synthetic_checkpoint: SyntheticCheckpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    destination = {k: torch.empty_like(v) for k, v in _reference(synthetic_checkpoint).items()}
+    with caplog.at_level(logging.INFO, logger="bagelverify.checkpoint.load"):
+        bv.load_into(destination, synthetic_checkpoint.path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "bagelverify.checkpoint.load"]
+    assert lines == [f"{synthetic_checkpoint.path}: loaded {len(destination)} tensors in place"]
+
+
+def test_hugging_face_layout_destinations_are_refused_in_the_right_number(
+    synthetic_checkpoint: SyntheticCheckpoint,
+) -> None:
+    reference = _reference(synthetic_checkpoint)
+    keys = sorted(reference)[:2]
+    phrases = ((2, "2 destination keys are not native keys ("), (1, "1 destination key is not "))
+    for count, phrase in phrases:
+        destination = {k.removeprefix("model."): reference[k].clone() for k in keys[:count]}
+        with pytest.raises(bv.MissingKeysError) as info:
+            bv.load_into(destination, synthetic_checkpoint.path)
+        message = str(info.value)
+        assert message.startswith(f"{synthetic_checkpoint.path}: {phrase}"), message
+        assert "they are Hugging Face layout keys" in message
+
+
+def _reference(checkpoint: SyntheticCheckpoint) -> dict[str, torch.Tensor]:
+    return bv.load_bagel_checkpoint_state_dict(checkpoint.path)
+
+
+def _copy(checkpoint: SyntheticCheckpoint, folder: Path) -> Path:
+    shutil.copytree(checkpoint.path, folder)
+    return folder
+
+
+def test_a_vae_file_holding_the_model_says_whether_the_files_are_swapped(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    swapped = _copy(synthetic_checkpoint, tmp_path / "swapped")
+    (swapped / "ae.safetensors").rename(swapped / "x")
+    (swapped / "ema.safetensors").rename(swapped / "ae.safetensors")
+    (swapped / "x").rename(swapped / "ema.safetensors")
+    with pytest.raises(bv.UnknownKeysError) as info:
+        bv.load_bagel_vae_state_dict(swapped)
+    assert f"It holds the model's keys and {swapped / 'ema.safetensors'} holds the VAE: " in str(
+        info.value
+    )
+    twice = _copy(synthetic_checkpoint, tmp_path / "twice")
+    shutil.copy(twice / "ema.safetensors", twice / "ae.safetensors")
+    with pytest.raises(bv.UnknownKeysError) as info:
+        bv.load_bagel_vae_state_dict(twice)
+    assert "it is the model's weights, not the VAE" in str(info.value)
+    assert "holds the VAE: " not in str(info.value)
+
+
+def test_destination_keys_the_checkpoint_lacks_are_refused_in_the_right_number(
+    synthetic_checkpoint: SyntheticCheckpoint,
+) -> None:
+    reference = _reference(synthetic_checkpoint)
+    extra = [f"model.language_model.model.layers.{n}.self_attn.q_proj.weight" for n in (98, 99)]
+    for count, phrase in ((2, "2 destination keys are not"), (1, "1 destination key is not")):
+        destination = {k: torch.empty_like(v) for k, v in reference.items()}
+        destination.update({key: torch.empty(2) for key in extra[:count]})
+        with pytest.raises(bv.MissingKeysError) as info:
+            bv.load_into(destination, synthetic_checkpoint.path)
+        assert f": {phrase} in the checkpoint ({format_examples(extra[:count])})" in str(info.value)
+        assert info.value.keys == extra[:count]
+
+
+def test_destinations_that_cannot_hold_their_tensors_are_counted_in_the_message(
+    synthetic_checkpoint: SyntheticCheckpoint,
+) -> None:
+    """One line per destination; the head counts them all, shape mismatches and refused
+    dtypes together."""
+    reference = _reference(synthetic_checkpoint)
+    a, b, c = sorted(k for k, v in reference.items() if v.dim() == 2)[:3]
+    destination = {k: torch.empty_like(v) for k, v in reference.items()}
+    destination[a] = torch.empty(reference[a].shape, dtype=torch.float16)  # BF16 file: narrowing
+    path = synthetic_checkpoint.path
+    with pytest.raises(bv.DestinationError) as info:
+        bv.load_into(destination, path)
+    assert str(info.value).startswith(
+        f"{path}: 1 destination tensor cannot hold its checkpoint tensor:\n"
+    )
+    destination[b] = torch.empty(3, 3, dtype=reference[b].dtype)
+    destination[c] = torch.empty(3, 3, dtype=reference[c].dtype)
+    with pytest.raises(bv.ShapeMismatchError) as info:
+        bv.load_into(destination, path)
+    head = f"{path}: 3 destination tensors cannot hold their checkpoint tensors:\n"
+    assert str(info.value).startswith(head) and str(info.value).count("\n  model.") == 3
+
+
+def test_the_state_dict_loader_is_strict_unless_told(
+    synthetic_checkpoint: SyntheticCheckpoint, tmp_path: Path
+) -> None:
+    folder = _copy(synthetic_checkpoint, tmp_path / "c")
+    tensors = safetensors.torch.load_file(str(folder / "ema.safetensors"))
+    tensors["head.weight"] = torch.zeros(2)
+    safetensors.torch.save_file(tensors, str(folder / "ema.safetensors"))
+    with pytest.raises(bv.UnknownKeysError, match=r"head\.weight"):
+        bv.load_bagel_checkpoint_state_dict(folder)
+    loaded = bv.load_bagel_checkpoint_state_dict(folder, strict=False)
+    assert loaded.keys() == _reference(synthetic_checkpoint).keys()
+
+
+def test_a_file_ending_early_on_the_staged_path_names_file_and_tensor(tmp_path: Path) -> None:
+    """A cast destination is read through staging; its end-of-file error names the tensor too."""
+    path, _ = _file_of(tmp_path, 100)
+    destination = torch.empty(100, dtype=torch.float32)
+    with pytest.raises(CorruptCheckpointError) as info:
+        run([Transfer("cast", path, 0, 200, torch.int16, (100,), destination)])
+    assert str(info.value).startswith(f"{path}: 'cast': unexpected end of file at byte 100 "), str(
+        info.value
+    )
+
+
+def test_an_allocation_failure_names_the_tensor_and_what_the_load_holds(tmp_path: Path) -> None:
+    """A sparse file whose header is valid but holds 10 TiB: torch cannot allocate it."""
+    count = 5 * 2**40  # BF16 elements
+    header = {
+        "language_model.model.norm.weight": {
+            "dtype": "BF16",
+            "shape": [count],
+            "data_offsets": [0, 2 * count],
+        },
+        "connector.fc1.bias": {
+            "dtype": "BF16",
+            "shape": [4],
+            "data_offsets": [2 * count, 2 * count + 8],
+        },
+    }
+    folder = tmp_path / "big"
+    folder.mkdir()
+    path = _header_file(folder / "ema.safetensors", header)
+    try:
+        os.truncate(path, path.stat().st_size + 2 * count + 8)
+    except OSError:
+        pytest.skip("this file system cannot hold a sparse 10 TiB file")
+    with pytest.raises(bv.AllocationError) as info:
+        bv.load_bagel_checkpoint_state_dict(folder, strict=False)
+    assert str(info.value).startswith(
+        f"{path}: cannot allocate 'language_model.model.norm.weight' ({2 * count:,} bytes on cpu; "
+        f"the 2 tensors to load hold {2 * count + 8:,} bytes): "
+    )
+
+
+def test_a_tensor_entry_that_is_no_object_is_named_with_what_it_is(tmp_path: Path) -> None:
+    path = _header_file(tmp_path / "x.safetensors", {"a": [1, 2]})
+    with pytest.raises(CorruptCheckpointError) as info:
+        read_header(path)
+    assert str(info.value).startswith(
+        f"{path}: tensor 'a': entry must be an object with exactly dtype, shape, data_offsets; "
+        "found array [1, 2]. "
+    )
+
+
+def test_a_torch_without_some_dtypes_leaves_their_names_out_of_the_table() -> None:
+    """torch >= 2.1 is supported, and older releases lack the unsigned and float8 types: the
+    table is built without them instead of failing the import (in a fresh interpreter)."""
+    script = (
+        "import torch\n"
+        "del torch.uint16, torch.float8_e5m2\n"
+        "from bagelverify.safetensors_io import DTYPES\n"
+        "print(' '.join(sorted(DTYPES)))\n"
+    )
+    names = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "U16" not in names and "F8_E5M2" not in names
+    assert {"BF16", "F32", "U32", "F8_E4M3"} <= set(names)
