@@ -547,7 +547,6 @@ def _copy_piece(
     events: list[object],
 ) -> None:
     """Copy one piece out of the staging buffer into its target (async on CUDA)."""
-    import torch
 
     transfer, target = state.transfers[piece.transfer], state.targets[piece.transfer]
     source = buffer[piece.buffer_offset : piece.buffer_offset + piece.length]
@@ -558,25 +557,33 @@ def _copy_piece(
         destination = target.detach().reshape(-1)[elements]
     else:
         destination = _byte_target(target)[piece.start : piece.start + piece.length]
-    if target.device.type != "cuda":
-        if cast:
-            if piece.buffer_offset % transfer.dtype.itemsize:
-                source = source.clone()
-            source = source.view(transfer.dtype)
-        destination.copy_(source)
+    if target.device.type == "cuda":
+        _copy_on_cuda(transfer, target, destination, source, streams, events)
         return
+    if cast:
+        if piece.buffer_offset % transfer.dtype.itemsize:
+            source = source.clone()
+        source = source.view(transfer.dtype)
+    destination.copy_(source)
+
+
+def _copy_on_cuda(
+    transfer: Transfer,
+    target: torch.Tensor,
+    destination: torch.Tensor,
+    source: torch.Tensor,
+    streams: dict[torch.device, torch.cuda.Stream],
+    events: list[object],
+) -> None:
+    """Copy staged bytes into a CUDA destination on the reader's stream, recording the event
+    that frees the buffer. Runs only with a CUDA destination: the CUDA tests of
+    ``tests/test_engine.py`` cover it on a GPU; CI has none, so the mutation gate skips it."""
+    import torch
+
     stream = _stream(streams, target.device)
     with torch.cuda.stream(stream):
-        if cast:  # the stored bytes go over the bus, the cast runs on the GPU, in slices
-            step = _CAST_SLICE_BYTES // transfer.dtype.itemsize
-            for first in range(0, destination.numel(), step):
-                part = destination[first : first + step]
-                size = part.numel() * transfer.dtype.itemsize
-                at = first * transfer.dtype.itemsize
-                # freed at once, reused by the next slice: the stream orders them
-                stored = torch.empty(size, dtype=torch.uint8, device=target.device)
-                stored.copy_(source[at : at + size], non_blocking=True)
-                part.copy_(stored.view(transfer.dtype))
+        if target.dtype != transfer.dtype:  # the stored bytes go over the bus, cast on the GPU
+            _cast_into(destination, source, transfer.dtype)
         else:
             destination.copy_(source, non_blocking=True)
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -584,6 +591,23 @@ def _copy_piece(
     events.append(event)
     if _needs_whole(transfer):
         event.synchronize()  # the whole tensor is converted once all its pieces are in place
+
+
+def _cast_into(destination: torch.Tensor, stored: torch.Tensor, dtype: torch.dtype) -> None:
+    """Fill the flat ``destination`` with ``stored`` (the bytes of ``dtype`` elements, on the
+    host) cast to the destination's dtype on its device: the bytes are copied there as stored,
+    then cast, :data:`_CAST_SLICE_BYTES` at a time (on CUDA each slice's temporary is freed at
+    once and reused by the next: the stream orders them)."""
+    import torch
+
+    step = _CAST_SLICE_BYTES // dtype.itemsize
+    for first in range(0, destination.numel(), step):
+        part = destination[first : first + step]
+        size = part.numel() * dtype.itemsize
+        at = first * dtype.itemsize
+        on_device = torch.empty(size, dtype=torch.uint8, device=destination.device)
+        on_device.copy_(stored[at : at + size], non_blocking=True)
+        part.copy_(on_device.view(dtype))
 
 
 def _landed(state: _Run, piece: Piece) -> None:

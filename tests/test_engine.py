@@ -304,6 +304,20 @@ def test_cuda_loads_have_their_own_thread_and_chunk_defaults(
     assert EngineOptions(staging_bytes=(8 << 20) + 100).read_size(cuda=True) == (8 << 20) + 64
 
 
+@pytest.mark.parametrize("slice_bytes", [2, 6, 20, 1 << 24])
+def test_a_cast_on_the_device_fills_every_element_from_the_stored_bytes(
+    monkeypatch: pytest.MonkeyPatch, slice_bytes: int
+) -> None:
+    """Invariant of the cast CUDA destinations get (run here on the CPU, the same code): every
+    element of the destination is its stored BF16 value, whatever the slice size (one slice, a
+    ragged last one, one element each)."""
+    monkeypatch.setattr(engine, "_CAST_SLICE_BYTES", slice_bytes)
+    values = torch.randn(11, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    destination = torch.full((11,), float("nan"))
+    engine._cast_into(destination, values.view(torch.uint8), torch.bfloat16)
+    assert torch.equal(destination, values.float())
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
