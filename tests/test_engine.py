@@ -314,8 +314,22 @@ def test_a_cast_on_the_device_fills_every_element_from_the_stored_bytes(
     monkeypatch.setattr(engine, "_CAST_SLICE_BYTES", slice_bytes)
     values = torch.randn(11, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     destination = torch.full((11,), float("nan"))
-    engine._cast_into(destination, values.view(torch.uint8), torch.bfloat16)
+    with torch.device("meta"):  # the temporaries live on the destination's device, not the default
+        engine._cast_into(destination, values.view(torch.uint8), torch.bfloat16)
     assert torch.equal(destination, values.float())
+
+
+def test_a_file_gone_since_its_header_was_read_is_named_with_what_to_check(
+    tmp_path: Path,
+) -> None:
+    gone = tmp_path / "ema.safetensors"
+    destination = torch.empty(4, dtype=torch.uint8)
+    with pytest.raises(ReadError) as info:
+        run([Transfer("k", gone, 0, 4, torch.uint8, (4,), destination)])
+    assert str(info.value) == (
+        f"{gone}: cannot open for reading (No such file or directory); it was readable when its "
+        "header was checked. Check that nothing removed or replaced it."
+    )
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
