@@ -24,11 +24,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from .errors import BagelError, CorruptCheckpointError, ReadError
 
@@ -230,16 +231,28 @@ def plan_reads(spans: Sequence[tuple[Path, int, int]], chunk: int) -> list[Read]
 # -- running ---------------------------------------------------------------------------------
 
 
+class _Copy(Protocol):
+    """What the pool needs of a CUDA event: whether the copy it follows is done, and a wait."""
+
+    def query(self) -> bool: ...
+
+    def synchronize(self) -> None: ...
+
+
 class _Staging:
     """A bounded pool of staging buffers, each with the event of the last copy out of it.
 
-    Buffers are allocated on first use, by the reader thread that needs one, so that pinning
-    them overlaps with the other threads' reads; pinned ones come from PyTorch's caching host
-    allocator, so a later run in the process reuses them.
+    A reader gets the longest-idle buffer whose copy has finished. While no idle buffer's copy
+    has finished and fewer than ``count`` buffers exist, a new one is allocated instead (by the
+    reader that needs it, so pinning overlaps the other readers' reads, and only as many are
+    pinned as the copies in flight need); with ``count`` allocated, the reader waits for the
+    oldest idle buffer's copy. Pinned buffers come from PyTorch's caching host allocator, so a
+    later run in the process reuses them.
     """
 
     def __init__(self, count: int, size: int, pinned: bool) -> None:
-        self._free: list[tuple[torch.Tensor | None, object]] = [(None, None)] * count
+        self._idle: deque[tuple[torch.Tensor, _Copy | None]] = deque()
+        self._unallocated = count
         self._size, self._pinned = size, pinned
         self._ready = threading.Condition()
         self.allocated = 0
@@ -252,24 +265,40 @@ class _Staging:
             self.allocated += self._size
         return buffer
 
+    def _take(self) -> tuple[torch.Tensor | None, _Copy | None] | None:
+        """Under the lock: a finished buffer (and no event), ``(None, None)`` for a new one, the
+        oldest idle buffer with the copy to wait for, or ``None`` while readers hold them all."""
+        for position, (buffer, copy) in enumerate(self._idle):
+            if copy is None or copy.query():
+                del self._idle[position]
+                return buffer, None
+        if self._unallocated:
+            self._unallocated -= 1
+            return None, None
+        return self._idle.popleft() if self._idle else None
+
     @contextmanager
-    def buffer(self, stop: threading.Event) -> Iterator[tuple[torch.Tensor, list[object]]]:
+    def buffer(self, stop: threading.Event) -> Iterator[tuple[torch.Tensor, list[_Copy]]]:
+        """A buffer and the list that the copies out of it append their events to."""
         with self._ready:
-            while not self._free:
+            while (taken := self._take()) is None:
                 if stop.is_set():
                     raise _Stopped
                 self._ready.wait(0.05)
-            buffer, event = self._free.pop()
-        events: list[object] = []
+        buffer, copy = taken
+        events: list[_Copy] = []
         try:
-            if event is not None:
-                event.synchronize()  # type: ignore[attr-defined]
+            if copy is not None:
+                copy.synchronize()
             if buffer is None:
                 buffer = self._allocate()
             yield buffer, events
         finally:
             with self._ready:
-                self._free.append((buffer, events[-1] if events else None))
+                if buffer is not None:
+                    self._idle.append((buffer, events[-1] if events else None))
+                else:
+                    self._unallocated += 1  # its allocation failed: another reader may try
                 self._ready.notify()
 
 
@@ -544,7 +573,7 @@ def _copy_piece(
     piece: Piece,
     buffer: torch.Tensor,
     streams: dict[torch.device, torch.cuda.Stream],
-    events: list[object],
+    events: list[_Copy],
 ) -> None:
     """Copy one piece out of the staging buffer into its target (async on CUDA)."""
 
@@ -573,11 +602,13 @@ def _copy_on_cuda(
     destination: torch.Tensor,
     source: torch.Tensor,
     streams: dict[torch.device, torch.cuda.Stream],
-    events: list[object],
+    events: list[_Copy],
 ) -> None:
     """Copy staged bytes into a CUDA destination on the reader's stream, recording the event
-    that frees the buffer. Runs only with a CUDA destination: the CUDA tests of
-    ``tests/test_engine.py`` cover it on a GPU; CI has none, so the mutation gate skips it."""
+    that frees the buffer (a blocking event: a reader that waits for it sleeps instead of
+    spinning, leaving the cores to the other readers). Runs only with a CUDA destination: the
+    CUDA tests of ``tests/test_engine.py`` cover it on a GPU; CI has none, so the mutation gate
+    skips it."""
     import torch
 
     stream = _stream(streams, target.device)
@@ -586,7 +617,7 @@ def _copy_on_cuda(
             _cast_into(destination, source, transfer.dtype)
         else:
             destination.copy_(source, non_blocking=True)
-        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
         event.record(stream)
     events.append(event)
     if _needs_whole(transfer):

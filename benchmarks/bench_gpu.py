@@ -8,9 +8,10 @@ root, ``/proc/sys/vm/drop_caches``), and prints one table with each row's ratio 
 
 A method is ``NAME[:key=value,...]``; keys: ``device`` (``cuda``/``cpu``), ``dtype`` (``bf16``,
 ``f32``: the destinations' dtype), ``threads``, ``chunk`` and ``staging`` (MiB), ``loads``
-(loads in one process; the row is the first, the last is printed beside it), ``code=old``
-(import bagelverify from ``--old-code``, e.g. ``git archive`` of an earlier commit, for a
-before/after in one run). Names:
+(loads in one process; the row is the first, the last is printed beside it), ``code=NAME``
+(import bagelverify from the folder given as ``--code NAME=FOLDER``, e.g. ``git archive`` of an
+earlier commit, for a before/after in one run), ``profile=1`` (engine: where the readers' time
+went, in thread-seconds: getting a buffer, pinning, ``preadv``, issuing copies). Names:
 
 - ``engine``: :func:`bagelverify.load_into` (the read engine; default knobs unless given);
 - ``reference``: ``safetensors.torch.load_file`` -> keep the stage's keys -> ``copy_``;
@@ -288,6 +289,46 @@ def _load(name: str, knobs: dict[str, str], path: Path, destinations: dict[str, 
 _INFOS: list[Any] = []
 
 
+def _profile() -> dict[str, float]:
+    """Time the engine's steps in every reader (thread-seconds, summed); returns the totals,
+    filled as the load runs. Patches the engine's internals: benchmark use only."""
+    from bagelverify import engine, safetensors_io
+
+    totals: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def add(step: str, seconds: float) -> None:
+        with lock:
+            totals[step] = totals.get(step, 0.0) + seconds
+            totals[step + " n"] = totals.get(step + " n", 0) + 1
+
+    def timed(step: str, function: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                add(step, time.perf_counter() - start)
+
+        return wrapper
+
+    buffer = engine._Staging.buffer
+
+    @contextlib.contextmanager
+    def timed_buffer(self: Any, stop: Any) -> Any:
+        start = time.perf_counter()
+        with buffer(self, stop) as taken:
+            add("get buffer (pin incl.)", time.perf_counter() - start)
+            yield taken
+
+    engine._Staging.buffer = timed_buffer
+    engine._Staging._allocate = timed("pin", engine._Staging._allocate)
+    safetensors_io.read_exact = timed("preadv", safetensors_io.read_exact)
+    engine._copy_piece = timed("issue copies", engine._copy_piece)
+    engine._run_workers = timed("readers (wall)", engine._run_workers)
+    return totals
+
+
 def measure(method: str, directory: Path) -> dict[str, Any]:
     """Run one method in this process and return its numbers."""
     import torch
@@ -306,6 +347,7 @@ def measure(method: str, directory: Path) -> dict[str, Any]:
     kept = sum(info.nbytes for info in infos)
     params = sum(t.numel() * t.element_size() for t in destinations.values())
     seconds: list[float] = []
+    profile = _profile() if knobs.get("profile") == "1" else None
     for _ in range(int(knobs.get("loads", 1))):
         if cuda:
             torch.cuda.synchronize()
@@ -332,7 +374,7 @@ def measure(method: str, directory: Path) -> dict[str, Any]:
         "gpu_beyond_params_gb": gpu / 1e9,
         "params_gb": params / 1e9,
         "digest": _digest(destinations) if filled else "-",
-    }
+    } | ({"profile": profile} if profile is not None else {})
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
@@ -360,7 +402,13 @@ def main() -> None:
     parser.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--repeat", type=int, default=2, help="warm runs of each method")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--old-code", type=Path, help="folder holding an earlier bagelverify/")
+    parser.add_argument(
+        "--code",
+        action="append",
+        default=[],
+        metavar="NAME=FOLDER",
+        help="a folder holding an earlier bagelverify/, for methods with code=NAME",
+    )
     parser.add_argument("--budget", type=float, default=0, help="start no run after N seconds")
     parser.add_argument("--prewarm", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -397,10 +445,12 @@ def main() -> None:
             warm_cache(path)
         command = [sys.executable, __file__, "--dir", str(directory), "--one", method]
         env = dict(os.environ)
-        if parse(method)[1].get("code") == "old":
-            if args.old_code is None:
-                raise SystemExit(f"{method} needs --old-code")
-            env["PYTHONPATH"] = os.pathsep.join([str(args.old_code), env.get("PYTHONPATH", "")])
+        code = parse(method)[1].get("code")
+        if code is not None:
+            folders = dict(item.split("=", 1) for item in args.code)
+            if code not in folders:
+                raise SystemExit(f"{method} needs --code {code}=FOLDER")
+            env["PYTHONPATH"] = os.pathsep.join([folders[code], env.get("PYTHONPATH", "")])
         done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
         if done.returncode:
             print(f"{method} ({cache}) failed: {done.stderr.strip()[-800:]}", flush=True)
@@ -424,6 +474,13 @@ def main() -> None:
             f"{row['last_gbps']:7.2f} {row['host_beyond_params_gb']:8.2f} "
             f"{row['gpu_beyond_params_gb']:7.2f}  {row['digest']}"
         )
+        if "profile" in row:
+            steps = {k: v for k, v in row["profile"].items() if not k.endswith(" n")}
+            counts = row["profile"]
+            print(
+                "    "
+                + "; ".join(f"{k} {v:.3f} s/{counts[k + ' n']:.0f}" for k, v in steps.items())
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -203,6 +203,68 @@ def test_staging_never_exceeds_the_budget(tmp_path: Path, budget: int, threads: 
     assert _same(destination, _stored(data, 0, torch.float32, (nbytes // 4,)).double())
 
 
+class _FakeCopy:
+    """A stand-in for a CUDA copy's event: done or still running; counts the waits for it."""
+
+    def __init__(self, done: bool) -> None:
+        self.done, self.waits = done, 0
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waits += 1
+        self.done = True
+
+
+def _take(pool: engine._Staging, copy: _FakeCopy | None = None) -> torch.Tensor:
+    """Take a buffer from ``pool`` and give it back with ``copy`` as its last copy out."""
+    with pool.buffer(threading.Event()) as (buffer, events):
+        if copy is not None:
+            events.append(copy)
+    return buffer
+
+
+def test_staging_hands_out_a_finished_buffer_before_one_whose_copy_runs() -> None:
+    """A reader never waits for a running copy while a buffer whose copy is done lies idle,
+    whichever was given back last."""
+    pool = engine._Staging(count=2, size=4096, pinned=False)
+    stop = threading.Event()
+    finished, running = _FakeCopy(done=True), _FakeCopy(done=False)
+    held_first, held_second = pool.buffer(stop), pool.buffer(stop)
+    first, first_events = held_first.__enter__()
+    second, second_events = held_second.__enter__()
+    first_events.append(finished)
+    held_first.__exit__(None, None, None)
+    second_events.append(running)
+    held_second.__exit__(None, None, None)  # given back last
+    assert second is not first
+    assert _take(pool) is first
+    assert running.waits == 0 and finished.waits == 0
+
+
+def test_staging_allocates_only_while_every_idle_buffer_is_copied_out() -> None:
+    """A new buffer is allocated only while each idle one's copy runs; at the pool's size the
+    reader waits for the oldest copy instead."""
+    pool = engine._Staging(count=2, size=4096, pinned=False)
+    oldest = _FakeCopy(done=False)
+    first = _take(pool, oldest)
+    assert pool.allocated == 4096
+    second = _take(pool, _FakeCopy(done=False))  # the first is still being copied out
+    assert second is not first and pool.allocated == 8192
+    assert _take(pool) is first  # no third buffer: the oldest copy is waited for
+    assert oldest.waits == 1 and pool.allocated == 8192
+
+
+def test_staging_reuses_a_buffer_whose_copy_is_done_instead_of_allocating() -> None:
+    """Buffers given back with no copy running (CPU staging) are reused: one reader at a time
+    needs one buffer, however large the pool may grow."""
+    pool = engine._Staging(count=8, size=4096, pinned=False)
+    buffers = {id(_take(pool, _FakeCopy(done=True))) for _ in range(5)}
+    buffers |= {id(_take(pool)) for _ in range(5)}
+    assert len(buffers) == 1 and pool.allocated == 4096
+
+
 def _reader_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("bagelverify-read-")]
 
