@@ -8,7 +8,9 @@ coalesced into one read, large ones split into chunks) and runs the reads on a f
 - a contiguous CPU destination of the file's dtype is read straight into its memory;
 - any other contiguous destination (a CUDA tensor, a cast) is read into a staging buffer from a
   bounded pool (pinned when CUDA is in use) and copied from there, on the thread's own CUDA
-  stream with ``non_blocking=True``; the buffer is reused only after that copy's event is done;
+  stream with ``non_blocking=True``; the buffer is reused only after that copy's event is done.
+  What of such a read the page cache holds is read from it; the rest goes around it
+  (``O_DIRECT``, a few reads at once: a cold disk reads fastest so), where the system allows;
 - a destination that needs the whole tensor first (the Conv2d patch conversion, a
   non-contiguous destination) is filled through a temporary of the file's dtype on the
   destination's device, then converted there.
@@ -21,6 +23,7 @@ error happened hold new data (all of them, some of them, or partly); the rest ar
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -77,6 +80,12 @@ MAX_DEFAULT_CUDA_THREADS = 16
 DEFAULT_STAGING_BYTES = 1024 * MiB
 """Default cap on staging memory (pinned when CUDA destinations are read)."""
 
+DEFAULT_DIRECT_READS = 4
+"""Default number of ``O_DIRECT`` reads at once (:attr:`EngineOptions.direct_reads`)."""
+
+_PAGE = 4096  # O_DIRECT alignment of offsets, lengths and buffers (a multiple of any block size)
+_DIRECT_SLACK = 3 * _PAGE  # staging bytes a read leaves free: aligning the buffer, its start, end
+
 _CAST_SLICE_BYTES = 16 * MiB  # stored bytes cast at once on a CUDA device (per reader thread)
 
 _IOV_MAX = 1024  # the fewest buffers one preadv takes on Linux (and the POSIX minimum is 16)
@@ -100,13 +109,17 @@ class EngineOptions:
     :data:`DEFAULT_CHUNK_BYTES`); a tensor larger than it is read in chunks. ``staging_bytes``:
     the most memory held in staging buffers at once (at least one chunk; the chunk shrinks to
     the budget if larger). ``prefetch``: ask the kernel (``POSIX_FADV_WILLNEED``) to start
-    reading ranges a few reads ahead.
+    reading ranges a few reads ahead (files read around the page cache excepted).
+    ``direct_reads``: a staged read takes what the page cache holds of its range and reads the
+    rest with ``O_DIRECT``, at most this many such reads at once (0: every read through the page
+    cache; also where the file system refuses ``O_DIRECT``).
     """
 
     threads: int | None = None
     chunk_bytes: int | None = None
     staging_bytes: int = DEFAULT_STAGING_BYTES
     prefetch: bool = True
+    direct_reads: int = DEFAULT_DIRECT_READS
 
     def __post_init__(self) -> None:
         for name in ("chunk_bytes", "staging_bytes"):
@@ -119,6 +132,14 @@ class EngineOptions:
             isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
         ):
             raise ValueError(f"EngineOptions.threads must be an int >= 1, got {self.threads!r}")
+        if (
+            isinstance(self.direct_reads, bool)
+            or not isinstance(self.direct_reads, int)
+            or self.direct_reads < 0
+        ):
+            raise ValueError(
+                f"EngineOptions.direct_reads must be an int >= 0, got {self.direct_reads!r}"
+            )
 
     def thread_count(self, *, staged: bool = True, cuda: bool = False) -> int:
         """The number of reader threads a run uses (``staged``: some reads go through staging;
@@ -314,6 +335,9 @@ class _Run:
     direct: list[bool]
     reads: list[Read]
     fds: Mapping[Path, int]
+    direct_fds: Mapping[Path, int]
+    """``O_DIRECT`` descriptors of the files whose staged reads may go around the page cache."""
+    direct_slots: threading.BoundedSemaphore
     options: EngineOptions
     staging: _Staging
     progress: Progress | None
@@ -380,9 +404,11 @@ def run(
     targets = [_target(t) for t in transfers]
     direct = [_is_direct(t, target) for t, target in zip(transfers, targets, strict=True)]
     uses_cuda = any(target.device.type == "cuda" for target in targets)
+    staged = not all(d for t, d in zip(transfers, direct, strict=True) if t.nbytes)
     chunk = options.read_size(cuda=uses_cuda)
-    reads = plan_reads([(t.path, t.offset, t.nbytes) for t in transfers], chunk)
-    staged = any(not all(direct[p.transfer] for p in r.pieces) for r in reads)
+    around_cache = staged and options.direct_reads > 0 and _DIRECT_IO and chunk >= 4 * _DIRECT_SLACK
+    planned = chunk - _DIRECT_SLACK if around_cache else chunk  # room to align in the buffer
+    reads = plan_reads([(t.path, t.offset, t.nbytes) for t in transfers], planned)
     threads = max(1, min(options.thread_count(staged=staged, cuda=uses_cuda), len(reads)))
     buffers = max(1, min(options.staging_bytes // chunk, 2 * threads)) if staged else 0
     state = _Run(
@@ -391,6 +417,8 @@ def run(
         direct,
         reads,
         {},
+        {},
+        threading.BoundedSemaphore(max(1, options.direct_reads)),
         options,
         _Staging(buffers, chunk, pinned=uses_cuda and torch.cuda.is_available()),
         progress,
@@ -411,6 +439,8 @@ def run(
             stack.callback(os.close, fd)
             opened[path] = fd
         state.fds = opened
+        if around_cache:
+            state.direct_fds = _open_direct({r.path for r in reads}, opened, stack)
         _run_workers(state)
         if uses_cuda:
             torch.cuda.synchronize()
@@ -424,6 +454,31 @@ def run(
     if state.error is not None:
         raise _describe(state)
     return EngineStats(state.total, len(reads), threads, state.staging.allocated)
+
+
+_DIRECT_IO = all(hasattr(os, name) for name in ("O_DIRECT", "RWF_NOWAIT", "preadv"))
+
+
+def _open_direct(paths: set[Path], fds: Mapping[Path, int], stack: ExitStack) -> dict[Path, int]:
+    """``O_DIRECT`` descriptors of the same open files (reopened through ``/proc/self/fd``) for
+    the paths whose file system takes both ``O_DIRECT`` and ``RWF_NOWAIT`` reads."""
+    opened: dict[Path, int] = {}
+    for path in paths:
+        try:
+            direct = os.open(f"/proc/self/fd/{fds[path]}", os.O_RDONLY | os.O_DIRECT)
+        except OSError as error:
+            logger.debug("%s: read through the page cache (O_DIRECT: %s)", path, error.strerror)
+            continue
+        stack.callback(os.close, direct)
+        try:
+            os.preadv(fds[path], [bytearray(1)], 0, os.RWF_NOWAIT)
+        except BlockingIOError:
+            pass  # not cached: the flag works
+        except OSError as error:
+            logger.debug("%s: read through the page cache (RWF_NOWAIT: %s)", path, error.strerror)
+            continue
+        opened[path] = direct
+    return opened
 
 
 def _run_workers(state: _Run) -> None:
@@ -486,6 +541,8 @@ def _next(state: _Run) -> Read | None:
         ahead = state.next_read + state.threads
     if state.options.prefetch and ahead < len(state.reads) and hasattr(os, "posix_fadvise"):
         nxt = state.reads[ahead]
+        if nxt.path in state.direct_fds:
+            return read  # uncached bytes are read around the page cache: no readahead wanted
         os.posix_fadvise(state.fds[nxt.path], nxt.offset, nxt.length, os.POSIX_FADV_WILLNEED)
     return read
 
@@ -532,24 +589,76 @@ def _stream(
 
 
 def _do_read(state: _Run, read: Read, streams: dict[torch.device, torch.cuda.Stream]) -> None:
-    from .safetensors_io import byte_view, read_exact
+    from .safetensors_io import byte_view
 
-    fd = state.fds[read.path]
     source = f"{read.path}: {state.transfers[read.pieces[0].transfer].label!r}"
     if all(state.direct[p.transfer] for p in read.pieces):
         views = [
             byte_view(_byte_target(state.targets[p.transfer]))[p.start : p.start + p.length]
             for p in read.pieces
         ]
-        _preadv_exact(fd, views, read.offset, source)
+        _preadv_exact(state.fds[read.path], views, read.offset, source)
     else:
         with state.staging.buffer(state.stop) as (buffer, events):
-            view = byte_view(buffer)[: read.length]
-            read_exact(fd, view, read.offset, source=source)
+            staged = _read_staged(state, read, buffer, source)
             for piece in read.pieces:
-                _copy_piece(state, piece, buffer, streams, events)
+                _copy_piece(state, piece, staged, streams, events)
     for piece in read.pieces:
         _landed(state, piece)
+
+
+def _read_staged(state: _Run, read: Read, buffer: torch.Tensor, source: str) -> torch.Tensor:
+    """Read ``read`` into the staging ``buffer``; returns the part of it holding the bytes.
+
+    A file without an ``O_DIRECT`` descriptor is read at the buffer's start. Otherwise the bytes
+    land so that page-aligned file offsets fall on page-aligned addresses: the prefix of the
+    range that the page cache holds is taken from it (one ``RWF_NOWAIT`` read), the rest is read
+    around the cache (:func:`_read_direct`) holding one of :attr:`_Run.direct_slots`.
+    """
+    from .safetensors_io import byte_view, read_exact
+
+    fd, view = state.fds[read.path], byte_view(buffer)
+    direct = state.direct_fds.get(read.path)
+    if direct is None:
+        read_exact(fd, view[: read.length], read.offset, source=source)
+        return buffer[: read.length]
+    base = read.offset // _PAGE * _PAGE  # the file offset at the buffer's first aligned byte
+    shift = (-buffer.data_ptr()) % _PAGE
+    aligned, first = view[shift:], read.offset - base
+    try:
+        cached = os.preadv(fd, [aligned[first : first + read.length]], read.offset, os.RWF_NOWAIT)
+    except BlockingIOError:  # none of it is in the page cache
+        cached = 0
+    if cached < read.length:
+        with state.direct_slots:
+            _read_direct(
+                direct, fd, aligned, base, read.offset + cached, read.offset + read.length, source
+            )
+    return buffer[shift + first : shift + first + read.length]
+
+
+def _read_direct(
+    direct: int, fd: int, view: memoryview, base: int, start: int, end: int, source: str
+) -> None:
+    """Fill file bytes ``[start, end)`` into ``view`` (page-aligned memory holding the file from
+    offset ``base``, page-aligned) with ``O_DIRECT`` reads of whole pages. After a short or
+    refused one (the file's end, a device's own alignment) the rest is read through the page
+    cache, which raises the end-of-file error if the file ended early."""
+    from .safetensors_io import read_exact
+
+    position, stop = start // _PAGE * _PAGE, -(-end // _PAGE) * _PAGE
+    while position < end:
+        try:
+            got = os.preadv(direct, [view[position - base : stop - base]], position)
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+            got = 0
+        position += got
+        if got == 0 or got % _PAGE:
+            break
+    if position < end:
+        read_exact(fd, view[position - base : end - base], position, source=source)
 
 
 def _preadv_exact(fd: int, views: list[memoryview], offset: int, source: str) -> None:
@@ -590,7 +699,7 @@ def _copy_piece(
         _copy_on_cuda(transfer, target, destination, source, streams, events)
         return
     if cast:
-        if piece.buffer_offset % transfer.dtype.itemsize:
+        if source.storage_offset() % transfer.dtype.itemsize:
             source = source.clone()
         source = source.view(transfer.dtype)
     destination.copy_(source)
@@ -666,6 +775,7 @@ def _finish(transfer: Transfer, target: torch.Tensor) -> None:
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_CUDA_CHUNK_BYTES",
+    "DEFAULT_DIRECT_READS",
     "DEFAULT_STAGING_BYTES",
     "MAX_DEFAULT_CUDA_THREADS",
     "MAX_DEFAULT_DIRECT_THREADS",

@@ -7,8 +7,9 @@ chunk changes the digest; seconds, not minutes), then runs each method in its ow
 root, ``/proc/sys/vm/drop_caches``), and prints one table with each row's ratio to its limit.
 
 A method is ``NAME[:key=value,...]``; keys: ``device`` (``cuda``/``cpu``), ``dtype`` (``bf16``,
-``f32``: the destinations' dtype), ``threads``, ``chunk`` and ``staging`` (MiB), ``loads``
-(loads in one process; the row is the first, the last is printed beside it), ``code=NAME``
+``f32``: the destinations' dtype), ``threads``, ``chunk`` and ``staging`` (MiB), ``direct``
+(``O_DIRECT`` reads at once), ``loads`` (loads in one process; the row is the first, the last is
+printed beside it), ``code=NAME``
 (import bagelverify from the folder given as ``--code NAME=FOLDER``, e.g. ``git archive`` of an
 earlier commit, for a before/after in one run), ``profile=1`` (engine: where the readers' time
 went, in thread-seconds: getting a buffer, pinning, ``preadv``, issuing copies). Names:
@@ -241,6 +242,7 @@ def _load(name: str, knobs: dict[str, str], path: Path, destinations: dict[str, 
             threads=int(knobs["threads"]) if "threads" in knobs else None,
             chunk_bytes=int(knobs["chunk"]) << 20 if "chunk" in knobs else None,
             staging_bytes=int(knobs.get("staging", 1024)) << 20,
+            **({"direct_reads": int(knobs["direct"])} if "direct" in knobs else {}),
         )
         load_into(destinations, path.parent, stage=1, read_options=options)
     elif name == "reference":
@@ -324,6 +326,8 @@ def _profile() -> dict[str, float]:
     engine._Staging.buffer = timed_buffer
     engine._Staging._allocate = timed("pin", engine._Staging._allocate)
     safetensors_io.read_exact = timed("preadv", safetensors_io.read_exact)
+    if hasattr(engine, "_read_staged"):
+        engine._read_staged = timed("staged reads", engine._read_staged)
     engine._copy_piece = timed("issue copies", engine._copy_piece)
     engine._run_workers = timed("readers (wall)", engine._run_workers)
     return totals
