@@ -9,8 +9,8 @@ coalesced into one read, large ones split into chunks) and runs the reads on a f
 - any other contiguous destination (a CUDA tensor, a cast) is read into a staging buffer from a
   bounded pool (pinned when CUDA is in use) and copied from there, on the thread's own CUDA
   stream with ``non_blocking=True``; the buffer is reused only after that copy's event is done.
-  What of such a read the page cache holds is read from it; the rest goes around it
-  (``O_DIRECT``, a few reads at once: a cold disk reads fastest so), where the system allows;
+  A read of which the page cache holds nothing goes around it (``O_DIRECT``, a few reads at
+  once: a cold disk reads fastest so) where the system allows;
 - a destination that needs the whole tensor first (the Conv2d patch conversion, a
   non-contiguous destination) is filled through a temporary of the file's dtype on the
   destination's device, then converted there.
@@ -23,9 +23,12 @@ error happened hold new data (all of them, some of them, or partly); the rest ar
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import logging
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -110,9 +113,9 @@ class EngineOptions:
     the most memory held in staging buffers at once (at least one chunk; the chunk shrinks to
     the budget if larger). ``prefetch``: ask the kernel (``POSIX_FADV_WILLNEED``) to start
     reading ranges a few reads ahead (files read around the page cache excepted).
-    ``direct_reads``: a staged read takes what the page cache holds of its range and reads the
-    rest with ``O_DIRECT``, at most this many such reads at once (0: every read through the page
-    cache; also where the file system refuses ``O_DIRECT``).
+    ``direct_reads``: a staged read of which the page cache holds nothing is read with
+    ``O_DIRECT``, at most this many such reads at once (0: every read through the page cache; so
+    too where the file system refuses ``O_DIRECT`` or the kernel has no ``cachestat``).
     """
 
     threads: int | None = None
@@ -456,27 +459,55 @@ def run(
     return EngineStats(state.total, len(reads), threads, state.staging.allocated)
 
 
-_DIRECT_IO = all(hasattr(os, name) for name in ("O_DIRECT", "RWF_NOWAIT", "preadv"))
+_CACHESTAT = 451  # cachestat(2)'s number on every Linux architecture (Linux >= 6.5)
+_DIRECT_IO = sys.platform.startswith("linux") and hasattr(os, "O_DIRECT")
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("offset", ctypes.c_uint64), ("length", ctypes.c_uint64)]
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("cached", "dirty", "writeback", "evicted")]
+    _fields_ += [("recently_evicted", ctypes.c_uint64)]
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+def _cached_pages(fd: int, offset: int, length: int) -> int:
+    """How many pages of bytes ``[offset, offset + length)`` of ``fd`` the page cache holds
+    (``cachestat``: it starts no I/O, unlike a ``RWF_NOWAIT`` read); ``OSError`` where the
+    kernel cannot tell."""
+    found = _CacheStat()
+    if _libc().syscall(
+        ctypes.c_long(_CACHESTAT),
+        ctypes.c_uint(fd),
+        ctypes.byref(_Range(offset, length)),
+        ctypes.byref(found),
+        ctypes.c_uint(0),
+    ):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return int(found.cached)
 
 
 def _open_direct(paths: set[Path], fds: Mapping[Path, int], stack: ExitStack) -> dict[Path, int]:
     """``O_DIRECT`` descriptors of the same open files (reopened through ``/proc/self/fd``) for
-    the paths whose file system takes both ``O_DIRECT`` and ``RWF_NOWAIT`` reads."""
+    the paths whose file system takes ``O_DIRECT`` and whose kernel answers ``cachestat``."""
     opened: dict[Path, int] = {}
     for path in paths:
         try:
+            _cached_pages(fds[path], 0, 1)
             direct = os.open(f"/proc/self/fd/{fds[path]}", os.O_RDONLY | os.O_DIRECT)
         except OSError as error:
-            logger.debug("%s: read through the page cache (O_DIRECT: %s)", path, error.strerror)
+            logger.debug("%s: read through the page cache (%s)", path, error.strerror)
             continue
         stack.callback(os.close, direct)
-        try:
-            os.preadv(fds[path], [bytearray(1)], 0, os.RWF_NOWAIT)
-        except BlockingIOError:
-            pass  # not cached: the flag works
-        except OSError as error:
-            logger.debug("%s: read through the page cache (RWF_NOWAIT: %s)", path, error.strerror)
-            continue
         opened[path] = direct
     return opened
 
@@ -610,31 +641,24 @@ def _do_read(state: _Run, read: Read, streams: dict[torch.device, torch.cuda.Str
 def _read_staged(state: _Run, read: Read, buffer: torch.Tensor, source: str) -> torch.Tensor:
     """Read ``read`` into the staging ``buffer``; returns the part of it holding the bytes.
 
-    A file without an ``O_DIRECT`` descriptor is read at the buffer's start. Otherwise the bytes
-    land so that page-aligned file offsets fall on page-aligned addresses: the prefix of the
-    range that the page cache holds is taken from it (one ``RWF_NOWAIT`` read), the rest is read
-    around the cache (:func:`_read_direct`) holding one of :attr:`_Run.direct_slots`.
+    Through the page cache, at the buffer's start, unless the file has an ``O_DIRECT``
+    descriptor and the cache holds none of the range: then around it (:func:`_read_direct`,
+    holding one of :attr:`_Run.direct_slots`), page-aligned file offsets on page-aligned
+    addresses.
     """
     from .safetensors_io import byte_view, read_exact
 
     fd, view = state.fds[read.path], byte_view(buffer)
     direct = state.direct_fds.get(read.path)
-    if direct is None:
+    if direct is None or _cached_pages(fd, read.offset, read.length):
         read_exact(fd, view[: read.length], read.offset, source=source)
         return buffer[: read.length]
     base = read.offset // _PAGE * _PAGE  # the file offset at the buffer's first aligned byte
     shift = (-buffer.data_ptr()) % _PAGE
-    aligned, first = view[shift:], read.offset - base
-    try:
-        cached = os.preadv(fd, [aligned[first : first + read.length]], read.offset, os.RWF_NOWAIT)
-    except BlockingIOError:  # none of it is in the page cache
-        cached = 0
-    if cached < read.length:
-        with state.direct_slots:
-            _read_direct(
-                direct, fd, aligned, base, read.offset + cached, read.offset + read.length, source
-            )
-    return buffer[shift + first : shift + first + read.length]
+    with state.direct_slots:
+        _read_direct(direct, fd, view[shift:], base, read.offset, read.offset + read.length, source)
+    first = shift + read.offset - base
+    return buffer[first : first + read.length]
 
 
 def _read_direct(

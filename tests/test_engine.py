@@ -311,6 +311,171 @@ def test_a_file_truncated_after_planning_is_a_corrupt_checkpoint_naming_file_and
     assert _reader_threads() == []
 
 
+def _drop_from_cache(path: Path, start: int = 0) -> None:
+    """Drop ``path``'s pages from ``start`` (a page boundary) on from the page cache (again
+    while some stay: pages on another CPU's LRU list can outlast one call),
+    or skip where this system keeps them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        for _ in range(100):
+            os.posix_fadvise(fd, start, 0, os.POSIX_FADV_DONTNEED)
+            if not engine._cached_pages(fd, start, os.fstat(fd).st_size - start):
+                return
+            threading.Event().wait(0.01)
+        pytest.skip("the page cache keeps this file")
+    finally:
+        os.close(fd)
+
+
+def _direct_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Record ``(start, end)`` of every read that goes around the page cache."""
+    calls: list[tuple[int, int]] = []
+    read_direct = engine._read_direct
+
+    def recorded(*args: object) -> None:
+        calls.append((args[4], args[5]))  # type: ignore[arg-type]
+        read_direct(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "_read_direct", recorded)
+    return calls
+
+
+def _same_cast(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal values, NaN for NaN (a cast's NaN payload depends on the CPU's code path: a
+    vectorised loop keeps it, a scalar tail may not)."""
+    nan = want.isnan()
+    return torch.equal(got.isnan(), nan) and torch.equal(got[~nan], want[~nan])
+
+
+def _odd_casts(path: Path, data: bytes) -> tuple[list[Transfer], list[torch.Tensor]]:
+    """F16 tensors at odd offsets of a 4 MiB file cast into F32 (staged reads), two of them
+    spanning many chunks."""
+    transfers, expected = [], []
+    spans = [(3, 5), (1001, 1_000_001), (2_001_007, 9), (2_001_031, 1_000_000)]
+    for n, (offset, count) in enumerate(spans):
+        stored = _stored(data, offset, torch.float16, (count,))
+        destination = torch.empty(count, dtype=torch.float32)
+        transfers.append(
+            Transfer(f"t{n}", path, offset, 2 * count, torch.float16, (count,), destination)
+        )
+        expected.append(stored.float())
+    return transfers, expected
+
+
+_DIRECT = EngineOptions(threads=3, chunk_bytes=64 << 10, staging_bytes=1 << 20, direct_reads=2)
+
+
+@pytest.mark.parametrize("cache", ["cold", "warm", "half"])
+def test_staged_reads_take_cached_bytes_from_the_cache_and_the_rest_around_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str
+) -> None:
+    """Whatever of the file the page cache holds, the values equal a plain read; only reads
+    of which it holds nothing go around it (``O_DIRECT``)."""
+    path, data = _file(tmp_path, 4 << 20)
+    if not engine._open_direct({path}, {path: os.open(path, os.O_RDONLY)}, contextlib.ExitStack()):
+        pytest.skip("this file system takes no O_DIRECT or RWF_NOWAIT reads")
+    if cache != "warm":
+        _drop_from_cache(path, 0 if cache == "cold" else 2 << 20)  # a large folio's boundary
+    calls = _direct_reads(monkeypatch)
+    transfers, expected = _odd_casts(path, data)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead past the cached half
+    try:
+        run(transfers, options=_DIRECT, fds={path: fd})
+    finally:
+        os.close(fd)
+    for transfer, want in zip(transfers, expected, strict=True):
+        assert _same_cast(transfer.destination, want), transfer.label
+    if cache == "warm":
+        assert calls == []
+    else:
+        assert calls and min(start for start, _ in calls) >= (0 if cache == "cold" else 2 << 20)
+
+
+def test_direct_reads_in_flight_stay_within_the_option(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, data = _file(tmp_path, 4 << 20)
+    _drop_from_cache(path)
+    busy, most, lock = [0], [0], threading.Lock()
+    read_direct = engine._read_direct
+
+    def counted(*args: object) -> None:
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        threading.Event().wait(0.01)
+        read_direct(*args)  # type: ignore[arg-type]
+        with lock:
+            busy[0] -= 1
+
+    monkeypatch.setattr(engine, "_read_direct", counted)
+    transfers, expected = _odd_casts(path, data)
+    run(transfers, options=EngineOptions(threads=4, chunk_bytes=64 << 10, direct_reads=1))
+    assert most[0] == 1
+    assert all(_same_cast(t.destination, w) for t, w in zip(transfers, expected, strict=True))
+
+
+@pytest.mark.parametrize("refused", ["O_DIRECT", "cachestat"])
+def test_a_system_refusing_o_direct_or_cachestat_is_read_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: str
+) -> None:
+    path, data = _file(tmp_path, 4 << 20)
+    _drop_from_cache(path)
+    opened = os.open
+
+    def refuse_direct(name: str, flags: int, *args: int) -> int:
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return opened(name, flags, *args)
+
+    def refuse_cachestat(*args: int) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    if refused == "O_DIRECT":
+        monkeypatch.setattr(os, "open", refuse_direct)
+    else:
+        monkeypatch.setattr(engine, "_cached_pages", refuse_cachestat)
+    calls = _direct_reads(monkeypatch)
+    transfers, expected = _odd_casts(path, data)
+    run(transfers, options=_DIRECT)
+    assert calls == []
+    assert all(_same_cast(t.destination, w) for t, w in zip(transfers, expected, strict=True))
+
+
+def test_a_refused_or_short_direct_read_leaves_the_rest_to_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_read_direct`` fills the range whatever ``O_DIRECT`` does: all of it, a short read, a
+    refusal; past the file's end it raises the end-of-file error."""
+    path, data = _file(tmp_path, 20_000)
+    fd = os.open(path, os.O_RDONLY)
+    preadv = os.preadv
+    for answer in ("all", "short", "refused"):
+
+        def direct_read(
+            handle: int, views: list[memoryview], offset: int, *flags: int, answer: str = answer
+        ) -> int:
+            if handle != -1:
+                return preadv(handle, views, offset, *flags)
+            if answer == "refused":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            wanted = len(views[0]) if answer == "all" else 4096 + 100
+            return preadv(fd, [views[0][:wanted]], offset)
+
+        monkeypatch.setattr(os, "preadv", direct_read)
+        view = memoryview(bytearray(20_480))
+        engine._read_direct(-1, fd, view, 0, 5, 13_000, "data.bin: 't'")
+        assert view[5:13_000] == data[5:13_000], answer
+    monkeypatch.setattr(os, "preadv", preadv)
+    with pytest.raises(CorruptCheckpointError, match=r"data\.bin: 't'.*unexpected end of file"):
+        engine._read_direct(
+            fd, fd, memoryview(bytearray(28_672)), 0, 16_384, 24_000, "data.bin: 't'"
+        )
+    os.close(fd)
+
+
 def test_progress_reports_every_byte_once(tmp_path: Path) -> None:
     path, _ = _file(tmp_path, 50_000)
     seen: list[tuple[int, int]] = []
@@ -346,6 +511,9 @@ def test_options_are_checked() -> None:
         EngineOptions(threads=0)
     with pytest.raises(ValueError, match="chunk_bytes"):
         EngineOptions(chunk_bytes=10)
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="direct_reads"):
+            EngineOptions(direct_reads=bad)  # type: ignore[arg-type]
     cpus = os.cpu_count() or 1
     assert EngineOptions().thread_count() == max(1, min(8, cpus))
     assert EngineOptions().thread_count(staged=False) == max(1, min(16, cpus))
