@@ -500,7 +500,7 @@ def _open_direct(paths: set[Path], fds: Mapping[Path, int], stack: ExitStack) ->
     """``O_DIRECT`` descriptors of the same open files (reopened through ``/proc/self/fd``) for
     the paths whose file system takes ``O_DIRECT`` and whose kernel answers ``cachestat``."""
     opened: dict[Path, int] = {}
-    for path in paths:
+    for path in sorted(paths):
         try:
             _cached_pages(fds[path], 0, 1)
             direct = os.open(f"/proc/self/fd/{fds[path]}", os.O_RDONLY | os.O_DIRECT)

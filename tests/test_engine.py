@@ -7,6 +7,7 @@ import errno
 import os
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bagelverify import engine
-from bagelverify.engine import EngineOptions, Transfer, plan_reads, run
+from bagelverify.engine import EngineOptions, Read, Transfer, plan_reads, run
 from bagelverify.errors import CorruptCheckpointError, ReadError
 from bagelverify.patch_embedding import conv_patch_weight_to_linear
 
@@ -366,7 +367,7 @@ def _odd_casts(path: Path, data: bytes) -> tuple[list[Transfer], list[torch.Tens
 _DIRECT = EngineOptions(threads=3, chunk_bytes=64 << 10, staging_bytes=1 << 20, direct_reads=2)
 
 
-@pytest.mark.parametrize("cache", ["cold", "warm", "half"])
+@pytest.mark.parametrize("cache", ["cold", "warm", "half", "tail"])
 def test_staged_reads_take_cached_bytes_from_the_cache_and_the_rest_around_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str
 ) -> None:
@@ -375,9 +376,15 @@ def test_staged_reads_take_cached_bytes_from_the_cache_and_the_rest_around_it(
     path, data = _file(tmp_path, 4 << 20)
     if not engine._open_direct({path}, {path: os.open(path, os.O_RDONLY)}, contextlib.ExitStack()):
         pytest.skip("this file system takes no O_DIRECT or RWF_NOWAIT reads")
-    if cache != "warm":
+    if cache == "tail":  # the second half cached, the first not
+        _drop_from_cache(path)
+        with open(path, "rb") as handle:
+            handle.seek(2 << 20)
+            handle.read()
+    elif cache != "warm":
         _drop_from_cache(path, 0 if cache == "cold" else 2 << 20)  # a large folio's boundary
     calls = _direct_reads(monkeypatch)
+    buffered = _buffered_reads(monkeypatch)
     transfers, expected = _odd_casts(path, data)
     fd = os.open(path, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead past the cached half
@@ -389,8 +396,12 @@ def test_staged_reads_take_cached_bytes_from_the_cache_and_the_rest_around_it(
         assert _same_cast(transfer.destination, want), transfer.label
     if cache == "warm":
         assert calls == []
+    elif cache == "cold":
+        assert calls and buffered == []
+    elif cache == "half":
+        assert calls and min(start for start, _ in calls) >= 2 << 20
     else:
-        assert calls and min(start for start, _ in calls) >= (0 if cache == "cold" else 2 << 20)
+        assert calls and max(end for _, end in calls) <= 2 << 20
 
 
 def test_direct_reads_in_flight_stay_within_the_option(
@@ -444,36 +455,126 @@ def test_a_system_refusing_o_direct_or_cachestat_is_read_through_the_page_cache(
     assert all(_same_cast(t.destination, w) for t, w in zip(transfers, expected, strict=True))
 
 
-def test_a_refused_or_short_direct_read_leaves_the_rest_to_the_page_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _buffered_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the offset of every read through the page cache (``read_exact``)."""
+    from bagelverify import safetensors_io
+
+    offsets: list[int] = []
+    read_exact = safetensors_io.read_exact
+
+    def recorded(fd: int, view: memoryview, offset: int, **kwargs: str) -> None:
+        offsets.append(offset)
+        read_exact(fd, view, offset, **kwargs)
+
+    monkeypatch.setattr(safetensors_io, "read_exact", recorded)
+    return offsets
+
+
+@pytest.mark.parametrize("answer", ["all", "a page at a time", "short", "refused"])
+@pytest.mark.parametrize(("start", "end"), [(4101, 13_000), (8192, 16_384)])
+def test_a_direct_read_fills_whole_pages_and_leaves_a_short_or_refused_rest_to_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: str, start: int, end: int
 ) -> None:
-    """``_read_direct`` fills the range whatever ``O_DIRECT`` does: all of it, a short read, a
-    refusal; past the file's end it raises the end-of-file error."""
+    """``_read_direct`` fills file bytes ``[start, end)`` at their place in a view holding the
+    file from ``base`` on, reading whole pages and nothing past them (as many reads as it takes);
+    after a short read or a refusal the rest (only the rest) comes through the page cache."""
     path, data = _file(tmp_path, 20_000)
     fd = os.open(path, os.O_RDONLY)
     preadv = os.preadv
-    for answer in ("all", "short", "refused"):
 
-        def direct_read(
-            handle: int, views: list[memoryview], offset: int, *flags: int, answer: str = answer
-        ) -> int:
-            if handle != -1:
-                return preadv(handle, views, offset, *flags)
-            if answer == "refused":
-                raise OSError(errno.EINVAL, "Invalid argument")
-            wanted = len(views[0]) if answer == "all" else 4096 + 100
-            return preadv(fd, [views[0][:wanted]], offset)
+    def direct_read(handle: int, views: list[memoryview], offset: int) -> int:
+        if handle != -1:  # the page cache's read
+            return preadv(handle, views, offset)
+        assert offset % 4096 == 0 and len(views[0]) % 4096 == 0
+        if answer == "refused":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        wanted = {"all": len(views[0]), "a page at a time": 4096, "short": 100}[answer]
+        return preadv(fd, [views[0][:wanted]], offset)
 
-        monkeypatch.setattr(os, "preadv", direct_read)
-        view = memoryview(bytearray(20_480))
-        engine._read_direct(-1, fd, view, 0, 5, 13_000, "data.bin: 't'")
-        assert view[5:13_000] == data[5:13_000], answer
-    monkeypatch.setattr(os, "preadv", preadv)
-    with pytest.raises(CorruptCheckpointError, match=r"data\.bin: 't'.*unexpected end of file"):
-        engine._read_direct(
-            fd, fd, memoryview(bytearray(28_672)), 0, 16_384, 24_000, "data.bin: 't'"
-        )
+    monkeypatch.setattr(os, "preadv", direct_read)
+    buffered = _buffered_reads(monkeypatch)
+    view = memoryview(bytearray(b"\xaa" * 20_480))
+    base = 4096
+    engine._read_direct(-1, fd, view, base, start, end, "data.bin: 't'")
     os.close(fd)
+    assert view[start - base : end - base] == data[start:end]
+    assert view[16_384:] == b"\xaa" * 4096  # nothing past the last page of the range
+    first_page = start // 4096 * 4096
+    fallback = {"short": [first_page + 100], "refused": [first_page]}
+    assert buffered == fallback.get(answer, [])
+
+
+def test_a_file_ending_inside_a_direct_read_is_a_corrupt_checkpoint_naming_file_and_tensor(
+    tmp_path: Path,
+) -> None:
+    path, _ = _file(tmp_path, 1 << 20)
+    _drop_from_cache(path)
+    destination = torch.empty(1 << 20, dtype=torch.float32)
+    with pytest.raises(CorruptCheckpointError, match=r"data\.bin: 'big'.*unexpected end of file"):
+        run(
+            [Transfer("big", path, 0, 2 << 20, torch.float16, (1 << 20,), destination)],
+            options=_DIRECT,
+        )
+
+
+def test_a_misaligned_staging_buffer_is_read_around_the_cache_from_its_first_aligned_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bytes land where page-aligned file offsets meet page-aligned memory, so ``O_DIRECT``
+    takes them (no read falls back to the page cache), and the part returned holds them."""
+    path, data = _file(tmp_path, 1 << 20)
+    _drop_from_cache(path)
+    fd = os.open(path, os.O_RDONLY)
+    state = SimpleNamespace(
+        fds={path: fd},
+        direct_fds=engine._open_direct({path}, {path: fd}, contextlib.ExitStack()),
+        direct_slots=threading.BoundedSemaphore(1),
+    )
+    if not state.direct_fds:
+        pytest.skip("this file system takes no O_DIRECT reads")
+    room = torch.empty(200_000, dtype=torch.uint8)
+    buffer = room[(100 - room.data_ptr()) % 4096 :]  # 100 bytes past a page boundary
+    buffered = _buffered_reads(monkeypatch)
+    read = Read(path, 5000, 150_000, ())
+    got = engine._read_staged(state, read, buffer, "data.bin: 't'")  # type: ignore[arg-type]
+    assert bytes(got.numpy()) == data[5000:155_000]
+    assert buffered == []
+    os.close(fd)
+
+
+def test_cachestat_errors_carry_their_errno(tmp_path: Path) -> None:
+    path, _ = _file(tmp_path, 8192)
+    fd = os.open(path, os.O_RDONLY)
+    assert engine._cached_pages(fd, 0, 8192) == 2
+    os.close(fd)
+    with pytest.raises(OSError) as raised:
+        engine._cached_pages(fd, 0, 8192)
+    assert raised.value.errno == errno.EBADF
+    assert raised.value.strerror == os.strerror(errno.EBADF)
+
+
+def test_a_file_refusing_o_direct_is_logged_and_the_others_still_read_around_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = tmp_path / "a.bin", tmp_path / "b.bin"
+    for path in (first, second):
+        path.write_bytes(b"x" * 8192)
+    fds = {path: os.open(path, os.O_RDONLY) for path in (first, second)}
+    refused = f"/proc/self/fd/{fds[first]}"
+    opened = os.open
+
+    def refuse_first(name: str, flags: int, *args: int) -> int:
+        if name == refused:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return opened(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_first)
+    with caplog.at_level("DEBUG", logger="bagelverify.engine"), contextlib.ExitStack() as stack:
+        direct = engine._open_direct({first, second}, fds, stack)
+        assert list(direct) == [second]
+    assert caplog.messages == [f"{first}: read through the page cache (Invalid argument)"]
+    for fd in fds.values():
+        os.close(fd)
 
 
 def test_progress_reports_every_byte_once(tmp_path: Path) -> None:
