@@ -411,8 +411,10 @@ def run(
     uses_cuda = any(target.device.type == "cuda" for target in targets)
     staged = not all(d for t, d in zip(transfers, direct, strict=True) if t.nbytes)
     chunk = options.read_size(cuda=uses_cuda)
+    # reads around the page cache leave _DIRECT_SLACK of each buffer free to align in (chunks
+    # too small to spare it are read through the cache)
     around_cache = staged and options.direct_reads > 0 and _DIRECT_IO and chunk >= 4 * _DIRECT_SLACK
-    planned = chunk - _DIRECT_SLACK if around_cache else chunk  # room to align in the buffer
+    planned = chunk - _DIRECT_SLACK if around_cache else chunk
     reads = plan_reads([(t.path, t.offset, t.nbytes) for t in transfers], planned)
     threads = max(1, min(options.thread_count(staged=staged, cuda=uses_cuda), len(reads)))
     buffers = max(1, min(options.staging_bytes // chunk, 2 * threads)) if staged else 0
