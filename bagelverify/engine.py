@@ -70,6 +70,9 @@ threads  chunk    pinned    GB/s
 Pinning is the first load's largest fixed cost: 1 GiB took 0.58 s on one thread and 0.32 s on
 16 (0.44 s with ``cudaHostRegister`` on plain memory), against about 0.8 s for the whole load;
 the third load of a process, its pool already pinned, ran at 25.8 GB/s. Smaller chunks pin less.
+These runs predate the staging pool's fix (each reader then waited for its own copy before its
+next read, and "pinned" above is the pool's cap: about half of it was used); they are to be
+repeated on a GPU (docs/engine.md gives the command).
 """
 MAX_DEFAULT_THREADS = 8
 """Default thread count for loads staged on the CPU (casts, transforms into CPU tensors): the CPU

@@ -8,8 +8,8 @@ root, ``/proc/sys/vm/drop_caches``), and prints one table with each row's ratio 
 
 A method is ``NAME[:key=value,...]``; keys: ``device`` (``cuda``/``cpu``), ``dtype`` (``bf16``,
 ``f32``: the destinations' dtype), ``threads``, ``chunk`` and ``staging`` (MiB), ``direct``
-(``O_DIRECT`` reads at once), ``loads`` (loads in one process; the row is the first, the last is
-printed beside it), ``code=NAME``
+(``O_DIRECT`` reads at once), ``prefetch`` (``0``: none), ``loads`` (loads in one process; the
+row is the first, the last is printed beside it), ``code=NAME``
 (import bagelverify from the folder given as ``--code NAME=FOLDER``, e.g. ``git archive`` of an
 earlier commit, for a before/after in one run), ``profile=1`` (engine: where the readers' time
 went, in thread-seconds: getting a buffer, pinning, ``preadv``, issuing copies). Names:
@@ -242,6 +242,7 @@ def _load(name: str, knobs: dict[str, str], path: Path, destinations: dict[str, 
             threads=int(knobs["threads"]) if "threads" in knobs else None,
             chunk_bytes=int(knobs["chunk"]) << 20 if "chunk" in knobs else None,
             staging_bytes=int(knobs.get("staging", 1024)) << 20,
+            prefetch=knobs.get("prefetch", "1") == "1",
             **({"direct_reads": int(knobs["direct"])} if "direct" in knobs else {}),
         )
         load_into(destinations, path.parent, stage=1, read_options=options)
