@@ -392,6 +392,14 @@ def _ratios(rows: list[dict[str, Any]]) -> None:
         row["ratio"] = row["gbps"] / limit if limit and "gbps" in row else None
 
 
+def _code_folder(item: str) -> tuple[str, str]:
+    """``--code NAME=FOLDER`` -> ``(NAME, FOLDER)``."""
+    name, sep, folder = item.partition("=")
+    if not (sep and name and folder):
+        raise argparse.ArgumentTypeError(f"--code takes NAME=FOLDER, got {item!r}")
+    return name, folder
+
+
 def _is_cpu_engine(method: str) -> bool:
     name, knobs = parse(method)
     return name == "engine" and knobs.get("device") == "cpu" and "dtype" not in knobs
@@ -410,6 +418,7 @@ def main() -> None:
     parser.add_argument(
         "--code",
         action="append",
+        type=_code_folder,
         default=[],
         metavar="NAME=FOLDER",
         help="a folder holding an earlier bagelverify/, for methods with code=NAME",
@@ -452,7 +461,7 @@ def main() -> None:
         env = dict(os.environ)
         code = parse(method)[1].get("code")
         if code is not None:
-            folders = dict(item.split("=", 1) for item in args.code)
+            folders = dict(args.code)
             if code not in folders:
                 raise SystemExit(f"{method} needs --code {code}=FOLDER")
             env["PYTHONPATH"] = os.pathsep.join([folders[code], env.get("PYTHONPATH", "")])
